@@ -1,0 +1,41 @@
+# contextd: `make demo` runs a generated workload end to end; `make test` runs every test.
+SHELL := /bin/bash
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/contextd/target
+TANSU_ROOT ?= $(HOME)/.cache/contextd/tansu
+export TANSU_BIN ?= $(TANSU_ROOT)/bin/tansu
+BIN := $(CARGO_TARGET_DIR)/release/contextd
+
+.PHONY: all build demo test deps tansu unit integration broker-tests browser-tests smoke lint fmt bench clean
+
+all: build
+
+deps:
+	@bash scripts/deps.sh
+
+build: deps
+	cargo build --release --bins
+
+demo: build
+	$(BIN) demo
+
+tansu:
+	@bash scripts/tansu.sh
+
+lint:
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+
+fmt:
+	cargo fmt
+
+# Every test: unit + property + embedded integration (real binary) + broker tests (real tansu)
+# + browser tests (headless Chromium).
+test: build tansu
+	cargo test --release -- --test-threads=2
+	bash tests/browser/run.sh
+
+bench: build
+	python3 bench/run.py
+
+clean:
+	cargo clean

@@ -1,0 +1,121 @@
+//! Micro-benchmarks of the hot path: parse+validate, resolve, apply, snapshot encode.
+//! `cargo bench --bench hot_path`
+
+use contextd::identity::resolve;
+use contextd::ingest::{normalize, InputKind, Limits, Normalized};
+use contextd::model::{record, EventRecord, Record, Settings, TypeRef};
+use contextd::pipeline::Topics;
+use contextd::snapshot;
+use contextd::state::apply::{apply, new_user, ApplyLimits, CatalogDelta};
+use contextd::workload::Workload;
+use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use prost::Message;
+use std::collections::HashMap;
+
+fn inputs(n: usize) -> Vec<(InputKind, Vec<u8>)> {
+    let t = Topics::default();
+    let mut w = Workload::new(1, 10_000, 1.0);
+    (0..n)
+        .map(|_| {
+            let g = w.next(&t);
+            (t.kind(&g.topic).unwrap(), g.value)
+        })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let recs = inputs(1000);
+    let mut g = c.benchmark_group("hot_path");
+    g.throughput(Throughput::Elements(recs.len() as u64));
+    g.bench_function("parse_validate", |b| {
+        b.iter(|| {
+            for (k, v) in &recs {
+                black_box(normalize(*k, v, 0, Limits::default()).ok());
+            }
+        })
+    });
+    let normalized: Vec<Normalized> = recs
+        .iter()
+        .filter_map(|(k, v)| normalize(*k, v, 0, Limits::default()).ok())
+        .collect();
+    let links: HashMap<String, String> = (0..10_000)
+        .map(|i| {
+            (
+                format!("email:customer{i}@example.com"),
+                format!("{}", 10_000_000 + i),
+            )
+        })
+        .collect();
+    g.bench_function("resolve", |b| {
+        b.iter(|| {
+            for n in &normalized {
+                let (u, ids) = n.identity();
+                black_box(resolve(u, ids, &links, true));
+            }
+        })
+    });
+    let events: Vec<Record> = normalized
+        .iter()
+        .filter_map(|n| match n {
+            Normalized::Zendesk { event, .. } => Some(Record {
+                log_time_ns: event.created_at_ns,
+                body: Some(record::Body::Event(EventRecord {
+                    event: Some(event.clone()),
+                    profile: None,
+                })),
+                ..Default::default()
+            }),
+            _ => None,
+        })
+        .collect();
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("apply_to_state", |b| {
+        b.iter(|| {
+            let mut s = new_user("u");
+            let mut cat = CatalogDelta::new();
+            for r in &events {
+                apply(&mut s, r, ApplyLimits::default(), &mut cat);
+            }
+            black_box(s.timeline.len())
+        })
+    });
+    let mut full = new_user("u");
+    let mut cat = CatalogDelta::new();
+    for r in &events {
+        apply(&mut full, r, ApplyLimits::default(), &mut cat);
+    }
+    let settings = snapshot::prepared(Settings {
+        zendesk_events: true,
+        events_api: true,
+        profiles_api: true,
+        shown_event_types: vec![
+            TypeRef::new("zendesk", "article_viewed"),
+            TypeRef::new("zendesk", "help_center_searched"),
+        ],
+        shown_profile_types: vec![],
+    });
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("snapshot_build_hash_encode", |b| {
+        b.iter(|| {
+            let mut s = full.clone();
+            s.snapshot_hash.clear();
+            let snap = snapshot::next_snapshot(&mut s, &settings, 50, 1).unwrap();
+            black_box(snap.encode_to_vec().len())
+        })
+    });
+    g.bench_function("user_state_decode_encode_1000_events", |b| {
+        let bytes = full.encode_to_vec();
+        b.iter(|| {
+            black_box(
+                contextd::model::UserState::decode(&bytes[..])
+                    .unwrap()
+                    .encode_to_vec()
+                    .len(),
+            )
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,128 @@
+//! Admin endpoints: visibility settings, type catalog, dead letters.
+
+use super::{blocking, ApiError, AppState};
+use crate::app::Appender;
+use crate::ingest::{self, settings_to_json};
+use crate::log::OutRecord;
+use crate::model::{record, time, Record, Settings};
+use crate::pipeline::router::SETTINGS_KEY;
+use crate::snapshot;
+use crate::state::apply::TypeKind;
+use crate::state::keys::{CF_META, META_SETTINGS};
+use axum::body::Bytes;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use prost::Message;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// The latest settings applied (defaults: nothing shown).
+pub fn current_settings(app: &AppState) -> Result<Settings, ApiError> {
+    let raw = app
+        .store
+        .get_raw(CF_META, META_SETTINGS)
+        .map_err(ApiError::internal)?;
+    Ok(
+        match raw
+            .and_then(|v| Record::decode(&v[..]).ok())
+            .and_then(|r| r.body)
+        {
+            Some(record::Body::Settings(s)) => snapshot::prepared(s),
+            _ => Settings::default(),
+        },
+    )
+}
+
+pub async fn get_visibility(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    blocking(move || Ok(Json(settings_to_json(&current_settings(&app)?)))).await
+}
+
+pub async fn put_visibility(
+    State(app): State<AppState>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let settings = ingest::normalize_settings(&body, app.limits)?;
+    let rec = OutRecord {
+        topic: app.topics().settings.clone(),
+        partition: None,
+        key: Some(SETTINGS_KEY.to_vec()),
+        value: serde_json::to_vec(&settings_to_json(&settings)).expect("json"),
+        timestamp_ms: time::now_ms(),
+    };
+    app.appender
+        .append(vec![rec])
+        .await
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::ACCEPTED, Json(json!({"status": "received"}))))
+}
+
+async fn types(app: AppState, kind: TypeKind, name: &'static str) -> Result<Json<Value>, ApiError> {
+    blocking(move || {
+        let settings = current_settings(&app)?;
+        let catalog = app.store.catalog(kind).map_err(ApiError::internal)?;
+        let items: Vec<Value> = catalog
+            .into_iter()
+            .map(|(t, e)| {
+                let shown = match kind {
+                    TypeKind::Event => snapshot::event_shown(&settings, &t.source, &t.r#type),
+                    TypeKind::Profile => snapshot::profile_shown(&settings, &t.source, &t.r#type),
+                };
+                json!({
+                    "source": t.source, "type": t.r#type, "count": e.count,
+                    "first_seen": time::format_rfc3339(e.first_seen_ns),
+                    "last_seen": time::format_rfc3339(e.last_seen_ns),
+                    "shown": shown,
+                })
+            })
+            .collect();
+        Ok(Json(json!({ name: items })))
+    })
+    .await
+}
+
+pub async fn event_types(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    types(app, TypeKind::Event, "event_types").await
+}
+
+pub async fn profile_types(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    types(app, TypeKind::Profile, "profile_types").await
+}
+
+/// The most recent dead letters (`?limit=`, default 1000, at most 10000), oldest first.
+pub async fn dead_letters(
+    State(app): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(1000)
+        .clamp(1, 10_000);
+    let topic = app.topics().dlq.clone();
+    let log = match app.appender.clone() {
+        Appender::Embedded(log) => log,
+        Appender::Kafka(_) => {
+            let c = app.config.clone();
+            return blocking(move || {
+                let items = crate::log::kafka::tail(&c, &topic, limit).map_err(ApiError::internal)?;
+                Ok(Json(json!({"dead_letters": items.iter().map(|r| serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null)).collect::<Vec<_>>()})))
+            })
+            .await;
+        }
+    };
+    blocking(move || {
+        let mut items = Vec::new();
+        for (p, end) in log.end_offsets(&topic).into_iter().enumerate() {
+            let from = end.saturating_sub(limit as i64).max(0);
+            for r in log
+                .read(&topic, p as i32, from, limit)
+                .map_err(ApiError::internal)?
+            {
+                items.push(serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null));
+            }
+        }
+        Ok(Json(json!({"dead_letters": items})))
+    })
+    .await
+}

@@ -1,0 +1,334 @@
+//! The running service: what the HTTP API needs to reach (state, the input
+//! topics, readiness) and how the pieces start and stop in embedded mode.
+
+use crate::config::Config;
+use crate::ingest::Limits;
+use crate::log::embedded::EmbeddedLog;
+use crate::log::kafka::KafkaProducer;
+use crate::log::OutRecord;
+use crate::model::ContextSnapshot;
+use crate::pipeline::embedded::{run_materializer, run_router, DriverOptions, Readiness, Stages};
+use crate::pipeline::kafka::Ownership;
+use crate::pipeline::materializer::{Materializer, MaterializerOptions};
+use crate::pipeline::router::Router;
+use crate::pipeline::{PipelineError, Topics};
+use crate::state::apply::ApplyLimits;
+use crate::state::{Store, StoreError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::broadcast;
+
+/// Where HTTP writes go.
+#[derive(Clone)]
+pub enum Appender {
+    Embedded(Arc<EmbeddedLog>),
+    Kafka(KafkaProducer),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    #[error("append failed: {0}")]
+    Log(#[from] crate::log::LogError),
+    #[error("append task failed: {0}")]
+    Join(String),
+}
+
+impl Appender {
+    /// Appends records; returns once they are durable (embedded) or acknowledged (Kafka).
+    pub async fn append(&self, records: Vec<OutRecord>) -> Result<(), AppendError> {
+        match self {
+            Appender::Embedded(log) => {
+                let log = log.clone();
+                let n = records.len() as u64;
+                let topic = records.first().map(|r| r.topic.clone()).unwrap_or_default();
+                tokio::task::spawn_blocking(move || log.append(&records))
+                    .await
+                    .map_err(|e| AppendError::Join(e.to_string()))??;
+                metrics::counter!("contextd_http_appends_total", "topic" => topic).increment(n);
+                Ok(())
+            }
+            Appender::Kafka(p) => {
+                let n = records.len() as u64;
+                let topic = records.first().map(|r| r.topic.clone()).unwrap_or_default();
+                p.send_all(records).await?;
+                metrics::counter!("contextd_http_appends_total", "topic" => topic).increment(n);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Shared by the HTTP handlers.
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub appender: Appender,
+    pub ready: Arc<Readiness>,
+    pub live: broadcast::Sender<ContextSnapshot>,
+    pub limits: Limits,
+    /// Kafka mode: which instance serves which partition (queries are proxied).
+    pub ownership: Option<Arc<Ownership>>,
+}
+
+impl App {
+    pub fn topics(&self) -> &Topics {
+        &self.config.topics
+    }
+
+    pub fn partition_of(&self, user_id: &str) -> u32 {
+        crate::state::keys::partition_for(user_id.as_bytes(), self.config.partitions)
+    }
+}
+
+/// The embedded topics and their partition counts: inputs and the DLQ keep
+/// one partition (total arrival order); the records log and snapshots are
+/// partitioned like state.
+pub fn embedded_topics(c: &Config) -> Vec<(String, u32)> {
+    let t = &c.topics;
+    vec![
+        (t.zendesk_events.clone(), 1),
+        (t.sunshine_events.clone(), 1),
+        (t.sunshine_profiles.clone(), 1),
+        (t.settings.clone(), 1),
+        (t.dlq.clone(), 1),
+        (t.records.clone(), c.partitions),
+        (t.snapshots.clone(), c.partitions),
+    ]
+}
+
+pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
+    MaterializerOptions {
+        limits: ApplyLimits {
+            max_events_per_user: c.timeline.max_events_per_user,
+        },
+        max_events: c.snapshot.max_events,
+        format: c.snapshot_format,
+        partitions: c.partitions,
+        publish,
+    }
+}
+
+pub fn limits(c: &Config) -> Limits {
+    Limits {
+        max_record_bytes: c.max_record_bytes,
+    }
+}
+
+/// Opens the data dir's store and embedded log.
+pub fn open_embedded(c: &Config) -> Result<Arc<EmbeddedLog>, PipelineError> {
+    let store = Store::open(&c.data_dir, &c.store_options())?;
+    store.check_partitions(c.partitions)?;
+    Ok(Arc::new(EmbeddedLog::open(store, &embedded_topics(c))?))
+}
+
+/// The embedded pipeline: both stages on their own threads.
+pub struct EmbeddedRuntime {
+    pub app: Arc<App>,
+    pub log: Arc<EmbeddedLog>,
+    stop: Arc<AtomicBool>,
+    stages: Option<Stages>,
+}
+
+impl EmbeddedRuntime {
+    pub fn start(config: Config) -> Result<EmbeddedRuntime, PipelineError> {
+        let log = open_embedded(&config)?;
+        let ready = Arc::new(Readiness::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (live, _) = broadcast::channel(1024);
+        let opts = DriverOptions {
+            batch_records: config.pipeline.batch_records,
+            snapshot_retention: config.storage.snapshot_log_retention.max(1),
+            idle_wait: Duration::from_millis(config.pipeline.idle_wait_ms.max(1)),
+        };
+        let router = Router::new(config.topics.clone(), config.partitions, limits(&config));
+        let mat = Materializer::new(config.topics.clone(), materializer_options(&config, true));
+        let spawn = |name: &str, f: Box<dyn FnOnce() -> Result<(), PipelineError> + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|e| {
+                    PipelineError::Store(StoreError::Incompatible(format!(
+                        "cannot start the {name} thread: {e}"
+                    )))
+                })
+        };
+        let h1 = {
+            let (log, ready, stop) = (log.clone(), ready.clone(), stop.clone());
+            spawn(
+                "router",
+                Box::new(move || {
+                    let r = run_router(log, router, opts, ready.clone(), stop.clone());
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "routing stage failed");
+                        ready.failed.store(true, Ordering::Release);
+                    }
+                    r
+                }),
+            )?
+        };
+        let h2 = {
+            let (log, ready, stop, live) = (log.clone(), ready.clone(), stop.clone(), live.clone());
+            spawn(
+                "materializer",
+                Box::new(move || {
+                    let r = run_materializer(log, mat, opts, ready.clone(), stop, Some(live));
+                    if let Err(e) = &r {
+                        tracing::error!(error = %e, "materializing stage failed");
+                        ready.failed.store(true, Ordering::Release);
+                    }
+                    r
+                }),
+            )?
+        };
+        let app = Arc::new(App {
+            limits: limits(&config),
+            store: log.store().clone(),
+            appender: Appender::Embedded(log.clone()),
+            ready,
+            live,
+            config,
+            ownership: None,
+        });
+        Ok(EmbeddedRuntime {
+            app,
+            log,
+            stop,
+            stages: Some(Stages {
+                handles: vec![h1, h2],
+            }),
+        })
+    }
+
+    /// True while both stages run.
+    pub fn healthy(&self) -> bool {
+        self.stages
+            .as_ref()
+            .is_some_and(|s| s.handles.iter().all(|h| !h.is_finished()))
+    }
+
+    /// Stops both stages after their current batch and flushes the store.
+    pub fn shutdown(mut self) -> Result<(), PipelineError> {
+        self.stop.store(true, Ordering::Release);
+        self.log.wake_all();
+        let r = self.stages.take().map(Stages::join).unwrap_or(Ok(()));
+        self.log.store().flush()?;
+        r
+    }
+}
+
+/// Kafka mode: the routing, following and materializing stages on their own
+/// threads, against the brokers; the HTTP API appends to Kafka.
+pub struct KafkaRuntime {
+    pub app: Arc<App>,
+    stop: Arc<AtomicBool>,
+    producer: KafkaProducer,
+    handles: Vec<std::thread::JoinHandle<Result<(), PipelineError>>>,
+}
+
+impl KafkaRuntime {
+    pub fn start(config: Config) -> Result<KafkaRuntime, PipelineError> {
+        crate::log::kafka::ensure_topics(&config)?;
+        let store = Store::open(&config.data_dir, &config.store_options())?;
+        store.check_partitions(config.partitions)?;
+        let producer = KafkaProducer::new(&config)?;
+        let ready = Arc::new(Readiness::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let followed = Arc::new(AtomicBool::new(false));
+        let (live, _) = broadcast::channel(1024);
+        let me = config
+            .kafka
+            .advertised_http_addr
+            .clone()
+            .unwrap_or_else(|| config.http_addr.clone());
+        let own = Arc::new(Ownership {
+            me,
+            ..Default::default()
+        });
+        let mut handles = Vec::new();
+        type Stage = Box<dyn FnOnce() -> Result<(), PipelineError> + Send>;
+        let stages: Vec<(&str, Stage)> = vec![
+            ("follower", {
+                let (c, s, o, f, st) = (
+                    config.clone(),
+                    store.clone(),
+                    own.clone(),
+                    followed.clone(),
+                    stop.clone(),
+                );
+                Box::new(move || crate::pipeline::kafka::run_follower(c, s, o, f, st))
+            }),
+            ("router", {
+                let (c, s, p, r, f, st) = (
+                    config.clone(),
+                    store.clone(),
+                    producer.clone(),
+                    ready.clone(),
+                    followed.clone(),
+                    stop.clone(),
+                );
+                Box::new(move || crate::pipeline::kafka::run_router(c, s, p, r, f, st))
+            }),
+            ("materializer", {
+                let (c, s, p, o, r, st, l) = (
+                    config.clone(),
+                    store.clone(),
+                    producer.clone(),
+                    own.clone(),
+                    ready.clone(),
+                    stop.clone(),
+                    live.clone(),
+                );
+                Box::new(move || {
+                    crate::pipeline::kafka::run_materializer(c, s, p, o, r, st, Some(l))
+                })
+            }),
+        ];
+        for (name, f) in stages {
+            let ready = ready.clone();
+            let h = std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || {
+                    let r = f();
+                    if let Err(e) = &r {
+                        tracing::error!(stage = name, error = %e, "stage failed");
+                        ready.failed.store(true, Ordering::Release);
+                    }
+                    r
+                })
+                .map_err(|e| {
+                    PipelineError::Store(StoreError::Incompatible(format!(
+                        "cannot start the {name} thread: {e}"
+                    )))
+                })?;
+            handles.push(h);
+        }
+        let app = Arc::new(App {
+            limits: limits(&config),
+            store,
+            appender: Appender::Kafka(producer.clone()),
+            ready,
+            live,
+            config,
+            ownership: Some(own),
+        });
+        Ok(KafkaRuntime {
+            app,
+            stop,
+            producer,
+            handles,
+        })
+    }
+
+    /// Finishes the current batches, commits, leaves the groups.
+    pub fn shutdown(self) -> Result<(), PipelineError> {
+        self.stop.store(true, Ordering::Release);
+        let r = Stages {
+            handles: self.handles,
+        }
+        .join();
+        self.producer.flush();
+        self.app.store.flush()?;
+        r
+    }
+}

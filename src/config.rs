@@ -1,0 +1,261 @@
+//! Configuration: one serde tree, layered defaults < TOML file (`--config`)
+//! < `CONTEXTD_*` environment variables (nested keys with `__`, e.g.
+//! `CONTEXTD_SNAPSHOT__MAX_EVENTS=20`) < command-line flags.
+
+use crate::pipeline::{SnapshotFormat, Topics};
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Config {
+    /// Where the state store (and in embedded mode the topics) live.
+    pub data_dir: PathBuf,
+    /// HTTP API listen address.
+    pub http_addr: String,
+    /// Kafka bootstrap servers; absent = embedded mode.
+    pub brokers: Option<String>,
+    /// Kafka consumer group shared by all instances.
+    pub group_id: String,
+    /// Partitions of the topics contextd creates (and of the records log,
+    /// which partitions state). Fixed for the life of a data dir.
+    pub partitions: u32,
+    /// Replication factor of topics contextd creates in Kafka mode.
+    pub replication_factor: i32,
+    /// Encoding of `context.snapshots` values.
+    pub snapshot_format: SnapshotFormat,
+    pub log_format: LogFormat,
+    /// Records larger than this are dead-lettered (`too_large`).
+    pub max_record_bytes: usize,
+    pub topics: Topics,
+    pub snapshot: SnapshotConfig,
+    pub timeline: TimelineConfig,
+    pub pipeline: PipelineConfig,
+    pub storage: StorageConfig,
+    pub kafka: KafkaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct SnapshotConfig {
+    /// Most events a snapshot shows.
+    pub max_events: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TimelineConfig {
+    /// Events kept per user; the oldest are dropped beyond this.
+    pub max_events_per_user: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct PipelineConfig {
+    /// Most records a stage reads per partition per batch. Bigger batches
+    /// coalesce more snapshots (one per user per batch) at some latency.
+    pub batch_records: usize,
+    /// Idle poll interval in milliseconds (appends wake the stages at once).
+    pub idle_wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct StorageConfig {
+    /// RocksDB block cache, MiB.
+    pub block_cache_mb: usize,
+    /// RocksDB memtable size per column family, MiB.
+    pub write_buffer_mb: usize,
+    /// fsync every commit (power-loss safe; slower).
+    pub sync_writes: bool,
+    /// Embedded mode: snapshots kept per partition of the local
+    /// `context.snapshots` log (older ones are deleted; the latest snapshot
+    /// of every user is always kept in the state).
+    pub snapshot_log_retention: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(default)]
+pub struct KafkaConfig {
+    /// Extra librdkafka consumer settings (TLS, SASL, timeouts...).
+    pub consumer: BTreeMap<String, String>,
+    /// Extra librdkafka producer settings.
+    pub producer: BTreeMap<String, String>,
+    /// The HTTP address other instances use to reach this one (defaults to http_addr).
+    pub advertised_http_addr: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("data"),
+            http_addr: "127.0.0.1:8080".into(),
+            brokers: None,
+            group_id: "contextd".into(),
+            partitions: 8,
+            replication_factor: 1,
+            snapshot_format: SnapshotFormat::Protobuf,
+            log_format: LogFormat::Human,
+            max_record_bytes: 1024 * 1024,
+            topics: Topics::default(),
+            snapshot: SnapshotConfig::default(),
+            timeline: TimelineConfig::default(),
+            pipeline: PipelineConfig::default(),
+            storage: StorageConfig::default(),
+            kafka: KafkaConfig::default(),
+        }
+    }
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig { max_events: 50 }
+    }
+}
+
+impl Default for TimelineConfig {
+    fn default() -> Self {
+        TimelineConfig {
+            max_events_per_user: 1000,
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            batch_records: 4096,
+            idle_wait_ms: 200,
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            block_cache_mb: 128,
+            write_buffer_mb: 32,
+            sync_writes: false,
+            snapshot_log_retention: 100_000,
+        }
+    }
+}
+
+/// Flag values given on the command line (only those set override).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Overrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub brokers: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot_format: Option<SnapshotFormat>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
+        let mut fig = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(f) = file {
+            if !f.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    f.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(f));
+        }
+        fig = fig
+            .merge(Env::prefixed("CONTEXTD_").split("__").ignore(&["config"]))
+            .merge(Serialized::defaults(flags));
+        let mut c: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        if c.brokers.as_deref().is_some_and(|b| b.trim().is_empty()) {
+            c.brokers = None;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.partitions == 0 || self.partitions > 10_000 {
+            return Err(ConfigError(format!(
+                "partitions must be between 1 and 10000, got {}",
+                self.partitions
+            )));
+        }
+        if self.snapshot.max_events == 0 || self.timeline.max_events_per_user == 0 {
+            return Err(ConfigError(
+                "snapshot.max_events and timeline.max_events_per_user must be at least 1".into(),
+            ));
+        }
+        if self.pipeline.batch_records == 0 {
+            return Err(ConfigError(
+                "pipeline.batch_records must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn store_options(&self) -> crate::state::StoreOptions {
+        crate::state::StoreOptions {
+            block_cache_bytes: self.storage.block_cache_mb << 20,
+            write_buffer_bytes: self.storage.write_buffer_mb << 20,
+            max_write_buffers: 3,
+            sync_writes: self.storage.sync_writes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_defaults_file_env_flags() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "http_addr = \"0.0.0.0:1\"\npartitions = 3\n[snapshot]\nmax_events = 7\n",
+            )?;
+            jail.set_env("CONTEXTD_PARTITIONS", "5");
+            jail.set_env("CONTEXTD_TIMELINE__MAX_EVENTS_PER_USER", "9");
+            let flags = Overrides {
+                http_addr: Some("127.0.0.1:2".into()),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("c.toml")), &flags).unwrap();
+            assert_eq!(c.http_addr, "127.0.0.1:2", "flag beats file");
+            assert_eq!(c.partitions, 5, "env beats file");
+            assert_eq!(c.snapshot.max_events, 7, "file beats default");
+            assert_eq!(c.timeline.max_events_per_user, 9);
+            assert_eq!(c.group_id, "contextd");
+            jail.set_env("CONTEXTD_PARTITIONS", "0");
+            assert!(Config::load(None, &Overrides::default()).is_err());
+            Ok(())
+        });
+    }
+}

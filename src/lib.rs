@@ -1,0 +1,40 @@
+//! # contextd
+//!
+//! A Kafka-native, self-hostable engine for customer context: it ingests
+//! Zendesk product events, custom events and custom profiles, resolves each
+//! to a user, materializes every user's timeline and latest profiles in
+//! RocksDB, and publishes a visibility-filtered context snapshot per user.
+//!
+//! ## Layout: a functional core inside an I/O shell
+//!
+//! ```text
+//!  input topics ──► ingest ──► identity ──► records log ──► state::apply ──► state (RocksDB)
+//!  (Kafka or        (pure:      (resolve     (re-keyed by    (pure fold)      timelines, profiles,
+//!   embedded log)    JSON→proto  the user)    user_id)                         identities, catalog,
+//!                    or DLQ)                                                   offsets: one WriteBatch)
+//!                                                               │
+//!                                   settings ──► snapshot (visibility, pure) ──► context.snapshots + HTTP
+//! ```
+//!
+//! - Pure core: [`ingest`], [`identity`], [`state::apply`], [`snapshot`]; no
+//!   I/O, no clock: time comes from log timestamps, so replays are deterministic.
+//! - Shell: [`log`] (embedded topics in RocksDB, Kafka via rdkafka), [`state::store`],
+//!   [`pipeline`] (the two stages, written once), [`api`] (axum), [`app`] (wiring),
+//!   [`replay`] (rebuild), [`telemetry`], [`config`].
+//! - Each stage commits its state change, the records it appends and the
+//!   positions it consumed in one RocksDB `WriteBatch`.
+
+pub mod api;
+pub mod app;
+pub mod config;
+pub mod console;
+pub mod identity;
+pub mod ingest;
+pub mod log;
+pub mod model;
+pub mod pipeline;
+pub mod replay;
+pub mod snapshot;
+pub mod state;
+pub mod telemetry;
+pub mod workload;

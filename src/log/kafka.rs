@@ -1,0 +1,355 @@
+//! Kafka mode's transport (rdkafka): client settings, topic set-up, a
+//! producer that appends `OutRecord`s and waits for the broker's acks, and
+//! reading whole partitions (identities, settings, members, snapshots).
+
+use super::{LogError, LogRecord, OutRecord};
+use crate::config::Config;
+use futures::future::join_all;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::time::{Duration, Instant};
+
+fn kerr(e: KafkaError) -> LogError {
+    LogError::Kafka(e.to_string())
+}
+
+/// Settings every client gets, then the user's `kafka.consumer.*` / `kafka.producer.*`.
+pub fn consumer_config(c: &Config, group: &str) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set(
+        "bootstrap.servers",
+        c.brokers.as_deref().unwrap_or_default(),
+    )
+    .set("group.id", group)
+    .set("enable.auto.commit", "true")
+    .set("enable.auto.offset.store", "false")
+    .set("auto.offset.reset", "earliest")
+    .set("enable.partition.eof", "false")
+    .set("fetch.wait.max.ms", "50")
+    .set("client.id", format!("contextd-{}", std::process::id()));
+    for (k, v) in &c.kafka.consumer {
+        cc.set(k, v);
+    }
+    cc
+}
+
+pub fn producer_config(c: &Config) -> ClientConfig {
+    let mut pc = ClientConfig::new();
+    pc.set(
+        "bootstrap.servers",
+        c.brokers.as_deref().unwrap_or_default(),
+    )
+    .set("enable.idempotence", "true")
+    .set("acks", "all")
+    .set("compression.type", "lz4")
+    .set("partitioner", "murmur2_random")
+    .set("linger.ms", "5")
+    .set("message.timeout.ms", "30000")
+    .set("client.id", format!("contextd-{}", std::process::id()));
+    for (k, v) in &c.kafka.producer {
+        pc.set(k, v);
+    }
+    pc
+}
+
+/// Creates missing topics; refuses to start when an internal or output topic
+/// has a partition count that breaks co-partitioning with the state.
+pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
+    let t = &c.topics;
+    let n = c.partitions as i32;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            c.brokers.as_deref().unwrap_or_default(),
+        )
+        .create()
+        .map_err(kerr)?;
+    let compact = [("cleanup.policy", "compact")];
+    let specs: Vec<(&str, i32, &[(&str, &str)])> = vec![
+        (&t.zendesk_events, n, &[]),
+        (&t.sunshine_events, n, &[]),
+        (&t.sunshine_profiles, n, &[]),
+        (&t.settings, 1, &compact),
+        (&t.snapshots, n, &compact),
+        (&t.dlq, n, &[]),
+        (&t.records, n, &[]),
+        (&t.identities, n, &compact),
+        (MEMBERS_TOPIC, 1, &compact),
+    ];
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            c.brokers.as_deref().unwrap_or_default(),
+        )
+        .create()
+        .map_err(kerr)?;
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(15))
+        .map_err(kerr)?;
+    let existing: std::collections::HashSet<String> = md
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+        .map(|t| t.name().to_string())
+        .collect();
+    let new: Vec<NewTopic> = specs
+        .iter()
+        .filter(|(name, _, _)| !existing.contains(*name))
+        .map(|(name, parts, cfg)| {
+            let mut nt = NewTopic::new(name, *parts, TopicReplication::Fixed(c.replication_factor));
+            for (k, v) in cfg.iter() {
+                nt = nt.set(k, v);
+            }
+            nt
+        })
+        .collect();
+    if !new.is_empty() {
+        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(20)));
+        let results =
+            futures::executor::block_on(admin.create_topics(&new, &opts)).map_err(kerr)?;
+        for r in results {
+            if let Err((name, code)) = r {
+                if code != RDKafkaErrorCode::TopicAlreadyExists {
+                    return Err(LogError::Kafka(format!(
+                        "cannot create topic {name}: {code}"
+                    )));
+                }
+            }
+        }
+    }
+    for topic in [&t.records, &t.snapshots, &t.identities] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map_err(kerr)?;
+            let got = md
+                .topics()
+                .first()
+                .map(|m| m.partitions().len())
+                .unwrap_or(0) as i32;
+            if got == n {
+                break;
+            }
+            if got > 0 || Instant::now() > deadline {
+                return Err(LogError::Kafka(format!(
+                    "topic {topic} has {got} partitions but contextd runs with --partitions {n}; state is co-partitioned with it: start with --partitions {got} or use other topic names"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    Ok(())
+}
+
+/// Compacted topic where every instance announces its HTTP address and partitions.
+pub const MEMBERS_TOPIC: &str = "context.members";
+
+/// A producer that appends and waits for acknowledgement.
+#[derive(Clone)]
+pub struct KafkaProducer {
+    inner: FutureProducer,
+    snapshot_topic: String,
+    snapshot_content_type: &'static str,
+}
+
+impl KafkaProducer {
+    pub fn new(c: &Config) -> Result<KafkaProducer, LogError> {
+        Ok(KafkaProducer {
+            inner: producer_config(c).create().map_err(kerr)?,
+            snapshot_topic: c.topics.snapshots.clone(),
+            snapshot_content_type: c.snapshot_format.content_type(),
+        })
+    }
+
+    fn futures(
+        &self,
+        recs: &[OutRecord],
+    ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, LogError> {
+        let mut out = Vec::with_capacity(recs.len());
+        for r in recs {
+            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
+                .payload(&r.value[..])
+                .timestamp(r.timestamp_ms);
+            if let Some(k) = &r.key {
+                rec = rec.key(&k[..]);
+            }
+            if let Some(p) = r.partition {
+                rec = rec.partition(p);
+            }
+            if r.topic == self.snapshot_topic {
+                rec = rec.headers(OwnedHeaders::new().insert(Header {
+                    key: "content-type",
+                    value: Some(self.snapshot_content_type),
+                }));
+            }
+            loop {
+                match self.inner.send_result(rec) {
+                    Ok(f) => {
+                        out.push(f);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        self.inner.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => return Err(kerr(e)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    async fn await_all(futs: Vec<rdkafka::producer::DeliveryFuture>) -> Result<(), LogError> {
+        for r in join_all(futs).await {
+            match r {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => return Err(kerr(e)),
+                Err(_) => {
+                    return Err(LogError::Kafka(
+                        "delivery cancelled (producer closed)".into(),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends and waits for every ack (blocking; for pipeline threads).
+    pub fn send_all_blocking(&self, recs: &[OutRecord]) -> Result<(), LogError> {
+        if recs.is_empty() {
+            return Ok(());
+        }
+        let futs = self.futures(recs)?;
+        futures::executor::block_on(Self::await_all(futs))
+    }
+
+    /// Appends and waits for every ack (async; for HTTP handlers).
+    pub async fn send_all(&self, recs: Vec<OutRecord>) -> Result<(), LogError> {
+        let futs = self.futures(&recs)?;
+        Self::await_all(futs).await
+    }
+
+    pub fn flush(&self) {
+        let _ = self.inner.flush(Duration::from_secs(10));
+    }
+}
+
+pub fn to_log_record<M: Message>(m: &M) -> LogRecord {
+    LogRecord {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
+        key: m.key().map(<[u8]>::to_vec),
+        value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+    }
+}
+
+/// Header value of a message, if present.
+pub fn header<M: Message>(m: &M, name: &str) -> Option<Vec<u8>> {
+    let h = m.headers()?;
+    (0..h.count())
+        .map(|i| h.get(i))
+        .find(|h| h.key == name)
+        .and_then(|h| h.value.map(<[u8]>::to_vec))
+}
+
+/// Reads partitions from given offsets until nothing more arrives for
+/// `idle` after reaching the high watermark (robust to brokers whose
+/// watermark lags the last batch).
+pub fn read_until_idle(
+    c: &Config,
+    parts: &[(String, i32, i64)],
+    idle: Duration,
+    mut f: impl FnMut(LogRecord),
+) -> Result<(), LogError> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    let consumer: BaseConsumer = consumer_config(c, "contextd-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(kerr)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut highs = std::collections::HashMap::new();
+    for (t, p, from) in parts {
+        tpl.add_partition_offset(
+            t,
+            *p,
+            if *from <= 0 {
+                Offset::Beginning
+            } else {
+                Offset::Offset(*from)
+            },
+        )
+        .map_err(kerr)?;
+        let (_, high) = consumer
+            .fetch_watermarks(t, *p, Duration::from_secs(10))
+            .map_err(kerr)?;
+        highs.insert((t.clone(), *p), high);
+    }
+    consumer.assign(&tpl).map_err(kerr)?;
+    let mut positions: std::collections::HashMap<(String, i32), i64> = parts
+        .iter()
+        .map(|(t, p, f)| ((t.clone(), *p), *f))
+        .collect();
+    let mut last = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(20)) {
+            Some(Ok(m)) => {
+                let r = to_log_record(&m);
+                positions.insert((r.topic.clone(), r.partition), r.offset + 1);
+                f(r);
+                last = Instant::now();
+            }
+            Some(Err(e)) => return Err(kerr(e)),
+            None => {
+                let reached = highs
+                    .iter()
+                    .all(|(k, h)| positions.get(k).copied().unwrap_or(0) >= *h);
+                if reached && last.elapsed() >= idle {
+                    return Ok(());
+                }
+                if last.elapsed() > Duration::from_secs(60) {
+                    return Err(LogError::Kafka(
+                        "timed out reading to the end of a partition".into(),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+/// The last `limit` records of every partition of `topic`.
+pub fn tail(c: &Config, topic: &str, limit: usize) -> Result<Vec<LogRecord>, LogError> {
+    let consumer: BaseConsumer = consumer_config(c, "contextd-reader")
+        .create()
+        .map_err(kerr)?;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kerr)?;
+    let n = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    let mut parts = Vec::new();
+    for p in 0..n as i32 {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .map_err(kerr)?;
+        if high > low {
+            parts.push((topic.to_string(), p, (high - limit as i64).max(low)));
+        }
+    }
+    let mut out = Vec::new();
+    read_until_idle(c, &parts, Duration::from_millis(200), |r| out.push(r))?;
+    Ok(out)
+}

@@ -1,0 +1,374 @@
+//! Embedded mode's driver: the two stages on dedicated threads (RocksDB
+//! work never runs on async threads), reading embedded topics from the
+//! positions stored in the state, committing each batch's state change,
+//! appended records and new positions in one `WriteBatch`.
+
+use super::materializer::Materializer;
+use super::router::Router;
+use super::PipelineError;
+use crate::identity::IdentityLookup;
+use crate::log::embedded::EmbeddedLog;
+use crate::log::LogRecord;
+use crate::model::{ContextSnapshot, Identifier};
+use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
+use crate::state::Store;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+/// Committed identity links in the store.
+pub struct StoreLookup<'a>(pub &'a Store);
+
+impl IdentityLookup for StoreLookup<'_> {
+    fn linked_user(&self, id: &Identifier) -> Option<String> {
+        match self.0.linked_user(id) {
+            Ok(u) => u,
+            Err(e) => {
+                tracing::error!(error = %e, "identity lookup failed");
+                None
+            }
+        }
+    }
+}
+
+/// `/readyz`: each stage caught up with the log ends seen at start.
+#[derive(Default)]
+pub struct Readiness {
+    pub router: AtomicBool,
+    pub materializer: AtomicBool,
+    /// A stage stopped with an error: `/healthz` fails.
+    pub failed: AtomicBool,
+}
+
+impl Readiness {
+    pub fn ready(&self) -> bool {
+        self.router.load(Ordering::Acquire) && self.materializer.load(Ordering::Acquire)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct DriverOptions {
+    /// Most records read per partition per batch.
+    pub batch_records: usize,
+    /// Snapshots kept per partition of the embedded snapshots log.
+    pub snapshot_retention: i64,
+    /// How long an idle stage sleeps before polling again (appends wake it sooner).
+    pub idle_wait: Duration,
+}
+
+pub struct Stages {
+    pub handles: Vec<JoinHandle<Result<(), PipelineError>>>,
+}
+
+impl Stages {
+    /// Waits for both stages; the first error wins.
+    pub fn join(self) -> Result<(), PipelineError> {
+        let mut result = Ok(());
+        for h in self.handles {
+            match h.join() {
+                Ok(Err(e)) if result.is_ok() => result = Err(e),
+                Err(_) if result.is_ok() => {
+                    result = Err(PipelineError::Store(
+                        crate::state::StoreError::Incompatible("a pipeline thread panicked".into()),
+                    ))
+                }
+                _ => {}
+            }
+        }
+        result
+    }
+}
+
+/// Reads up to `max` records from each partition of `topics` at `positions`.
+fn read_all(
+    log: &EmbeddedLog,
+    topics: &[(String, u32)],
+    positions: &HashMap<(String, i32), i64>,
+    max: usize,
+) -> Result<Vec<LogRecord>, PipelineError> {
+    let mut out = Vec::new();
+    for (t, n) in topics {
+        for p in 0..*n as i32 {
+            let from = positions.get(&(t.clone(), p)).copied().unwrap_or(0);
+            out.extend(log.read(t, p, from, max)?);
+        }
+    }
+    Ok(out)
+}
+
+fn caught_up(
+    log: &EmbeddedLog,
+    topics: &[(String, u32)],
+    positions: &HashMap<(String, i32), i64>,
+    target: Option<&HashMap<(String, i32), i64>>,
+) -> bool {
+    topics.iter().all(|(t, _)| {
+        log.end_offsets(t).iter().enumerate().all(|(p, end)| {
+            let key = (t.clone(), p as i32);
+            let want = target.and_then(|m| m.get(&key).copied()).unwrap_or(*end);
+            positions.get(&key).copied().unwrap_or(0) >= want
+        })
+    })
+}
+
+fn ends(log: &EmbeddedLog, topics: &[(String, u32)]) -> HashMap<(String, i32), i64> {
+    let mut m = HashMap::new();
+    for (t, _) in topics {
+        for (p, e) in log.end_offsets(t).into_iter().enumerate() {
+            m.insert((t.clone(), p as i32), e);
+        }
+    }
+    m
+}
+
+/// The routing stage over embedded topics: positions live in the store.
+pub struct RouterStep {
+    router: Router,
+    topics: Vec<(String, u32)>,
+    positions: HashMap<(String, i32), i64>,
+}
+
+impl RouterStep {
+    pub fn new(log: &EmbeddedLog, router: Router) -> Result<RouterStep, PipelineError> {
+        let store = log.store();
+        let topics: Vec<(String, u32)> = router
+            .topics
+            .inputs()
+            .iter()
+            .map(|t| (t.to_string(), log.partitions(t).unwrap_or(1)))
+            .collect();
+        let mut positions = HashMap::new();
+        for (t, n) in &topics {
+            for p in 0..*n as i32 {
+                positions.insert(
+                    (t.clone(), p),
+                    store
+                        .get_i64(CF_META, &keys::position("router", t, p))?
+                        .unwrap_or(0),
+                );
+            }
+        }
+        Ok(RouterStep {
+            router,
+            topics,
+            positions,
+        })
+    }
+
+    /// Routes and commits one batch of at most `max` records per partition; returns how many.
+    pub fn step(&mut self, log: &EmbeddedLog, max: usize) -> Result<usize, PipelineError> {
+        let store = log.store();
+        let input = self.read_merged(log, max)?;
+        if input.is_empty() {
+            return Ok(0);
+        }
+        let routed = self.router.route(&StoreLookup(store), &input);
+        let mut batch = rocksdb::WriteBatch::default();
+        for l in &routed.links {
+            if let Some(id) = &l.identifier {
+                batch.put_cf(
+                    store.cf(CF_IDENT),
+                    keys::ident(&id.key()),
+                    l.user_id.as_bytes(),
+                );
+            }
+        }
+        for ((t, p), next) in &routed.positions {
+            store.put_i64(&mut batch, CF_META, &keys::position("router", t, *p), *next);
+        }
+        log.commit(batch, &routed.out)?;
+        self.positions.extend(routed.positions);
+        Ok(input.len())
+    }
+
+    /// Reads the input partitions and merges them by log time: repeatedly the
+    /// head with the smallest (timestamp, stream), stopping where a stream's
+    /// buffer runs out before its end. The order then depends only on the logs'
+    /// contents, not on `max` (so any batching routes the same way).
+    fn read_merged(&self, log: &EmbeddedLog, max: usize) -> Result<Vec<LogRecord>, PipelineError> {
+        let mut streams: Vec<(std::collections::VecDeque<LogRecord>, bool)> = Vec::new();
+        for (t, n) in &self.topics {
+            for p in 0..*n as i32 {
+                let from = self.positions.get(&(t.clone(), p)).copied().unwrap_or(0);
+                let recs = log.read(t, p, from, max)?;
+                let at_end = recs.len() < max;
+                streams.push((recs.into(), at_end));
+            }
+        }
+        let mut out = Vec::new();
+        loop {
+            if streams.iter().any(|(b, at_end)| b.is_empty() && !at_end) {
+                break;
+            }
+            let next = streams
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (b, _))| b.front().map(|r| (r.timestamp_ms, i)))
+                .min();
+            let Some((_, i)) = next else { break };
+            out.push(streams[i].0.pop_front().expect("non-empty"));
+        }
+        Ok(out)
+    }
+
+    pub fn caught_up_with(&self, log: &EmbeddedLog, target: &HashMap<(String, i32), i64>) -> bool {
+        caught_up(log, &self.topics, &self.positions, Some(target))
+    }
+
+    pub fn ends(&self, log: &EmbeddedLog) -> HashMap<(String, i32), i64> {
+        ends(log, &self.topics)
+    }
+}
+
+/// The materializing stage over the embedded records log.
+pub struct MaterializerStep {
+    mat: Materializer,
+    topics: Vec<(String, u32)>,
+    positions: HashMap<(String, i32), i64>,
+}
+
+impl MaterializerStep {
+    pub fn new(log: &EmbeddedLog, mat: Materializer) -> Result<MaterializerStep, PipelineError> {
+        let store = log.store();
+        let topic = mat.topics.records.clone();
+        let topics = vec![(topic.clone(), log.partitions(&topic).unwrap_or(1))];
+        let mut positions = HashMap::new();
+        for p in 0..topics[0].1 {
+            positions.insert(
+                (topic.clone(), p as i32),
+                store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0),
+            );
+        }
+        Ok(MaterializerStep {
+            mat,
+            topics,
+            positions,
+        })
+    }
+
+    /// Applies and commits one batch; returns the records processed and the snapshots published.
+    pub fn step(
+        &mut self,
+        log: &EmbeddedLog,
+        max: usize,
+    ) -> Result<(usize, Vec<ContextSnapshot>), PipelineError> {
+        let input = read_all(log, &self.topics, &self.positions, max)?;
+        if input.is_empty() {
+            return Ok((0, Vec::new()));
+        }
+        let m = self.mat.process(log.store(), &input)?;
+        log.commit(m.batch, &m.out)?;
+        for r in &input {
+            self.positions
+                .insert((r.topic.clone(), r.partition), r.offset + 1);
+        }
+        Ok((
+            input.len(),
+            m.published.into_iter().map(|(_, s)| s).collect(),
+        ))
+    }
+
+    pub fn caught_up(&self, log: &EmbeddedLog) -> bool {
+        caught_up(log, &self.topics, &self.positions, None)
+    }
+}
+
+/// Runs the routing stage until `stop`.
+pub fn run_router(
+    log: Arc<EmbeddedLog>,
+    router: Router,
+    opts: DriverOptions,
+    ready: Arc<Readiness>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), PipelineError> {
+    let mut stage = RouterStep::new(&log, router)?;
+    let start_ends = stage.ends(&log);
+    while !stop.load(Ordering::Acquire) {
+        let gen = log.generation();
+        let started = Instant::now();
+        if stage.step(&log, opts.batch_records)? == 0 {
+            if !ready.router.load(Ordering::Acquire) && stage.caught_up_with(&log, &start_ends) {
+                ready.router.store(true, Ordering::Release);
+            }
+            log.wait(gen, opts.idle_wait);
+            continue;
+        }
+        metrics::histogram!("contextd_batch_seconds", "stage" => "route")
+            .record(started.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+/// Runs the materializing stage until `stop`. Published snapshots go to `live` too.
+pub fn run_materializer(
+    log: Arc<EmbeddedLog>,
+    mat: Materializer,
+    opts: DriverOptions,
+    ready: Arc<Readiness>,
+    stop: Arc<AtomicBool>,
+    live: Option<broadcast::Sender<ContextSnapshot>>,
+) -> Result<(), PipelineError> {
+    let store = log.store().clone();
+    let mut stage = MaterializerStep::new(&log, mat)?;
+    let mut last_size_check = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        let gen = log.generation();
+        let started = Instant::now();
+        let (n, published) = stage.step(&log, opts.batch_records)?;
+        if n == 0 {
+            if !ready.materializer.load(Ordering::Acquire)
+                && ready.router.load(Ordering::Acquire)
+                && stage.caught_up(&log)
+            {
+                ready.materializer.store(true, Ordering::Release);
+            }
+            log.wait(gen, opts.idle_wait);
+            continue;
+        }
+        if let Some(tx) = &live {
+            for s in published {
+                let _ = tx.send(s);
+            }
+        }
+        metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("contextd_batch_records", "stage" => "materialize").record(n as f64);
+        if last_size_check.elapsed() > Duration::from_secs(10) {
+            let topic = stage.mat.topics.snapshots.clone();
+            for (p, end) in log.end_offsets(&topic).into_iter().enumerate() {
+                if end > opts.snapshot_retention {
+                    log.truncate(&topic, p as i32, end - opts.snapshot_retention)?;
+                }
+            }
+            metrics::gauge!("contextd_state_bytes").set(store.approximate_size() as f64);
+            metrics::gauge!("contextd_users").set(store.user_count_estimate() as f64);
+            last_size_check = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+/// Records not yet processed by each stage: (routing, materializing).
+pub fn lag(log: &EmbeddedLog, topics: &super::Topics) -> Result<(i64, i64), PipelineError> {
+    let store = log.store();
+    let mut route = 0;
+    for t in topics.inputs() {
+        for (p, end) in log.end_offsets(t).into_iter().enumerate() {
+            route += end
+                - store
+                    .get_i64(CF_META, &keys::position("router", t, p as i32))?
+                    .unwrap_or(0);
+        }
+    }
+    let mut mat = 0;
+    for (p, end) in log.end_offsets(&topics.records).into_iter().enumerate() {
+        mat += end
+            - store
+                .get_i64(CF_PART, &keys::part_offset(p as u32))?
+                .unwrap_or(0);
+    }
+    Ok((route, mat))
+}

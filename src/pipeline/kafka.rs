@@ -1,0 +1,739 @@
+//! Kafka mode's driver: the same `Router` and `Materializer` as embedded
+//! mode, on dedicated threads, over rdkafka consumers in a consumer group.
+//!
+//! - routing: group `{group_id}` over the input topics; records to the
+//!   records topic, dead letters to the DLQ, new identity links to the
+//!   compacted identities topic; input offsets stored only after the broker
+//!   acknowledged everything the batch produced (at least once; the
+//!   materializer skips re-sent records by input offset).
+//! - following: every instance reads the identities, settings and members
+//!   topics in full (no group), so a link made anywhere resolves everywhere.
+//! - materializing: group `{group_id}-materializer` over the records topic.
+//!   On assignment each partition seeks to the offset stored in RocksDB and is
+//!   restored (replayed without publishing) up to the end seen at
+//!   assignment; then snapshot versions are synchronised with the snapshots
+//!   topic and only changed contexts are published. Revocation happens
+//!   inside `poll`, between batches, so the in-flight batch is finished.
+//!   Snapshots go through an outbox in the same `WriteBatch` as the state,
+//!   so a re-send after a crash carries the same version and content.
+
+use super::embedded::{Readiness, StoreLookup};
+use super::materializer::Materializer;
+use super::router::Router;
+use super::PipelineError;
+use crate::config::Config;
+use crate::ingest;
+use crate::log::kafka::{
+    consumer_config, read_until_idle, to_log_record, KafkaProducer, MEMBERS_TOPIC,
+};
+use crate::log::{LogError, LogRecord, OutRecord};
+use crate::model::{record, ContextSnapshot, InputRef, Record, FORMAT_VERSION};
+use crate::snapshot;
+use crate::state::keys::{self, CF_IDENT, CF_META, CF_OUTBOX, CF_PART};
+use crate::state::Store;
+use prost::Message as _;
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::{Offset, TopicPartitionList};
+use rocksdb::{IteratorMode, WriteBatch};
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::broadcast;
+
+fn kerr(e: KafkaError) -> PipelineError {
+    PipelineError::Log(LogError::Kafka(e.to_string()))
+}
+
+/// Who serves which records-log partition (from the members topic).
+#[derive(Default)]
+pub struct Ownership {
+    /// This instance's advertised HTTP address.
+    pub me: String,
+    /// Partitions this instance has restored and serves.
+    pub live: RwLock<HashSet<u32>>,
+    /// instance -> (partitions, announced at ms).
+    pub members: RwLock<HashMap<String, (Vec<u32>, i64)>>,
+}
+
+impl Ownership {
+    /// The HTTP address of another instance serving partition `p`, if any.
+    pub fn remote_owner(&self, p: u32) -> Option<String> {
+        if self.live.read().expect("lock").contains(&p) {
+            return None;
+        }
+        self.members
+            .read()
+            .expect("lock")
+            .iter()
+            .filter(|(addr, (parts, _))| **addr != self.me && parts.contains(&p))
+            .max_by_key(|(_, (_, at))| *at)
+            .map(|(addr, _)| addr.clone())
+    }
+}
+
+/// Polls up to `max` records: waits up to `wait` for the first, then drains.
+fn poll_batch<C: ConsumerContext>(
+    c: &BaseConsumer<C>,
+    max: usize,
+    wait: Duration,
+) -> Result<Vec<LogRecord>, PipelineError> {
+    let mut out = Vec::new();
+    let mut timeout = wait;
+    while out.len() < max {
+        match c.poll(timeout) {
+            Some(Ok(m)) => out.push(to_log_record(&m)),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "kafka consumer error; retrying");
+                metrics::counter!("contextd_kafka_errors_total", "stage" => "poll").increment(1);
+                break;
+            }
+            None => break,
+        }
+        timeout = Duration::ZERO;
+    }
+    Ok(out)
+}
+
+/// Runs `f` until it succeeds or `stop`, backing off on Kafka errors
+/// (broker down: processing pauses, nothing is committed, then resumes).
+fn retry<T>(
+    stop: &AtomicBool,
+    what: &str,
+    mut f: impl FnMut() -> Result<T, PipelineError>,
+) -> Result<T, PipelineError> {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match f() {
+            Ok(v) => return Ok(v),
+            Err(PipelineError::Log(LogError::Kafka(e))) if !stop.load(Ordering::Acquire) => {
+                tracing::warn!(error = %e, what, "kafka unavailable; retrying");
+                metrics::counter!("contextd_kafka_errors_total", "stage" => what.to_string())
+                    .increment(1);
+                std::thread::sleep(delay);
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// The routing stage (group `group_id`).
+pub fn run_router(
+    c: Config,
+    store: Store,
+    producer: KafkaProducer,
+    ready: Arc<Readiness>,
+    followed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), PipelineError> {
+    let consumer: BaseConsumer = consumer_config(&c, &c.group_id).create().map_err(kerr)?;
+    consumer.subscribe(&c.topics.inputs()).map_err(kerr)?;
+    let router = Router::new(c.topics.clone(), c.partitions, crate::app::limits(&c));
+    // Resolve nothing before every link made elsewhere is known.
+    while !followed.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        let batch = poll_batch(
+            &consumer,
+            c.pipeline.batch_records,
+            Duration::from_millis(50),
+        )?;
+        if batch.is_empty() {
+            let assigned = consumer
+                .assignment()
+                .map(|a| a.count() > 0)
+                .unwrap_or(false);
+            if assigned || started.elapsed() > Duration::from_secs(20) {
+                ready.router.store(true, Ordering::Release);
+            }
+            continue;
+        }
+        let t0 = Instant::now();
+        let routed = router.route(&StoreLookup(&store), &batch);
+        let mut out = routed.out;
+        for l in &routed.links {
+            if let Some(id) = &l.identifier {
+                out.push(OutRecord {
+                    topic: c.topics.identities.clone(),
+                    partition: None,
+                    key: Some(id.key().into_bytes()),
+                    value: l.user_id.clone().into_bytes(),
+                    timestamp_ms: crate::model::time::now_ms(),
+                });
+            }
+        }
+        // Offsets are stored only after everything the batch produced is acknowledged.
+        retry(&stop, "route", || {
+            producer
+                .send_all_blocking(&out)
+                .map_err(PipelineError::from)
+        })?;
+        let mut wb = WriteBatch::default();
+        for l in &routed.links {
+            if let Some(id) = &l.identifier {
+                if store.linked_user(id)?.is_none() {
+                    wb.put_cf(
+                        store.cf(CF_IDENT),
+                        keys::ident(&id.key()),
+                        l.user_id.as_bytes(),
+                    );
+                }
+            }
+        }
+        store.write(wb)?;
+        for ((t, p), next) in &routed.positions {
+            if let Err(e) = consumer.store_offset(t, *p, *next) {
+                tracing::warn!(error = %e, topic = %t, partition = p, "cannot store offset (partition revoked?)");
+            }
+        }
+        metrics::histogram!("contextd_batch_seconds", "stage" => "route")
+            .record(t0.elapsed().as_secs_f64());
+    }
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
+
+/// Reads identities, settings and members in full, for ever.
+pub fn run_follower(
+    c: Config,
+    store: Store,
+    own: Arc<Ownership>,
+    followed: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), PipelineError> {
+    let consumer: BaseConsumer = consumer_config(&c, "contextd-follower")
+        .set("enable.auto.commit", "false")
+        .create()
+        .map_err(kerr)?;
+    let mut tpl = TopicPartitionList::new();
+    let mut highs = HashMap::new();
+    for (topic, n) in [
+        (c.topics.identities.as_str(), c.partitions as i32),
+        (c.topics.settings.as_str(), 1),
+        (MEMBERS_TOPIC, 1),
+    ] {
+        for p in 0..n {
+            let from = store
+                .get_i64(CF_META, &keys::position("follower", topic, p))?
+                .unwrap_or(0);
+            // Members are read from the start: announcements are in memory only.
+            let from = if topic == MEMBERS_TOPIC { 0 } else { from };
+            tpl.add_partition_offset(
+                topic,
+                p,
+                if from > 0 {
+                    Offset::Offset(from)
+                } else {
+                    Offset::Beginning
+                },
+            )
+            .map_err(kerr)?;
+            let high = retry(&stop, "follow", || {
+                consumer
+                    .fetch_watermarks(topic, p, Duration::from_secs(5))
+                    .map_err(kerr)
+            })?
+            .1;
+            highs.insert((topic.to_string(), p), (from, high));
+        }
+    }
+    consumer.assign(&tpl).map_err(kerr)?;
+    let limits = crate::app::limits(&c);
+    let mut idle_since = Instant::now();
+    while !stop.load(Ordering::Acquire) {
+        let batch = poll_batch(&consumer, 10_000, Duration::from_millis(50))?;
+        if batch.is_empty() {
+            let reached = highs.values().all(|(pos, high)| pos >= high);
+            if !followed.load(Ordering::Acquire)
+                && (reached && idle_since.elapsed() > Duration::from_millis(300)
+                    || idle_since.elapsed() > Duration::from_secs(15))
+            {
+                followed.store(true, Ordering::Release);
+            }
+            continue;
+        }
+        idle_since = Instant::now();
+        let mut wb = WriteBatch::default();
+        let mut pending: HashSet<Vec<u8>> = HashSet::new();
+        for r in &batch {
+            if let Some(e) = highs.get_mut(&(r.topic.clone(), r.partition)) {
+                e.0 = e.0.max(r.offset + 1);
+            }
+            if r.topic == c.topics.identities {
+                let Some(k) = &r.key else { continue };
+                match store.get_raw(CF_IDENT, k)? {
+                    None if !pending.contains(k) => {
+                        wb.put_cf(store.cf(CF_IDENT), k, &r.value);
+                        pending.insert(k.clone());
+                    }
+                    Some(u) if u != r.value => {
+                        metrics::counter!("contextd_identity_conflicts_total").increment(1);
+                        tracing::warn!(identifier = %String::from_utf8_lossy(k), kept = %String::from_utf8_lossy(&u), "identifier linked to two users by different instances; keeping the first seen here");
+                    }
+                    _ => {}
+                }
+            } else if r.topic == c.topics.settings {
+                if let Ok(s) = ingest::normalize_settings(&r.value, limits) {
+                    let rec = Record {
+                        format_version: FORMAT_VERSION,
+                        input: Some(InputRef {
+                            topic: r.topic.clone(),
+                            partition: r.partition,
+                            offset: r.offset,
+                        }),
+                        body: Some(record::Body::Settings(s)),
+                        ..Default::default()
+                    };
+                    wb.put_cf(store.cf(CF_META), keys::META_SETTINGS, rec.encode_to_vec());
+                }
+            } else if r.topic == MEMBERS_TOPIC {
+                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.value) {
+                    let parts: Vec<u32> = v["partitions"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if let (Some(http), Some(at)) = (v["http"].as_str(), v["at_ms"].as_i64()) {
+                        own.members
+                            .write()
+                            .expect("lock")
+                            .insert(http.to_string(), (parts, at));
+                    }
+                }
+                continue;
+            }
+            store.put_i64(
+                &mut wb,
+                CF_META,
+                &keys::position("follower", &r.topic, r.partition),
+                r.offset + 1,
+            );
+        }
+        store.write(wb)?;
+    }
+    Ok(())
+}
+
+/// Rebalance events, handed from the callback (inside `poll`) to the loop.
+enum Rebalanced {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+struct MatContext {
+    store: Store,
+    topic: String,
+    events: Mutex<Vec<Rebalanced>>,
+}
+
+impl ClientContext for MatContext {}
+
+impl ConsumerContext for MatContext {
+    /// Assignment seeks each partition to the offset stored with its state in
+    /// RocksDB (not the group's committed offset, which is only for lag).
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        metrics::counter!("contextd_rebalances_total").increment(1);
+        let parts: Vec<i32> = tpl
+            .elements()
+            .iter()
+            .filter(|e| e.topic() == self.topic)
+            .map(|e| e.partition())
+            .collect();
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                for p in &parts {
+                    let off = self
+                        .store
+                        .get_i64(CF_PART, &keys::part_offset(*p as u32))
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0);
+                    let _ = tpl.set_partition_offset(
+                        &self.topic,
+                        *p,
+                        if off > 0 {
+                            Offset::Offset(off)
+                        } else {
+                            Offset::Beginning
+                        },
+                    );
+                }
+                if let Err(e) = consumer.assign(tpl) {
+                    tracing::error!(error = %e, "assign failed");
+                }
+                tracing::info!(partitions = ?parts, "records partitions assigned");
+                self.events
+                    .lock()
+                    .expect("lock")
+                    .push(Rebalanced::Assigned(parts));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                tracing::info!(partitions = ?parts, "records partitions revoked");
+                self.events
+                    .lock()
+                    .expect("lock")
+                    .push(Rebalanced::Revoked(parts));
+                let _ = consumer.unassign();
+            }
+            other => tracing::error!(error = ?other, "rebalance error"),
+        }
+    }
+}
+
+static OUTBOX_SEQ: AtomicU64 = AtomicU64::new(0);
+
+fn encode_out(r: &OutRecord) -> Vec<u8> {
+    serde_json::to_vec(
+        &json!({"t": r.topic, "p": r.partition, "k": r.key, "v": r.value, "ts": r.timestamp_ms}),
+    )
+    .expect("json")
+}
+
+fn decode_out(v: &[u8]) -> Option<OutRecord> {
+    let j: serde_json::Value = serde_json::from_slice(v).ok()?;
+    Some(OutRecord {
+        topic: j["t"].as_str()?.to_string(),
+        partition: j["p"].as_i64().map(|p| p as i32),
+        key: serde_json::from_value(j["k"].clone()).ok()?,
+        value: serde_json::from_value(j["v"].clone()).ok()?,
+        timestamp_ms: j["ts"].as_i64().unwrap_or(0),
+    })
+}
+
+/// Writes the state batch with the outgoing records as outbox entries, sends
+/// them, then clears the outbox: records are sent at least once, each
+/// re-send identical to the first.
+fn commit_with_outbox(
+    store: &Store,
+    producer: &KafkaProducer,
+    mut batch: WriteBatch,
+    out: &[OutRecord],
+    stop: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let mut keys_written = Vec::with_capacity(out.len());
+    let base = (crate::model::time::now_ms() as u64) << 20;
+    for r in out {
+        let k = (base + OUTBOX_SEQ.fetch_add(1, Ordering::Relaxed) % (1 << 20)).to_be_bytes();
+        batch.put_cf(store.cf(CF_OUTBOX), k, encode_out(r));
+        keys_written.push(k);
+    }
+    store.write(batch)?;
+    retry(stop, "publish", || {
+        producer.send_all_blocking(out).map_err(PipelineError::from)
+    })?;
+    let mut del = WriteBatch::default();
+    for k in keys_written {
+        del.delete_cf(store.cf(CF_OUTBOX), k);
+    }
+    store.write(del)?;
+    Ok(())
+}
+
+/// Re-sends what a previous run wrote to the outbox but may not have delivered.
+fn drain_outbox(
+    store: &Store,
+    producer: &KafkaProducer,
+    stop: &AtomicBool,
+) -> Result<usize, PipelineError> {
+    let mut out = Vec::new();
+    let mut ks = Vec::new();
+    for item in store
+        .db()
+        .iterator_cf(store.cf(CF_OUTBOX), IteratorMode::Start)
+    {
+        let (k, v) = item?;
+        if let Some(r) = decode_out(&v) {
+            out.push(r);
+        }
+        ks.push(k.to_vec());
+    }
+    if !out.is_empty() {
+        retry(stop, "publish", || {
+            producer
+                .send_all_blocking(&out)
+                .map_err(PipelineError::from)
+        })?;
+    }
+    let mut del = WriteBatch::default();
+    for k in &ks {
+        del.delete_cf(store.cf(CF_OUTBOX), k);
+    }
+    store.write(del)?;
+    Ok(out.len())
+}
+
+struct PartState {
+    live: bool,
+    target: i64,
+}
+
+/// The materializing stage (group `{group_id}-materializer`).
+#[allow(clippy::too_many_arguments)]
+pub fn run_materializer(
+    c: Config,
+    store: Store,
+    producer: KafkaProducer,
+    own: Arc<Ownership>,
+    ready: Arc<Readiness>,
+    stop: Arc<AtomicBool>,
+    live_tx: Option<broadcast::Sender<ContextSnapshot>>,
+) -> Result<(), PipelineError> {
+    let resent = drain_outbox(&store, &producer, &stop)?;
+    if resent > 0 {
+        tracing::info!(records = resent, "re-sent outbox from the previous run");
+    }
+    let topic = c.topics.records.clone();
+    let ctx = MatContext {
+        store: store.clone(),
+        topic: topic.clone(),
+        events: Mutex::new(Vec::new()),
+    };
+    let consumer: BaseConsumer<MatContext> =
+        consumer_config(&c, &format!("{}-materializer", c.group_id))
+            .create_with_context(ctx)
+            .map_err(kerr)?;
+    consumer.subscribe(&[&topic]).map_err(kerr)?;
+    let mut live_mat =
+        Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+    let mut restore_mat = Materializer::new(
+        c.topics.clone(),
+        crate::app::materializer_options(&c, false),
+    );
+    let mut parts: BTreeMap<i32, PartState> = BTreeMap::new();
+    let started = Instant::now();
+    let mut had_assignment = false;
+    while !stop.load(Ordering::Acquire) {
+        let batch = poll_batch(
+            &consumer,
+            c.pipeline.batch_records,
+            Duration::from_millis(50),
+        )?;
+        let events: Vec<Rebalanced> =
+            std::mem::take(&mut *consumer.context().events.lock().expect("lock"));
+        let mut changed = false;
+        for ev in events {
+            changed = true;
+            match ev {
+                Rebalanced::Assigned(ps) => {
+                    had_assignment = true;
+                    for p in ps {
+                        let high = retry(&stop, "watermarks", || {
+                            consumer
+                                .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                                .map_err(kerr)
+                        })?
+                        .1;
+                        live_mat.forget(p as u32);
+                        restore_mat.forget(p as u32);
+                        parts.insert(
+                            p,
+                            PartState {
+                                live: false,
+                                target: high,
+                            },
+                        );
+                    }
+                }
+                Rebalanced::Revoked(ps) => {
+                    for p in ps {
+                        parts.remove(&p);
+                        own.live.write().expect("lock").remove(&(p as u32));
+                    }
+                }
+            }
+        }
+        let (restoring, live): (Vec<LogRecord>, Vec<LogRecord>) = batch
+            .into_iter()
+            .filter(|r| parts.contains_key(&r.partition))
+            .partition(|r| !parts[&r.partition].live);
+        let t0 = Instant::now();
+        if !restoring.is_empty() {
+            let m = restore_mat.process(&store, &restoring)?;
+            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
+        }
+        if !live.is_empty() {
+            let m = live_mat.process(&store, &live)?;
+            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
+            if let Some(tx) = &live_tx {
+                for (_, s) in m.published {
+                    let _ = tx.send(s);
+                }
+            }
+            metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
+                .record(t0.elapsed().as_secs_f64());
+        }
+        for r in restoring.iter().chain(live.iter()) {
+            let _ = consumer.store_offset(&r.topic, r.partition, r.offset + 1);
+        }
+        // Partitions whose restore reached the end seen at assignment go live.
+        let due: Vec<i32> = parts
+            .iter()
+            .filter(|(p, s)| {
+                !s.live
+                    && store
+                        .get_i64(CF_PART, &keys::part_offset(**p as u32))
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                        >= s.target
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in due {
+            let n = go_live(&c, &store, &producer, &mut live_mat, p as u32, &stop)?;
+            tracing::info!(
+                partition = p,
+                republished = n,
+                "partition restored; serving"
+            );
+            metrics::counter!("contextd_partitions_restored_total").increment(1);
+            parts.get_mut(&p).expect("present").live = true;
+            own.live.write().expect("lock").insert(p as u32);
+            changed = true;
+        }
+        if changed {
+            announce(&c, &producer, &own, &stop)?;
+        }
+        let all_live = parts.values().all(|s| s.live);
+        ready.materializer.store(
+            all_live && (had_assignment || started.elapsed() > Duration::from_secs(30)),
+            Ordering::Release,
+        );
+        for (p, s) in &parts {
+            metrics::gauge!("contextd_partition_live", "partition" => p.to_string())
+                .set(if s.live { 1.0 } else { 0.0 });
+        }
+    }
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
+
+/// Tells every instance which partitions this one serves.
+fn announce(
+    c: &Config,
+    producer: &KafkaProducer,
+    own: &Ownership,
+    stop: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let mut parts: Vec<u32> = own.live.read().expect("lock").iter().copied().collect();
+    parts.sort_unstable();
+    let now = crate::model::time::now_ms();
+    let rec = OutRecord {
+        topic: MEMBERS_TOPIC.to_string(),
+        partition: Some(0),
+        key: Some(own.me.clone().into_bytes()),
+        value: serde_json::to_vec(
+            &json!({"http": own.me, "partitions": parts, "at_ms": now, "group": c.group_id}),
+        )
+        .expect("json"),
+        timestamp_ms: now,
+    };
+    retry(stop, "announce", || {
+        producer
+            .send_all_blocking(std::slice::from_ref(&rec))
+            .map_err(PipelineError::from)
+    })
+}
+
+/// After a restore: take the highest snapshot version published for each
+/// user of partition `p` (by any instance), then publish only where the
+/// visible context differs from the last published one.
+fn go_live(
+    c: &Config,
+    store: &Store,
+    producer: &KafkaProducer,
+    mat: &mut Materializer,
+    p: u32,
+    stop: &AtomicBool,
+) -> Result<usize, PipelineError> {
+    let pos_key = {
+        let mut k = p.to_be_bytes().to_vec();
+        k.push(b'S');
+        k
+    };
+    let from = store.get_i64(CF_PART, &pos_key)?.unwrap_or(0);
+    let mut published_versions: HashMap<String, u64> = HashMap::new();
+    let mut next = from;
+    let json_format = c.snapshot_format == super::SnapshotFormat::Json;
+    retry(stop, "snapshot sync", || {
+        read_until_idle(
+            c,
+            &[(c.topics.snapshots.clone(), p as i32, from)],
+            Duration::from_millis(300),
+            |r| {
+                next = next.max(r.offset + 1);
+                let (Some(k), v) = (r.key, r.value) else {
+                    return;
+                };
+                let version = if json_format {
+                    serde_json::from_slice::<serde_json::Value>(&v)
+                        .ok()
+                        .and_then(|j| j["version"].as_u64())
+                } else {
+                    ContextSnapshot::decode(&v[..]).ok().map(|s| s.version)
+                };
+                if let Some(ver) = version {
+                    let e = published_versions
+                        .entry(String::from_utf8_lossy(&k).into_owned())
+                        .or_insert(0);
+                    *e = (*e).max(ver);
+                }
+            },
+        )
+        .map_err(PipelineError::from)
+    })?;
+    let settings = mat.settings(store, p)?;
+    let mut count = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.users_page(p, after.as_deref(), 1024)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.user_id.clone());
+        let mut batch = WriteBatch::default();
+        let mut out = Vec::new();
+        for mut st in page {
+            if let Some(v) = published_versions.get(&st.user_id) {
+                if *v > st.snapshot_version {
+                    st.snapshot_version = *v;
+                    st.snapshot_hash.clear();
+                }
+            }
+            let floor_at = st.snapshot_updated_at_ns;
+            let at = st
+                .timeline
+                .iter()
+                .map(|e| e.received_at_ns)
+                .chain(st.profiles.iter().map(|x| x.updated_at_ns))
+                .max()
+                .unwrap_or(0);
+            let floor = at.max(floor_at);
+            if let Some(snap) =
+                snapshot::next_snapshot(&mut st, &settings, c.snapshot.max_events, floor)
+            {
+                mat.publish(store, &mut batch, &mut out, p, &snap);
+                count += 1;
+            }
+            store.put_user(&mut batch, p, &st);
+        }
+        commit_with_outbox(store, producer, batch, &out, stop)?;
+    }
+    let mut wb = WriteBatch::default();
+    store.put_i64(&mut wb, CF_PART, &pos_key, next);
+    store.write(wb)?;
+    Ok(count)
+}

@@ -1,0 +1,333 @@
+//! Materializing stage: records log -> per-user state -> snapshots.
+//!
+//! A batch loads every user it touches once, folds the records into their
+//! states (`state::apply`), and publishes at most one snapshot per user per
+//! batch (coalescing), only if the visible content changed. A settings
+//! record re-publishes every user of its partition whose context changes.
+//! Records the routing stage re-sent after a crash are skipped by input
+//! offset, so each input record is applied once.
+
+use super::deadletter::dead_letter;
+use super::{PipelineError, SnapshotFormat, Topics};
+use crate::ingest::{ErrorCode, Rejection};
+use crate::log::{LogRecord, OutRecord};
+use crate::model::{record, ContextSnapshot, Record, Settings, UserState};
+use crate::snapshot;
+use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
+use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART, CF_SNAP};
+use crate::state::Store;
+use prost::Message;
+use rocksdb::WriteBatch;
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+#[derive(Debug, Clone, Copy)]
+pub struct MaterializerOptions {
+    pub limits: ApplyLimits,
+    pub max_events: usize,
+    pub format: SnapshotFormat,
+    pub partitions: u32,
+    /// Publish snapshots (false during rebuild: versions are kept, nothing re-sent).
+    pub publish: bool,
+}
+
+pub struct Materializer {
+    pub topics: Topics,
+    pub opts: MaterializerOptions,
+    /// Settings in effect per partition (cache of `part/{p}/s`).
+    settings: HashMap<u32, Settings>,
+}
+
+/// What a materialized batch produces.
+pub struct Materialized {
+    pub batch: WriteBatch,
+    /// Snapshots and dead letters to publish.
+    pub out: Vec<OutRecord>,
+    /// (user_id, snapshot) published, for live listeners.
+    pub published: Vec<(u32, ContextSnapshot)>,
+    pub applied: usize,
+}
+
+struct Touched {
+    state: UserState,
+    last_log_ns: i64,
+}
+
+impl Materializer {
+    pub fn new(topics: Topics, opts: MaterializerOptions) -> Materializer {
+        Materializer {
+            topics,
+            opts,
+            settings: HashMap::new(),
+        }
+    }
+
+    /// Forget cached per-partition data (after a revoke or a rebuild).
+    pub fn forget(&mut self, p: u32) {
+        self.settings.remove(&p);
+    }
+
+    pub fn settings(&mut self, store: &Store, p: u32) -> Result<Settings, PipelineError> {
+        if let Some(s) = self.settings.get(&p) {
+            return Ok(s.clone());
+        }
+        let s = snapshot::prepared(
+            store
+                .get_settings(CF_PART, &keys::part_settings(p))?
+                .unwrap_or_default(),
+        );
+        self.settings.insert(p, s.clone());
+        Ok(s)
+    }
+
+    pub fn encode_snapshot(&self, s: &ContextSnapshot) -> Vec<u8> {
+        match self.opts.format {
+            SnapshotFormat::Protobuf => s.encode_to_vec(),
+            SnapshotFormat::Json => serde_json::to_vec(&snapshot::to_json(s)).expect("json"),
+        }
+    }
+
+    /// Processes records of the records log (any partitions, in offset order
+    /// within each partition).
+    pub fn process(
+        &mut self,
+        store: &Store,
+        input: &[LogRecord],
+    ) -> Result<Materialized, PipelineError> {
+        let mut batch = WriteBatch::default();
+        let mut out = Vec::new();
+        let mut positions: BTreeMap<u32, i64> = BTreeMap::new();
+        let mut marks: HashMap<Vec<u8>, i64> = HashMap::new();
+        let mut decoded: Vec<(u32, &LogRecord, Record)> = Vec::with_capacity(input.len());
+        for rec in input {
+            let p = rec.partition as u32;
+            positions.insert(p, rec.offset + 1);
+            match Record::decode(&rec.value[..]) {
+                Ok(r) => decoded.push((p, rec, r)),
+                Err(e) => {
+                    let err = Rejection::new(
+                        ErrorCode::InvalidField,
+                        format!("records-log entry cannot be decoded: {e}"),
+                    );
+                    tracing::error!(partition = p, offset = rec.offset, error = %e, "undecodable records-log entry");
+                    out.push(dead_letter(&self.topics.dlq, &err, rec));
+                }
+            }
+        }
+        // Load every user the batch touches in one multi-get.
+        let mut wanted: Vec<(u32, &str)> = decoded
+            .iter()
+            .filter(|(_, _, r)| !matches!(r.body, Some(record::Body::Settings(_))))
+            .map(|(p, _, r)| (*p, r.user_id.as_str()))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let loaded = store.get_users(&wanted)?;
+        let mut users: HashMap<(u32, String), Touched> = HashMap::with_capacity(wanted.len());
+        for ((p, uid), st) in wanted.iter().zip(loaded) {
+            users.insert(
+                (*p, uid.to_string()),
+                Touched {
+                    state: st.unwrap_or_else(|| apply::new_user(uid)),
+                    last_log_ns: 0,
+                },
+            );
+        }
+        let mut catalogs: BTreeMap<u32, CatalogDelta> = BTreeMap::new();
+        let mut settings_changed: HashSet<u32> = HashSet::new();
+        let mut links_seen: HashSet<String> = HashSet::new();
+        let mut applied = 0;
+        for (p, rec, r) in &decoded {
+            let p = *p;
+            if let Some(inp) = &r.input {
+                let mk = keys::part_input_mark(p, &inp.topic, inp.partition);
+                let mark = match marks.get(&mk) {
+                    Some(m) => *m,
+                    None => store.get_i64(CF_PART, &mk)?.unwrap_or(-1),
+                };
+                if inp.offset <= mark {
+                    metrics::counter!("contextd_records_duplicate_skipped_total").increment(1);
+                    continue;
+                }
+                marks.insert(mk, inp.offset);
+            }
+            for link in &r.links {
+                let Some(id) = &link.identifier else { continue };
+                let k = id.key();
+                if links_seen.insert(k.clone()) && store.linked_user(id)?.is_none() {
+                    batch.put_cf(store.cf(CF_IDENT), keys::ident(&k), link.user_id.as_bytes());
+                }
+            }
+            if let Some(record::Body::Settings(s)) = &r.body {
+                let s = snapshot::prepared(s.clone());
+                batch.put_cf(store.cf(CF_PART), keys::part_settings(p), s.encode_to_vec());
+                self.remember_latest_settings(store, &mut batch, r)?;
+                self.settings.insert(p, s);
+                settings_changed.insert(p);
+                applied += 1;
+                continue;
+            }
+            let t = users
+                .get_mut(&(p, r.user_id.clone()))
+                .expect("loaded above");
+            let catalog = catalogs.entry(p).or_default();
+            match apply::apply(&mut t.state, r, self.opts.limits, catalog) {
+                Outcome::Applied | Outcome::Duplicate => {
+                    applied += 1;
+                    t.last_log_ns = t.last_log_ns.max(r.log_time_ns);
+                }
+                Outcome::Rejected(err) => {
+                    let inp = r.input.clone().unwrap_or_default();
+                    let src = LogRecord {
+                        topic: inp.topic,
+                        partition: inp.partition,
+                        offset: inp.offset,
+                        timestamp_ms: r.log_time_ns / 1_000_000,
+                        key: r.input_key.clone(),
+                        value: r.input_value.clone(),
+                    };
+                    out.push(dead_letter(&self.topics.dlq, &err, &src));
+                }
+            }
+            metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
+                .increment(1);
+        }
+        let mut published = Vec::new();
+        let mut touched: Vec<_> = users.into_iter().collect();
+        touched.sort_by(|a, b| a.0.cmp(&b.0));
+        for ((p, _), mut t) in touched {
+            if !self.opts.publish {
+                // Rebuild: snapshot versions are settled once at the end (replay::settle_snapshots).
+                store.put_user(&mut batch, p, &t.state);
+                continue;
+            }
+            let settings = self.settings(store, p)?;
+            let at = if t.last_log_ns > 0 {
+                t.last_log_ns
+            } else {
+                t.state.snapshot_updated_at_ns
+            };
+            if let Some(snap) =
+                snapshot::next_snapshot(&mut t.state, &settings, self.opts.max_events, at)
+            {
+                self.publish(store, &mut batch, &mut out, p, &snap);
+                published.push((p, snap));
+            }
+            store.put_user(&mut batch, p, &t.state);
+        }
+        if self.opts.publish {
+            for p in settings_changed {
+                self.republish_partition(store, &mut batch, &mut out, &mut published, p, &decoded)?;
+            }
+        }
+        for (p, delta) in &catalogs {
+            store.merge_catalog(&mut batch, *p, delta)?;
+        }
+        for (mk, off) in marks {
+            store.put_i64(&mut batch, CF_PART, &mk, off);
+        }
+        for (p, next) in positions {
+            store.put_i64(&mut batch, CF_PART, &keys::part_offset(p), next);
+        }
+        Ok(Materialized {
+            batch,
+            out,
+            published,
+            applied,
+        })
+    }
+
+    /// Stores the user's latest snapshot and queues it for the snapshots topic.
+    pub fn publish(
+        &self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        out: &mut Vec<OutRecord>,
+        p: u32,
+        snap: &ContextSnapshot,
+    ) {
+        let bytes = snap.encode_to_vec();
+        batch.put_cf(store.cf(CF_SNAP), keys::user(p, &snap.user_id), &bytes);
+        {
+            let value = match self.opts.format {
+                SnapshotFormat::Protobuf => bytes,
+                SnapshotFormat::Json => self.encode_snapshot(snap),
+            };
+            metrics::counter!("contextd_snapshots_published_total").increment(1);
+            metrics::counter!("contextd_snapshot_bytes_total").increment(value.len() as u64);
+            out.push(OutRecord {
+                topic: self.topics.snapshots.clone(),
+                partition: Some(p as i32),
+                key: Some(snap.user_id.as_bytes().to_vec()),
+                value,
+                timestamp_ms: crate::model::time::from_timestamp(&snap.updated_at) / 1_000_000,
+            });
+        }
+    }
+
+    /// The admin API shows the latest settings any partition applied.
+    fn remember_latest_settings(
+        &self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        r: &Record,
+    ) -> Result<(), PipelineError> {
+        let newer = match store.get_raw(CF_META, keys::META_SETTINGS)? {
+            Some(v) => {
+                Record::decode(&v[..])
+                    .ok()
+                    .and_then(|old| old.input)
+                    .map(|i| i.offset)
+                    < r.input.as_ref().map(|i| i.offset)
+            }
+            None => true,
+        };
+        if newer {
+            batch.put_cf(store.cf(CF_META), keys::META_SETTINGS, r.encode_to_vec());
+        }
+        Ok(())
+    }
+
+    /// After a settings change: every user of partition `p` not touched by
+    /// this batch gets a new snapshot if its visible context changed.
+    fn republish_partition(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        out: &mut Vec<OutRecord>,
+        published: &mut Vec<(u32, ContextSnapshot)>,
+        p: u32,
+        decoded: &[(u32, &LogRecord, Record)],
+    ) -> Result<(), PipelineError> {
+        let settings = self.settings(store, p)?;
+        let in_batch: HashSet<&str> = decoded
+            .iter()
+            .filter(|(q, _, _)| *q == p)
+            .map(|(_, _, r)| r.user_id.as_str())
+            .collect();
+        let at = decoded
+            .iter()
+            .filter(|(q, _, r)| *q == p && matches!(r.body, Some(record::Body::Settings(_))))
+            .map(|(_, _, r)| r.log_time_ns)
+            .max()
+            .unwrap_or(0);
+        let mut after: Option<String> = None;
+        loop {
+            let page = store.users_page(p, after.as_deref(), 1024)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.user_id.clone());
+            for mut st in page {
+                if in_batch.contains(st.user_id.as_str()) {
+                    continue;
+                }
+                if let Some(snap) =
+                    snapshot::next_snapshot(&mut st, &settings, self.opts.max_events, at)
+                {
+                    self.publish(store, batch, out, p, &snap);
+                    published.push((p, snap));
+                    store.put_user(batch, p, &st);
+                }
+            }
+        }
+        Ok(())
+    }
+}

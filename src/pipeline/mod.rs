@@ -1,0 +1,119 @@
+//! The processing loop, transport-agnostic. Two stages, as in a Kafka
+//! Streams topology:
+//!
+//! - `router`: input topics -> normalize -> resolve the user -> the records
+//!   log (`context.records`, keyed by user_id) or the dead-letter topic;
+//! - `materializer`: records log -> apply to per-user state -> snapshots.
+//!
+//! Each stage turns a batch of `LogRecord`s into a RocksDB `WriteBatch` plus
+//! the `OutRecord`s to publish; the transport (`embedded` here, `kafka` in
+//! `crate::log::kafka`) makes them durable together with the positions.
+
+pub mod deadletter;
+pub mod embedded;
+pub mod kafka;
+pub mod materializer;
+pub mod router;
+
+use crate::ingest::InputKind;
+
+/// Topic names (CONTRACT §2), each configurable.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+#[serde(default)]
+pub struct Topics {
+    pub zendesk_events: String,
+    pub sunshine_events: String,
+    pub sunshine_profiles: String,
+    pub settings: String,
+    pub snapshots: String,
+    pub dlq: String,
+    /// Internal: resolved records keyed by user_id.
+    pub records: String,
+    /// Internal (Kafka mode): identity links, compacted, read in full by every instance.
+    pub identities: String,
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Topics {
+            zendesk_events: "zendesk.events".into(),
+            sunshine_events: "sunshine.events".into(),
+            sunshine_profiles: "sunshine.profiles".into(),
+            settings: "context.settings".into(),
+            snapshots: "context.snapshots".into(),
+            dlq: "context.dlq".into(),
+            records: "context.records".into(),
+            identities: "context.identities".into(),
+        }
+    }
+}
+
+impl Topics {
+    pub fn kind(&self, topic: &str) -> Option<InputKind> {
+        if topic == self.zendesk_events {
+            Some(InputKind::ZendeskEvents)
+        } else if topic == self.sunshine_events {
+            Some(InputKind::CustomEvents)
+        } else if topic == self.sunshine_profiles {
+            Some(InputKind::Profiles)
+        } else if topic == self.settings {
+            Some(InputKind::Settings)
+        } else {
+            None
+        }
+    }
+
+    /// Topics the routing stage consumes.
+    pub fn inputs(&self) -> [&str; 4] {
+        [
+            &self.zendesk_events,
+            &self.sunshine_events,
+            &self.sunshine_profiles,
+            &self.settings,
+        ]
+    }
+}
+
+/// Snapshot encoding on the output topic.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+    Default,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotFormat {
+    #[default]
+    Protobuf,
+    Json,
+}
+
+impl SnapshotFormat {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            SnapshotFormat::Protobuf => {
+                "application/x-protobuf; messageType=contextd.v1.ContextSnapshot"
+            }
+            SnapshotFormat::Json => "application/json",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(transparent)]
+    Store(#[from] crate::state::StoreError),
+    #[error(transparent)]
+    Log(#[from] crate::log::LogError),
+}
+
+impl From<rocksdb::Error> for PipelineError {
+    fn from(e: rocksdb::Error) -> Self {
+        PipelineError::Store(e.into())
+    }
+}

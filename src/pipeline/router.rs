@@ -1,0 +1,205 @@
+//! Routing stage: input records -> normalized, resolved `Record`s keyed by
+//! user_id on the records log, or dead letters. Settings records are
+//! broadcast to every records-log partition, so each partition sees
+//! visibility changes in order with its records (replays are deterministic).
+
+use super::deadletter::dead_letter;
+use super::Topics;
+use crate::identity::{resolve, IdentityLookup, Overlay};
+use crate::ingest::{self, ErrorCode, InputKind, Limits, Normalized, Rejection};
+use crate::log::{LogRecord, OutRecord};
+use crate::model::{
+    record, time, EventRecord, IdentityLink, InputRef, ProfileOpKind, Record, FORMAT_VERSION,
+};
+use prost::Message;
+use std::collections::HashMap;
+
+pub const SETTINGS_KEY: &[u8] = b"visibility";
+
+/// What a routed batch produces.
+#[derive(Default)]
+pub struct Routed {
+    /// Records-log entries and dead letters, in input order.
+    pub out: Vec<OutRecord>,
+    /// Identity links made by this batch (to store, and in Kafka mode to publish).
+    pub links: Vec<IdentityLink>,
+    /// Next offset per consumed (topic, partition).
+    pub positions: HashMap<(String, i32), i64>,
+}
+
+pub struct Router {
+    pub topics: Topics,
+    pub partitions: u32,
+    pub limits: Limits,
+}
+
+impl Router {
+    pub fn new(topics: Topics, partitions: u32, limits: Limits) -> Router {
+        Router {
+            topics,
+            partitions,
+            limits,
+        }
+    }
+
+    /// Routes a batch. `lookup` sees committed links; links made earlier in
+    /// the batch are seen through an overlay.
+    pub fn route(&self, lookup: &impl IdentityLookup, input: &[LogRecord]) -> Routed {
+        let mut routed = Routed::default();
+        let mut pending: HashMap<String, String> = HashMap::new();
+        for rec in input {
+            metrics::counter!("contextd_records_consumed_total", "topic" => rec.topic.clone())
+                .increment(1);
+            routed
+                .positions
+                .insert((rec.topic.clone(), rec.partition), rec.offset + 1);
+            let result = match self.topics.kind(&rec.topic) {
+                Some(InputKind::Settings) => self.settings(rec),
+                Some(kind) => {
+                    let overlay = Overlay {
+                        base: lookup,
+                        pending: &pending,
+                    };
+                    self.user_record(kind, rec, &overlay).map(|(r, links)| {
+                        for l in links {
+                            if let Some(id) = &l.identifier {
+                                pending.insert(id.key(), l.user_id.clone());
+                            }
+                            routed.links.push(l);
+                        }
+                        vec![r]
+                    })
+                }
+                None => Err(Rejection::new(
+                    ErrorCode::InvalidField,
+                    format!("{} is not an input topic", rec.topic),
+                )),
+            };
+            match result {
+                Ok(out) => routed.out.extend(out),
+                Err(e) => routed.out.push(dead_letter(&self.topics.dlq, &e, rec)),
+            }
+        }
+        routed
+    }
+
+    fn input_ref(rec: &LogRecord) -> Option<InputRef> {
+        Some(InputRef {
+            topic: rec.topic.clone(),
+            partition: rec.partition,
+            offset: rec.offset,
+        })
+    }
+
+    fn settings(&self, rec: &LogRecord) -> Result<Vec<OutRecord>, Rejection> {
+        if let Some(k) = &rec.key {
+            if k.as_slice() != SETTINGS_KEY {
+                return Err(Rejection::new(
+                    ErrorCode::InvalidField,
+                    format!(
+                        "{} records must have the key \"visibility\"",
+                        self.topics.settings
+                    ),
+                ));
+            }
+        }
+        let settings = ingest::normalize_settings(&rec.value, self.limits)?;
+        let r = Record {
+            format_version: FORMAT_VERSION,
+            user_id: String::new(),
+            log_time_ns: time::ms_to_ns(rec.timestamp_ms),
+            input: Self::input_ref(rec),
+            body: Some(record::Body::Settings(settings)),
+            ..Default::default()
+        };
+        let value = r.encode_to_vec();
+        Ok((0..self.partitions as i32)
+            .map(|p| OutRecord {
+                topic: self.topics.records.clone(),
+                partition: Some(p),
+                key: Some(SETTINGS_KEY.to_vec()),
+                value: value.clone(),
+                timestamp_ms: rec.timestamp_ms,
+            })
+            .collect())
+    }
+
+    fn user_record(
+        &self,
+        kind: InputKind,
+        rec: &LogRecord,
+        lookup: &impl IdentityLookup,
+    ) -> Result<(OutRecord, Vec<IdentityLink>), Rejection> {
+        let log_time_ns = time::ms_to_ns(rec.timestamp_ms);
+        let n = ingest::normalize(kind, &rec.value, log_time_ns, self.limits)?;
+        let (explicit, ids) = n.identity();
+        let op_kind = match &n {
+            Normalized::Profile { op, .. } => ProfileOpKind::try_from(op.op).ok(),
+            _ => None,
+        };
+        let finds_existing = matches!(op_kind, Some(ProfileOpKind::Patch | ProfileOpKind::Delete));
+        let Some(res) = resolve(explicit, ids, lookup, !finds_existing) else {
+            return Err(if finds_existing {
+                Rejection::new(
+                    ErrorCode::NotFound,
+                    "no user has any of the profile's identifiers; nothing to patch or delete",
+                )
+            } else {
+                Rejection::new(
+                    ErrorCode::UnresolvableUser,
+                    "the record has no user_id and no usable identifier",
+                )
+            });
+        };
+        for (id, other) in &res.conflicts {
+            metrics::counter!("contextd_identity_conflicts_total").increment(1);
+            tracing::debug!(identifier = %id.key(), linked_to = %other, user_id = %res.user_id, "identifier already linked to another user; link kept");
+        }
+        let links = if op_kind == Some(ProfileOpKind::Delete) {
+            Vec::new()
+        } else {
+            res.new_links
+        };
+        let (body, keep_input) = match n {
+            Normalized::Zendesk { event, .. } => (
+                record::Body::Event(EventRecord {
+                    event: Some(event),
+                    profile: None,
+                }),
+                false,
+            ),
+            Normalized::Custom { profile, event, .. } => (
+                record::Body::Event(EventRecord {
+                    event: Some(event),
+                    profile: Some(profile),
+                }),
+                false,
+            ),
+            Normalized::Profile { op, .. } => (record::Body::ProfileOp(op), finds_existing),
+        };
+        let r = Record {
+            format_version: FORMAT_VERSION,
+            user_id: res.user_id.clone(),
+            log_time_ns,
+            input: Self::input_ref(rec),
+            links: links.clone(),
+            input_key: if keep_input { rec.key.clone() } else { None },
+            input_value: if keep_input {
+                rec.value.clone()
+            } else {
+                Vec::new()
+            },
+            body: Some(body),
+        };
+        Ok((
+            OutRecord {
+                topic: self.topics.records.clone(),
+                partition: None,
+                key: Some(res.user_id.into_bytes()),
+                value: r.encode_to_vec(),
+                timestamp_ms: rec.timestamp_ms,
+            },
+            links,
+        ))
+    }
+}

@@ -1,0 +1,458 @@
+//! Applying a record to a user's state: a pure fold, the heart of the
+//! materializing stage. Deterministic: same state + record = same result.
+
+use crate::ingest::{ErrorCode, Rejection};
+use crate::model::{
+    json, record, CatalogEntry, Event, EventRecord, Identifier, Profile, ProfileOp, ProfileOpKind,
+    ProfileRef, Record, UserState, FORMAT_VERSION,
+};
+use prost_types::{value::Kind, Struct};
+use std::collections::BTreeMap;
+
+/// Kind of a catalog entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TypeKind {
+    Event,
+    Profile,
+}
+
+impl TypeKind {
+    pub fn tag(self) -> u8 {
+        match self {
+            TypeKind::Event => b'e',
+            TypeKind::Profile => b'p',
+        }
+    }
+}
+
+/// Catalog changes of a batch: (kind, source, type) -> counts.
+pub type CatalogDelta = BTreeMap<(TypeKind, String, String), CatalogEntry>;
+
+pub fn catalog_add(delta: &mut CatalogDelta, kind: TypeKind, source: &str, ty: &str, at_ns: i64) {
+    let e = delta
+        .entry((kind, source.to_string(), ty.to_string()))
+        .or_insert(CatalogEntry {
+            count: 0,
+            first_seen_ns: at_ns,
+            last_seen_ns: at_ns,
+        });
+    merge_catalog(
+        e,
+        &CatalogEntry {
+            count: 1,
+            first_seen_ns: at_ns,
+            last_seen_ns: at_ns,
+        },
+    );
+}
+
+pub fn merge_catalog(into: &mut CatalogEntry, d: &CatalogEntry) {
+    if into.count == 0 {
+        *into = *d;
+        return;
+    }
+    into.count += d.count;
+    into.first_seen_ns = into.first_seen_ns.min(d.first_seen_ns);
+    into.last_seen_ns = into.last_seen_ns.max(d.last_seen_ns);
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ApplyLimits {
+    pub max_events_per_user: usize,
+}
+
+impl Default for ApplyLimits {
+    fn default() -> Self {
+        ApplyLimits {
+            max_events_per_user: 1000,
+        }
+    }
+}
+
+/// What applying a record did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The state changed (or may have).
+    Applied,
+    /// An event whose id the timeline already holds: nothing stored.
+    Duplicate,
+    /// Not applied; goes to the dead-letter topic.
+    Rejected(Rejection),
+}
+
+pub fn new_user(user_id: &str) -> UserState {
+    UserState {
+        format_version: FORMAT_VERSION,
+        user_id: user_id.to_string(),
+        ..Default::default()
+    }
+}
+
+/// Applies one user record (event or profile operation) to `state`.
+pub fn apply(
+    state: &mut UserState,
+    rec: &Record,
+    limits: ApplyLimits,
+    catalog: &mut CatalogDelta,
+) -> Outcome {
+    let at = rec.log_time_ns;
+    match &rec.body {
+        Some(record::Body::Event(e)) => apply_event(state, e, at, limits, catalog),
+        Some(record::Body::ProfileOp(op)) => apply_profile_op(state, op, at, catalog),
+        Some(record::Body::Settings(_)) | None => Outcome::Applied,
+    }
+}
+
+fn profile_index(state: &UserState, source: &str, ty: &str) -> Result<usize, usize> {
+    state
+        .profiles
+        .binary_search_by(|p| (p.source.as_str(), p.r#type.as_str()).cmp(&(source, ty)))
+}
+
+fn add_identifiers(into: &mut Vec<Identifier>, ids: &[Identifier]) -> bool {
+    let mut changed = false;
+    for id in ids {
+        if !into.contains(id) {
+            into.push(id.clone());
+            changed = true;
+        }
+    }
+    changed
+}
+
+fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut CatalogDelta) {
+    match profile_index(state, &p.source, &p.r#type) {
+        Ok(i) => {
+            let prof = &mut state.profiles[i];
+            if add_identifiers(&mut prof.identifiers, &p.identifiers) {
+                prof.updated_at_ns = at;
+            }
+        }
+        Err(i) => {
+            catalog_add(catalog, TypeKind::Profile, &p.source, &p.r#type, at);
+            state.profiles.insert(
+                i,
+                Profile {
+                    source: p.source.clone(),
+                    r#type: p.r#type.clone(),
+                    name: p.name.clone(),
+                    identifiers: p.identifiers.clone(),
+                    attributes: Some(Struct::default()),
+                    created_at_ns: at,
+                    updated_at_ns: at,
+                },
+            );
+        }
+    }
+}
+
+fn event_order(e: &Event) -> (i64, &str) {
+    (e.created_at_ns, e.id.as_str())
+}
+
+fn apply_event(
+    state: &mut UserState,
+    rec: &EventRecord,
+    at: i64,
+    limits: ApplyLimits,
+    catalog: &mut CatalogDelta,
+) -> Outcome {
+    if let Some(p) = &rec.profile {
+        ensure_profile(state, p, at, catalog);
+    }
+    let Some(event) = &rec.event else {
+        return Outcome::Applied;
+    };
+    if state.timeline.iter().any(|e| e.id == event.id) {
+        return if rec.profile.is_some() {
+            Outcome::Applied
+        } else {
+            Outcome::Duplicate
+        };
+    }
+    catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
+    let pos = state
+        .timeline
+        .partition_point(|e| event_order(e) < event_order(event));
+    state.timeline.insert(pos, event.clone());
+    let max = limits.max_events_per_user.max(1);
+    if state.timeline.len() > max {
+        let excess = state.timeline.len() - max;
+        state.timeline.drain(..excess);
+    }
+    Outcome::Applied
+}
+
+fn not_found(op: &ProfileOp, what: &str) -> Outcome {
+    Outcome::Rejected(Rejection::new(
+        ErrorCode::NotFound,
+        format!(
+            "cannot {what} profile ({}, {}): the user has no such profile",
+            op.source, op.r#type
+        ),
+    ))
+}
+
+fn apply_profile_op(
+    state: &mut UserState,
+    op: &ProfileOp,
+    at: i64,
+    catalog: &mut CatalogDelta,
+) -> Outcome {
+    let idx = profile_index(state, &op.source, &op.r#type);
+    match ProfileOpKind::try_from(op.op).unwrap_or(ProfileOpKind::Unspecified) {
+        ProfileOpKind::Put => {
+            catalog_add(catalog, TypeKind::Profile, &op.source, &op.r#type, at);
+            let created_at_ns = idx.map(|i| state.profiles[i].created_at_ns).unwrap_or(at);
+            let prof = Profile {
+                source: op.source.clone(),
+                r#type: op.r#type.clone(),
+                name: op.name.clone(),
+                identifiers: op.identifiers.clone(),
+                attributes: Some(op.attributes.clone().unwrap_or_default()),
+                created_at_ns,
+                updated_at_ns: at,
+            };
+            match idx {
+                Ok(i) => state.profiles[i] = prof,
+                Err(i) => state.profiles.insert(i, prof),
+            }
+            Outcome::Applied
+        }
+        ProfileOpKind::Patch => {
+            let Ok(i) = idx else {
+                return not_found(op, "patch");
+            };
+            catalog_add(catalog, TypeKind::Profile, &op.source, &op.r#type, at);
+            let prof = &mut state.profiles[i];
+            if let Some(patch) = &op.patch {
+                if let Some(name) = patch.fields.get("name") {
+                    prof.name = match &name.kind {
+                        Some(Kind::StringValue(s)) => Some(s.clone()),
+                        _ => None,
+                    };
+                }
+                if let Some(attrs) = patch.fields.get("attributes") {
+                    let target = prof.attributes.get_or_insert_with(Struct::default);
+                    match &attrs.kind {
+                        Some(Kind::StructValue(p)) => json::merge_patch(target, p),
+                        _ => target.fields.clear(),
+                    }
+                }
+            }
+            add_identifiers(&mut prof.identifiers, &op.identifiers);
+            prof.updated_at_ns = at;
+            Outcome::Applied
+        }
+        ProfileOpKind::Delete => {
+            let Ok(i) = idx else {
+                return not_found(op, "delete");
+            };
+            catalog_add(catalog, TypeKind::Profile, &op.source, &op.r#type, at);
+            state.profiles.remove(i);
+            Outcome::Applied
+        }
+        ProfileOpKind::Unspecified => Outcome::Rejected(Rejection::new(
+            ErrorCode::InvalidField,
+            "profile operation has no op",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ev(id: &str, at: i64) -> Record {
+        Record {
+            log_time_ns: at,
+            body: Some(record::Body::Event(EventRecord {
+                event: Some(Event {
+                    id: id.into(),
+                    source: "s".into(),
+                    r#type: "t".into(),
+                    created_at_ns: at,
+                    ..Default::default()
+                }),
+                profile: None,
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn op(
+        kind: ProfileOpKind,
+        name: Option<&str>,
+        attrs: serde_json::Value,
+        patch: Option<serde_json::Value>,
+    ) -> Record {
+        Record {
+            log_time_ns: 5,
+            body: Some(record::Body::ProfileOp(ProfileOp {
+                op: kind as i32,
+                source: "shop".into(),
+                r#type: "customer".into(),
+                identifiers: vec![Identifier::new("email", "a@x")],
+                name: name.map(Into::into),
+                attributes: Some(json::to_struct(attrs.as_object().unwrap())),
+                patch: patch.map(|p| json::to_struct(p.as_object().unwrap())),
+            })),
+            ..Default::default()
+        }
+    }
+
+    fn ids(s: &UserState) -> Vec<&str> {
+        s.timeline.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn timeline_is_ordered_deduplicated_and_trimmed() {
+        let mut s = new_user("u");
+        let mut c = CatalogDelta::new();
+        let l = ApplyLimits {
+            max_events_per_user: 3,
+        };
+        for (id, at) in [("b", 2), ("a", 1), ("d", 4), ("c", 2)] {
+            assert_eq!(apply(&mut s, &ev(id, at), l, &mut c), Outcome::Applied);
+        }
+        assert_eq!(
+            ids(&s),
+            ["b", "c", "d"],
+            "oldest dropped, equal times ordered by id"
+        );
+        assert_eq!(apply(&mut s, &ev("c", 9), l, &mut c), Outcome::Duplicate);
+        assert_eq!(ids(&s), ["b", "c", "d"]);
+        let e = c.get(&(TypeKind::Event, "s".into(), "t".into())).unwrap();
+        assert_eq!((e.count, e.first_seen_ns, e.last_seen_ns), (4, 1, 4));
+    }
+
+    #[test]
+    fn event_creates_its_profile_once_and_adds_identifiers() {
+        let mut s = new_user("u");
+        let mut c = CatalogDelta::new();
+        let mut r = ev("e1", 1);
+        let Some(record::Body::Event(er)) = &mut r.body else {
+            unreachable!()
+        };
+        er.profile = Some(ProfileRef {
+            source: "shop".into(),
+            r#type: "customer".into(),
+            name: Some("Jane".into()),
+            identifiers: vec![Identifier::new("email", "a@x")],
+        });
+        apply(&mut s, &r, ApplyLimits::default(), &mut c);
+        let mut r2 = ev("e2", 2);
+        let Some(record::Body::Event(er)) = &mut r2.body else {
+            unreachable!()
+        };
+        er.profile = Some(ProfileRef {
+            source: "shop".into(),
+            r#type: "customer".into(),
+            name: Some("Other".into()),
+            identifiers: vec![Identifier::new("external_id", "E")],
+        });
+        apply(&mut s, &r2, ApplyLimits::default(), &mut c);
+        assert_eq!(s.profiles.len(), 1);
+        assert_eq!(
+            s.profiles[0].name.as_deref(),
+            Some("Jane"),
+            "an event never renames an existing profile"
+        );
+        assert_eq!(s.profiles[0].identifiers.len(), 2);
+    }
+
+    #[test]
+    fn put_replaces_patch_merges_delete_removes() {
+        let mut s = new_user("u");
+        let mut c = CatalogDelta::new();
+        let l = ApplyLimits::default();
+        let r = apply(
+            &mut s,
+            &op(
+                ProfileOpKind::Patch,
+                None,
+                json!({}),
+                Some(json!({"name": "x"})),
+            ),
+            l,
+            &mut c,
+        );
+        assert!(matches!(r, Outcome::Rejected(ref e) if e.code == ErrorCode::NotFound));
+        apply(
+            &mut s,
+            &op(
+                ProfileOpKind::Put,
+                Some("Pat"),
+                json!({"a": "1", "b": "2", "addr": {"city": "Oslo", "zip": "0150"}}),
+                None,
+            ),
+            l,
+            &mut c,
+        );
+        apply(
+            &mut s,
+            &op(
+                ProfileOpKind::Put,
+                Some("Pat"),
+                json!({"a": "10", "addr": {"city": "Oslo", "zip": "0150"}}),
+                None,
+            ),
+            l,
+            &mut c,
+        );
+        assert_eq!(
+            json::from_struct(&s.profiles[0].attributes),
+            json!({"a": "10", "addr": {"city": "Oslo", "zip": "0150"}})
+        );
+        let mut p = op(
+            ProfileOpKind::Patch,
+            None,
+            json!({}),
+            Some(
+                json!({"name": "Patricia", "attributes": {"a": null, "c": "3", "addr": {"zip": null}}}),
+            ),
+        );
+        let Some(record::Body::ProfileOp(o)) = &mut p.body else {
+            unreachable!()
+        };
+        o.identifiers = vec![Identifier::new("external_id", "X")];
+        apply(&mut s, &p, l, &mut c);
+        let prof = &s.profiles[0];
+        assert_eq!(prof.name.as_deref(), Some("Patricia"));
+        assert_eq!(
+            json::from_struct(&prof.attributes),
+            json!({"c": "3", "addr": {"city": "Oslo"}})
+        );
+        assert_eq!(prof.identifiers.len(), 2, "patch only adds identifiers");
+        apply(
+            &mut s,
+            &op(
+                ProfileOpKind::Patch,
+                None,
+                json!({}),
+                Some(json!({"name": null})),
+            ),
+            l,
+            &mut c,
+        );
+        assert_eq!(s.profiles[0].name, None);
+        assert_eq!(
+            apply(
+                &mut s,
+                &op(ProfileOpKind::Delete, None, json!({}), None),
+                l,
+                &mut c
+            ),
+            Outcome::Applied
+        );
+        assert!(s.profiles.is_empty());
+        let r = apply(
+            &mut s,
+            &op(ProfileOpKind::Delete, None, json!({}), None),
+            l,
+            &mut c,
+        );
+        assert!(matches!(r, Outcome::Rejected(ref e) if e.code == ErrorCode::NotFound));
+    }
+}

@@ -1,0 +1,172 @@
+//! Key encoding. State keys of the materializing stage start with the
+//! records-log partition (u32 big endian), so one partition's state is one
+//! contiguous key range: dropping or restoring a partition is a range operation.
+
+pub const CF_LOG: &str = "log";
+pub const CF_META: &str = "meta";
+pub const CF_USERS: &str = "users";
+pub const CF_SNAP: &str = "snap";
+pub const CF_IDENT: &str = "ident";
+pub const CF_CATALOG: &str = "catalog";
+pub const CF_PART: &str = "part";
+pub const CF_OUTBOX: &str = "outbox";
+
+pub const ALL_CFS: [&str; 8] = [
+    CF_LOG, CF_META, CF_USERS, CF_SNAP, CF_IDENT, CF_CATALOG, CF_PART, CF_OUTBOX,
+];
+/// Column families holding materialized (rebuildable) state.
+pub const STATE_CFS: [&str; 5] = [CF_USERS, CF_SNAP, CF_CATALOG, CF_PART, CF_OUTBOX];
+
+pub fn partition_prefix(p: u32) -> [u8; 4] {
+    p.to_be_bytes()
+}
+
+/// users / snap: partition + user_id.
+pub fn user(p: u32, user_id: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + user_id.len());
+    k.extend_from_slice(&p.to_be_bytes());
+    k.extend_from_slice(user_id.as_bytes());
+    k
+}
+
+pub fn split_user(key: &[u8]) -> Option<(u32, &str)> {
+    if key.len() < 4 {
+        return None;
+    }
+    let p = u32::from_be_bytes(key[..4].try_into().ok()?);
+    Some((p, std::str::from_utf8(&key[4..]).ok()?))
+}
+
+/// catalog: partition + kind tag + source + 0 + type.
+pub fn catalog(p: u32, tag: u8, source: &str, ty: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(6 + source.len() + ty.len());
+    k.extend_from_slice(&p.to_be_bytes());
+    k.push(tag);
+    k.extend_from_slice(source.as_bytes());
+    k.push(0);
+    k.extend_from_slice(ty.as_bytes());
+    k
+}
+
+pub fn split_catalog(key: &[u8]) -> Option<(u32, u8, &str, &str)> {
+    if key.len() < 6 {
+        return None;
+    }
+    let p = u32::from_be_bytes(key[..4].try_into().ok()?);
+    let tag = key[4];
+    let rest = &key[5..];
+    let zero = rest.iter().position(|b| *b == 0)?;
+    Some((
+        p,
+        tag,
+        std::str::from_utf8(&rest[..zero]).ok()?,
+        std::str::from_utf8(&rest[zero + 1..]).ok()?,
+    ))
+}
+
+/// part: the partition's next records-log offset.
+pub fn part_offset(p: u32) -> Vec<u8> {
+    let mut k = p.to_be_bytes().to_vec();
+    k.push(b'o');
+    k
+}
+
+/// part: the visibility settings in effect for the partition.
+pub fn part_settings(p: u32) -> Vec<u8> {
+    let mut k = p.to_be_bytes().to_vec();
+    k.push(b's');
+    k
+}
+
+/// part: highest input offset applied from an input topic partition
+/// (skips records the routing stage re-sent after a crash).
+pub fn part_input_mark(p: u32, topic: &str, input_partition: i32) -> Vec<u8> {
+    let mut k = p.to_be_bytes().to_vec();
+    k.push(b'w');
+    k.extend_from_slice(topic.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&input_partition.to_be_bytes());
+    k
+}
+
+/// meta: a consumer position (next offset) of a stage.
+pub fn position(stage: &str, topic: &str, partition: i32) -> Vec<u8> {
+    format!("pos/{stage}/{topic}/{partition}").into_bytes()
+}
+
+/// meta: the latest settings seen (any partition), for the admin API.
+pub const META_SETTINGS: &[u8] = b"settings";
+/// meta: the partition count the data dir was created with.
+pub const META_PARTITIONS: &[u8] = b"partitions";
+
+/// ident: identifier key `type:value`.
+pub fn ident(type_value: &str) -> Vec<u8> {
+    type_value.as_bytes().to_vec()
+}
+
+/// The Kafka default partitioner: murmur2 of the key, positive, modulo the
+/// partition count. Used for the embedded log so keys land where Kafka puts them.
+pub fn partition_for(key: &[u8], partitions: u32) -> u32 {
+    (murmur2(key) & 0x7fff_ffff) as u32 % partitions.max(1)
+}
+
+/// Kafka's murmur2 (org.apache.kafka.common.utils.Utils.murmur2).
+pub fn murmur2(data: &[u8]) -> i32 {
+    let length = data.len() as i32;
+    let seed: i32 = 0x9747b28c_u32 as i32;
+    let m: i32 = 0x5bd1e995;
+    let r = 24;
+    let mut h: i32 = seed ^ length;
+    let chunks = data.chunks_exact(4);
+    let tail = chunks.remainder();
+    for c in chunks {
+        let mut k = i32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        k = k.wrapping_mul(m);
+        k ^= ((k as u32) >> r) as i32;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    if tail.len() >= 3 {
+        h ^= (tail[2] as i32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as i32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as i32;
+        h = h.wrapping_mul(m);
+    }
+    h ^= ((h as u32) >> 13) as i32;
+    h = h.wrapping_mul(m);
+    h ^= ((h as u32) >> 15) as i32;
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_kafka() {
+        // Vectors from Kafka's UtilsTest.testMurmur2.
+        assert_eq!(murmur2(b"21"), -973932308);
+        assert_eq!(murmur2(b"foobar"), -790332482);
+        assert_eq!(murmur2(b"a-little-bit-long-string"), -985981536);
+        assert_eq!(murmur2(b"a-little-bit-longer-string"), -1486304829);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58897971
+        );
+        assert_eq!(murmur2(b"abc"), 479470107);
+    }
+
+    #[test]
+    fn keys_split_back() {
+        assert_eq!(split_user(&user(7, "email:a@x")), Some((7, "email:a@x")));
+        assert_eq!(
+            split_catalog(&catalog(3, b'e', "zendesk", "article_viewed")),
+            Some((3, b'e', "zendesk", "article_viewed"))
+        );
+    }
+}

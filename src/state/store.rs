@@ -1,0 +1,347 @@
+//! The RocksDB store: one database per data dir, column families for the
+//! embedded log, materialized state, identities and positions. Every stage
+//! commits its state change and the offsets it consumed in one `WriteBatch`.
+
+use super::apply::{merge_catalog, CatalogDelta, TypeKind};
+use super::keys::{self, *};
+use crate::model::{CatalogEntry, ContextSnapshot, Identifier, Settings, TypeRef, UserState};
+use prost::Message;
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
+    ReadOptions, WriteBatch, WriteOptions, DB,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the state store at {path}: {source}; check the data dir is writable and not used by another contextd")]
+    Open {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
+    #[error("state store operation failed: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt value in the state store ({what}): {source}")]
+    Decode {
+        what: &'static str,
+        source: prost::DecodeError,
+    },
+    #[error("{0}")]
+    Incompatible(String),
+}
+
+/// Memory and durability knobs (bounded so RSS stays predictable).
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub block_cache_bytes: usize,
+    pub write_buffer_bytes: usize,
+    pub max_write_buffers: i32,
+    /// fsync the WAL on every commit (survives power loss, not only crashes).
+    pub sync_writes: bool,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            block_cache_bytes: 128 << 20,
+            write_buffer_bytes: 32 << 20,
+            max_write_buffers: 3,
+            sync_writes: false,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    sync_writes: bool,
+}
+
+fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, StoreError> {
+    M::decode(bytes).map_err(|source| StoreError::Decode { what, source })
+}
+
+impl Store {
+    pub fn open(dir: &Path, o: &StoreOptions) -> Result<Store, StoreError> {
+        let path = dir.join("state");
+        std::fs::create_dir_all(&path).map_err(|e| {
+            StoreError::Incompatible(format!(
+                "cannot create the data dir {}: {e}",
+                path.display()
+            ))
+        })?;
+        let cache = Cache::new_lru_cache(o.block_cache_bytes);
+        let mut block = BlockBasedOptions::default();
+        block.set_block_cache(&cache);
+        block.set_bloom_filter(10.0, false);
+        block.set_cache_index_and_filter_blocks(true);
+        let cf_opts = || {
+            let mut c = Options::default();
+            c.set_block_based_table_factory(&block);
+            c.set_write_buffer_size(o.write_buffer_bytes);
+            c.set_max_write_buffer_number(o.max_write_buffers);
+            c.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            c
+        };
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(2);
+        db_opts.set_db_write_buffer_size(o.write_buffer_bytes * 4);
+        db_opts.set_max_total_wal_size(256 << 20);
+        let cfs = ALL_CFS
+            .iter()
+            .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts()));
+        let db =
+            DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
+        Ok(Store {
+            db: Arc::new(db),
+            sync_writes: o.sync_writes,
+        })
+    }
+
+    pub fn db(&self) -> &Arc<DB> {
+        &self.db
+    }
+
+    pub fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(name)
+            .expect("column family created at open")
+    }
+
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(self.sync_writes);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    pub fn get_raw(&self, cf: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(cf), key)?)
+    }
+
+    /// Records the partition count on first start; refuses a different one later
+    /// (state is partitioned by it).
+    pub fn check_partitions(&self, partitions: u32) -> Result<(), StoreError> {
+        match self.get_raw(CF_META, META_PARTITIONS)? {
+            None => {
+                self.db
+                    .put_cf(self.cf(CF_META), META_PARTITIONS, partitions.to_be_bytes())?;
+                Ok(())
+            }
+            Some(v) => {
+                let had = u32::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 4]));
+                if had == partitions {
+                    Ok(())
+                } else {
+                    Err(StoreError::Incompatible(format!(
+                        "the data dir was created with {had} partitions, not {partitions}; start with --partitions {had} or use a new data dir"
+                    )))
+                }
+            }
+        }
+    }
+
+    pub fn get_i64(&self, cf: &str, key: &[u8]) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .get_raw(cf, key)?
+            .and_then(|v| v.as_slice().try_into().ok().map(i64::from_be_bytes)))
+    }
+
+    pub fn put_i64(&self, batch: &mut WriteBatch, cf: &str, key: &[u8], v: i64) {
+        batch.put_cf(self.cf(cf), key, v.to_be_bytes());
+    }
+
+    pub fn get_user(&self, p: u32, user_id: &str) -> Result<Option<UserState>, StoreError> {
+        self.get_raw(CF_USERS, &keys::user(p, user_id))?
+            .map(|v| decode(&v, "user state"))
+            .transpose()
+    }
+
+    /// Many users in one call (one RocksDB multi-get).
+    pub fn get_users(&self, ids: &[(u32, &str)]) -> Result<Vec<Option<UserState>>, StoreError> {
+        let cf = self.cf(CF_USERS);
+        let ks: Vec<_> = ids.iter().map(|(p, u)| (cf, keys::user(*p, u))).collect();
+        self.db
+            .multi_get_cf(ks)
+            .into_iter()
+            .map(|r| r?.map(|v| decode(&v, "user state")).transpose())
+            .collect()
+    }
+
+    pub fn put_user(&self, batch: &mut WriteBatch, p: u32, s: &UserState) {
+        batch.put_cf(
+            self.cf(CF_USERS),
+            keys::user(p, &s.user_id),
+            s.encode_to_vec(),
+        );
+    }
+
+    pub fn get_snapshot(
+        &self,
+        p: u32,
+        user_id: &str,
+    ) -> Result<Option<ContextSnapshot>, StoreError> {
+        self.get_raw(CF_SNAP, &keys::user(p, user_id))?
+            .map(|v| decode(&v, "snapshot"))
+            .transpose()
+    }
+
+    pub fn linked_user(&self, id: &Identifier) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .get_raw(CF_IDENT, &keys::ident(&id.key()))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    pub fn get_settings(&self, key_cf: &str, key: &[u8]) -> Result<Option<Settings>, StoreError> {
+        self.get_raw(key_cf, key)?
+            .map(|v| decode(&v, "settings"))
+            .transpose()
+    }
+
+    /// Adds a catalog delta for partition `p` to the batch (read-modify-write).
+    pub fn merge_catalog(
+        &self,
+        batch: &mut WriteBatch,
+        p: u32,
+        delta: &CatalogDelta,
+    ) -> Result<(), StoreError> {
+        for ((kind, source, ty), d) in delta {
+            let key = keys::catalog(p, kind.tag(), source, ty);
+            let mut cur: CatalogEntry = match self.get_raw(CF_CATALOG, &key)? {
+                Some(v) => decode(&v, "catalog entry")?,
+                None => CatalogEntry::default(),
+            };
+            merge_catalog(&mut cur, d);
+            batch.put_cf(self.cf(CF_CATALOG), key, cur.encode_to_vec());
+        }
+        Ok(())
+    }
+
+    /// The type catalog summed over partitions.
+    pub fn catalog(&self, kind: TypeKind) -> Result<BTreeMap<TypeRef, CatalogEntry>, StoreError> {
+        let mut out: BTreeMap<(String, String), CatalogEntry> = BTreeMap::new();
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_CATALOG), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let Some((_, tag, source, ty)) = keys::split_catalog(&k) else {
+                continue;
+            };
+            if tag != kind.tag() {
+                continue;
+            }
+            let e: CatalogEntry = decode(&v, "catalog entry")?;
+            merge_catalog(
+                out.entry((source.to_string(), ty.to_string())).or_default(),
+                &e,
+            );
+        }
+        Ok(out
+            .into_iter()
+            .map(|((s, t), e)| (TypeRef::new(s, t), e))
+            .collect())
+    }
+
+    /// Iterates the users of partition `p` from `after` (exclusive), up to `limit`.
+    pub fn users_page(
+        &self,
+        p: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<UserState>, StoreError> {
+        let prefix = keys::partition_prefix(p);
+        let start = match after {
+            Some(u) => {
+                let mut k = keys::user(p, u);
+                k.push(0);
+                k
+            }
+            None => prefix.to_vec(),
+        };
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound((p as u64 + 1).to_be_bytes()[4..].to_vec());
+        if p == u32::MAX {
+            ro = ReadOptions::default();
+        }
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf_opt(
+            self.cf(CF_USERS),
+            ro,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            if !k.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(decode(&v, "user state")?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes every key of the given column families (used by rebuild).
+    pub fn clear_cfs(&self, cfs: &[&str]) -> Result<(), StoreError> {
+        for name in cfs {
+            let cf = self.cf(name);
+            let first = self
+                .db
+                .iterator_cf(cf, IteratorMode::Start)
+                .next()
+                .transpose()?;
+            let last = self
+                .db
+                .iterator_cf(cf, IteratorMode::End)
+                .next()
+                .transpose()?;
+            if let (Some((a, _)), Some((b, _))) = (first, last) {
+                let mut end = b.to_vec();
+                end.push(0);
+                self.db.delete_range_cf(cf, &a[..], &end[..])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes a prefix range from a column family (into a batch).
+    pub fn delete_prefix(&self, batch: &mut WriteBatch, cf: &str, prefix: &[u8]) {
+        let mut end = prefix.to_vec();
+        // prefix + 0xff.. as the exclusive upper bound
+        end.extend_from_slice(&[0xff; 8]);
+        batch.delete_range_cf(self.cf(cf), prefix, &end[..]);
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
+
+    /// Approximate bytes of live data (for the state-size metric).
+    pub fn approximate_size(&self) -> u64 {
+        ALL_CFS
+            .iter()
+            .filter_map(|n| {
+                self.db
+                    .property_int_value_cf(self.cf(n), "rocksdb.estimate-live-data-size")
+                    .ok()
+                    .flatten()
+            })
+            .sum()
+    }
+
+    pub fn user_count_estimate(&self) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(CF_USERS), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,100 @@
+//! Logs (tracing, human or JSON) and metrics (Prometheus text at /metrics).
+
+use crate::config::LogFormat;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::sync::OnceLock;
+use tracing_subscriber::EnvFilter;
+
+pub fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_env("CONTEXTD_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder once per process and describes the metrics.
+pub fn metrics() -> &'static PrometheusHandle {
+    HANDLE.get_or_init(|| {
+        let handle = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Suffix("_seconds".into()),
+                &[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ],
+            )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Full("contextd_batch_records".into()),
+                    &[1.0, 10.0, 100.0, 1000.0, 4096.0, 16384.0, 65536.0],
+                )
+            })
+            .expect("valid buckets")
+            .install_recorder()
+            .expect("metrics recorder installed once");
+        describe();
+        handle
+    })
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(
+        "contextd_records_consumed_total",
+        "Input records consumed, by topic"
+    );
+    describe_counter!(
+        "contextd_records_applied_total",
+        "Records applied to state, by records-log topic"
+    );
+    describe_counter!(
+        "contextd_records_dead_lettered_total",
+        "Records sent to the dead-letter topic, by input topic and error code"
+    );
+    describe_counter!(
+        "contextd_records_duplicate_skipped_total",
+        "Records-log entries skipped because their input offset was already applied"
+    );
+    describe_counter!(
+        "contextd_snapshots_published_total",
+        "Context snapshots published"
+    );
+    describe_counter!(
+        "contextd_snapshot_bytes_total",
+        Unit::Bytes,
+        "Bytes of context snapshots published"
+    );
+    describe_counter!(
+        "contextd_identity_conflicts_total",
+        "Identifiers already linked to another user (link kept)"
+    );
+    describe_counter!(
+        "contextd_http_appends_total",
+        "Records appended through the HTTP API, by topic"
+    );
+    describe_histogram!(
+        "contextd_batch_seconds",
+        Unit::Seconds,
+        "Time to process and commit one batch, by stage"
+    );
+    describe_histogram!("contextd_batch_records", "Records per batch, by stage");
+    describe_gauge!(
+        "contextd_state_bytes",
+        Unit::Bytes,
+        "Approximate live bytes in the state store"
+    );
+    describe_gauge!("contextd_users", "Approximate number of users in state");
+    describe_gauge!(
+        "contextd_ready",
+        "1 once the pipeline caught up after start"
+    );
+    metrics::gauge!("contextd_ready").set(0.0);
+    metrics::counter!("contextd_snapshots_published_total").increment(0);
+    metrics::counter!("contextd_identity_conflicts_total").increment(0);
+}

@@ -1,0 +1,203 @@
+//! Property tests: any stream of valid and invalid records, applied in any
+//! split into batches, with restarts at any point, gives the same state
+//! (digest) and the same final snapshots as one uninterrupted run.
+
+use contextd::app::{embedded_topics, limits, materializer_options};
+use contextd::config::Config;
+use contextd::log::embedded::EmbeddedLog;
+use contextd::log::OutRecord;
+use contextd::model::ContextSnapshot;
+use contextd::pipeline::embedded::{MaterializerStep, RouterStep};
+use contextd::pipeline::materializer::Materializer;
+use contextd::pipeline::router::Router;
+use contextd::state::digest::digest;
+use contextd::state::keys::CF_SNAP;
+use contextd::state::Store;
+use proptest::prelude::*;
+use prost::Message;
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Debug, Clone)]
+enum Rec {
+    Zendesk {
+        user: u8,
+        ty: u8,
+        id: Option<u8>,
+        at: u16,
+    },
+    Identity {
+        user: u8,
+        email: u8,
+    },
+    Custom {
+        user: Option<u8>,
+        email: u8,
+        ty: u8,
+        id: Option<u8>,
+        at: u16,
+    },
+    Profile {
+        op: u8,
+        email: u8,
+        attr: u8,
+    },
+    Settings {
+        mask: u8,
+    },
+    Garbage(u8),
+}
+
+fn arb_rec() -> impl Strategy<Value = Rec> {
+    prop_oneof![
+        4 => (0u8..6, 0u8..3, proptest::option::of(0u8..20), 0u16..500).prop_map(|(user, ty, id, at)| Rec::Zendesk { user, ty, id, at }),
+        1 => (0u8..6, 0u8..8).prop_map(|(user, email)| Rec::Identity { user, email }),
+        3 => (proptest::option::of(0u8..6), 0u8..8, 0u8..2, proptest::option::of(0u8..20), 0u16..500).prop_map(|(user, email, ty, id, at)| Rec::Custom { user, email, ty, id, at }),
+        2 => (0u8..3, 0u8..8, 0u8..4).prop_map(|(op, email, attr)| Rec::Profile { op, email, attr }),
+        1 => (0u8..16).prop_map(|mask| Rec::Settings { mask }),
+        1 => (0u8..4).prop_map(Rec::Garbage),
+    ]
+}
+
+fn ts(at: u16) -> String {
+    format!("2026-11-20T10:{:02}:{:02}Z", at / 60 % 60, at % 60)
+}
+
+fn to_out(r: &Rec, i: usize, c: &Config) -> OutRecord {
+    let t = &c.topics;
+    let (topic, v) = match r {
+        Rec::Zendesk { user, ty, id, at } => {
+            let mut v = json!({"user_id": format!("z{user}"), "type": ["article_viewed", "help_center_searched", "page_view"][*ty as usize], "created_at": ts(*at), "properties": {"i": i}});
+            if let Some(id) = id { v["id"] = json!(format!("ev{id}")); }
+            (&t.zendesk_events, v.to_string())
+        }
+        Rec::Identity { user, email } => (&t.zendesk_events, json!({"user_id": format!("z{user}"), "type": "identity_created", "id": format!("id{i}"), "properties": {"identity_type": "email", "value": format!("E{email}@x.example")}}).to_string()),
+        Rec::Custom { user, email, ty, id, at } => {
+            let mut v = json!({"profile": {"source": "shop", "type": "customer", "identifiers": [{"type": "email", "value": format!("e{email}@x.example")}]},
+                               "event": {"source": "shop", "type": ["order", "cart"][*ty as usize], "created_at": ts(*at), "properties": {"n": at}}});
+            if let Some(u) = user { v["user_id"] = json!(format!("z{u}")); }
+            if let Some(id) = id { v["event"]["id"] = json!(format!("c{id}")); }
+            (&t.sunshine_events, v.to_string())
+        }
+        Rec::Profile { op, email, attr } => {
+            let op = ["put", "patch", "delete"][*op as usize];
+            (&t.sunshine_profiles, json!({"op": op, "profile": {"source": "crm", "type": "contact", "name": format!("n{attr}"),
+                "identifiers": [{"type": "email", "value": format!("e{email}@x.example")}], "attributes": {"a": attr, "drop": null}}}).to_string())
+        }
+        Rec::Settings { mask } => (&t.settings, json!({"zendesk_events": mask & 1 == 1, "events_api": mask & 2 == 2, "profiles_api": mask & 4 == 4,
+            "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}, {"source": "shop", "type": if mask & 8 == 8 {"order"} else {"cart"}}],
+            "shown_profile_types": [{"source": "crm", "type": "contact"}, {"source": "shop", "type": "customer"}]}).to_string()),
+        Rec::Garbage(k) => (&[&t.zendesk_events, &t.sunshine_events, &t.sunshine_profiles, &t.settings][*k as usize].to_string(), format!("{{not json {i}")),
+    };
+    OutRecord {
+        topic: topic.clone(),
+        partition: None,
+        key: None,
+        value: v.into_bytes(),
+        timestamp_ms: 1_700_000_000_000 + i as i64,
+    }
+}
+
+fn open(dir: &Path, c: &Config) -> EmbeddedLog {
+    EmbeddedLog::open(
+        Store::open(dir, &c.store_options()).unwrap(),
+        &embedded_topics(c),
+    )
+    .unwrap()
+}
+
+/// Runs the stream: `splits` gives batch sizes, `restarts` the batch indices after which the process "restarts".
+fn run(
+    dir: &Path,
+    recs: &[Rec],
+    splits: &[usize],
+    restarts: &[usize],
+) -> (String, BTreeMap<String, ContextSnapshot>) {
+    let mut c = Config::default();
+    c.partitions = 3;
+    c.data_dir = dir.to_path_buf();
+    c.snapshot.max_events = 5;
+    c.timeline.max_events_per_user = 8;
+    let outs: Vec<OutRecord> = recs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| to_out(r, i, &c))
+        .collect();
+    {
+        let log = open(dir, &c);
+        log.append(&outs).unwrap();
+    }
+    let mut log = open(dir, &c);
+    let mut split = splits.iter().cycle();
+    let mut batch_no = 0;
+    let mut router = RouterStep::new(
+        &log,
+        Router::new(c.topics.clone(), c.partitions, limits(&c)),
+    )
+    .unwrap();
+    let mut mat = MaterializerStep::new(
+        &log,
+        Materializer::new(c.topics.clone(), materializer_options(&c, true)),
+    )
+    .unwrap();
+    loop {
+        let n = *split.next().unwrap();
+        let routed = router.step(&log, n).unwrap();
+        let (applied, _) = mat.step(&log, n).unwrap();
+        batch_no += 1;
+        if routed == 0 && applied == 0 {
+            break;
+        }
+        if restarts.contains(&batch_no) {
+            drop(router);
+            drop(mat);
+            drop(log);
+            log = open(dir, &c);
+            router = RouterStep::new(
+                &log,
+                Router::new(c.topics.clone(), c.partitions, limits(&c)),
+            )
+            .unwrap();
+            mat = MaterializerStep::new(
+                &log,
+                Materializer::new(c.topics.clone(), materializer_options(&c, true)),
+            )
+            .unwrap();
+        }
+    }
+    let store = log.store();
+    let mut snaps = BTreeMap::new();
+    for item in store
+        .db()
+        .iterator_cf(store.cf(CF_SNAP), rocksdb::IteratorMode::Start)
+    {
+        let (_, v) = item.unwrap();
+        let mut s = ContextSnapshot::decode(&v[..]).unwrap();
+        s.version = 0;
+        s.updated_at = None;
+        snaps.insert(s.user_id.clone(), s);
+    }
+    (digest(store).unwrap(), snaps)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
+
+    #[test]
+    fn any_batching_and_restarts_give_the_same_state(
+        recs in proptest::collection::vec(arb_rec(), 1..120),
+        splits in proptest::collection::vec(1usize..40, 1..6),
+        restarts in proptest::collection::vec(1usize..30, 0..4),
+    ) {
+        let a = tempfile::tempdir().unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let (da, sa) = run(a.path(), &recs, &[100_000], &[]);
+        let (db, sb) = run(b.path(), &recs, &splits, &restarts);
+        prop_assert_eq!(da, db);
+        prop_assert_eq!(sa.len(), sb.len());
+        for (u, s) in &sa {
+            prop_assert_eq!(Some(s), sb.get(u), "final snapshot of {}", u);
+        }
+    }
+}

@@ -1,0 +1,422 @@
+//! Embedded mode end to end: the real binary on a temp data dir, over HTTP.
+
+mod common;
+
+use common::{enc, run_cli, Server};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+
+fn ts(sec: u64) -> String {
+    format!("2026-11-20T10:{:02}:{:02}Z", (sec / 60) % 60, sec % 60)
+}
+
+fn custom(source: &str, ty: &str, id: Option<&str>, at: u64, ids: Value) -> Value {
+    let mut ev =
+        json!({"source": source, "type": ty, "created_at": ts(at), "properties": {"n": at}});
+    if let Some(i) = id {
+        ev["id"] = json!(i);
+    }
+    json!({"profile": {"source": source, "type": "customer", "identifiers": ids}, "event": ev})
+}
+
+fn all_visible(events: &[(&str, &str)], profiles: &[(&str, &str)]) -> Value {
+    json!({"zendesk_events": true, "events_api": true, "profiles_api": true,
+           "shown_event_types": events.iter().map(|(s, t)| json!({"source": s, "type": t})).collect::<Vec<_>>(),
+           "shown_profile_types": profiles.iter().map(|(s, t)| json!({"source": s, "type": t})).collect::<Vec<_>>()})
+}
+
+#[test]
+fn identity_resolution_dedupe_and_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(&dir.path().join("d"), &[]);
+    s.set_visibility(&all_visible(
+        &[("zendesk", "article_viewed"), ("shop", "order")],
+        &[("shop", "customer")],
+    ));
+
+    // identity_created links the email to Zendesk user 777; a custom event with that email resolves to 777.
+    let (st, _) = s.post(
+        "/api/v2/zendesk/events",
+        &json!({"user_id": 777, "type": "identity_created", "id": "ic1",
+        "created_at": ts(1), "properties": {"identity_type": "email", "value": "Ann@Example.com"}}),
+    );
+    assert_eq!(st, 202);
+    let ev = custom(
+        "shop",
+        "order",
+        Some("o1"),
+        2,
+        json!([{"type": "email", "value": " ANN@example.com"}]),
+    );
+    assert_eq!(s.post("/api/v2/user_profiles/events", &ev).0, 202);
+    let events = s.wait_for(20, "o1 on user 777", |s| {
+        s.all_events("777").filter(|e| e.len() == 2)
+    });
+    assert_eq!(events[0]["id"], "o1", "newest first");
+    let (_, profiles) = s.get("/api/v2/users/777/profiles");
+    assert_eq!(
+        profiles["profiles"][0]["identifiers"][0]["value"],
+        "ann@example.com"
+    );
+
+    // An exact re-send without an id is stored once; with an id the timeline holds, not again.
+    let no_id = custom(
+        "shop",
+        "order",
+        None,
+        3,
+        json!([{"type": "email", "value": "ann@example.com"}]),
+    );
+    for _ in 0..3 {
+        assert_eq!(s.post("/api/v2/user_profiles/events", &no_id).0, 202);
+    }
+    assert_eq!(s.post("/api/v2/user_profiles/events", &ev).0, 202);
+    let (_, lookup) = s.get("/api/v2/users/lookup?identifier=email:ann@example.com");
+    assert_eq!(lookup["user_id"], "777");
+    s.wait_for(20, "derived-id event once", |s| {
+        s.all_events("777").filter(|e| e.len() == 3)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(s.all_events("777").unwrap().len(), 3);
+
+    // A new identifier-only user is named TYPE:VALUE; an explicit user_id links too.
+    let ev2 = custom(
+        "shop",
+        "order",
+        Some("o2"),
+        4,
+        json!([{"type": "phone_number", "value": "+4712"}, {"type": "external_id", "value": "X-9"}]),
+    );
+    assert_eq!(s.post("/api/v2/user_profiles/events", &ev2).0, 202);
+    s.wait_for(20, "external_id user", |s| s.all_events("external_id:X-9"));
+    let ev3 = custom(
+        "shop",
+        "order",
+        Some("o3"),
+        5,
+        json!([{"type": "phone_number", "value": "+4712"}]),
+    );
+    assert_eq!(s.post("/api/v2/user_profiles/events", &ev3).0, 202);
+    s.wait_for(20, "phone resolves to the same user", |s| {
+        s.all_events("external_id:X-9").filter(|e| e.len() == 2)
+    });
+
+    // patch/delete of a missing profile -> not_found dead letter; the records around it apply.
+    let before = s.dead_letters().len();
+    let (st, _) = s.patch(
+        "/api/v2/user_profiles?identifier=shop:member:email:nobody@example.com",
+        &json!({"profile": {"name": "x"}}),
+    );
+    assert_eq!(st, 202);
+    let (st, _) = s.delete("/api/v2/user_profiles?identifier=shop:member:email:ann@example.com");
+    assert_eq!(st, 202);
+    let dls = s.wait_for(20, "two not_found dead letters", |s| {
+        let d = s.dead_letters();
+        (d.len() >= before + 2).then_some(d)
+    });
+    for d in &dls[before..] {
+        assert_eq!(d["error"]["code"], "not_found", "{d}");
+        assert_eq!(d["topic"], "sunshine.profiles");
+        assert!(!d["payload_base64"].as_str().unwrap().is_empty());
+    }
+    assert_eq!(s.stop(), Some(0));
+}
+
+#[test]
+fn pagination_filters_max_events_and_settings_republish() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let user = "pag-user";
+    let body: Vec<String> = (0..130)
+        .map(|i| {
+            let ty = if i % 2 == 0 {
+                "article_viewed"
+            } else {
+                "help_center_searched"
+            };
+            json!({"id": format!("e{i:03}"), "user_id": user, "type": ty, "created_at": ts(i)})
+                .to_string()
+        })
+        .collect();
+    let (st, resp) = s
+        .post_raw("/api/v1/topics/zendesk.events/records", &body.join("\n"))
+        .unwrap();
+    assert_eq!(st, 202, "{resp}");
+    s.wait_for(20, "130 events", |s| {
+        s.all_events(user).filter(|e| e.len() == 130)
+    });
+    // pages of 50, newest first, cursor advances
+    let (_, p1) = s.get(&format!("/api/v2/users/{user}/events?page[size]=50"));
+    assert_eq!(p1["events"].as_array().unwrap().len(), 50);
+    assert_eq!(p1["events"][0]["id"], "e129");
+    assert_eq!(p1["meta"]["has_more"], true);
+    let cursor = p1["meta"]["after_cursor"].as_str().unwrap();
+    let (_, p2) = s.get(&format!(
+        "/api/v2/users/{user}/events?page[size]=50&page[after]={cursor}"
+    ));
+    assert_eq!(p2["events"][0]["id"], "e079");
+    let (_, f) = s.get(&format!("/api/v2/users/{user}/events?filter[type]=help_center_searched&filter[start_time]={}&filter[end_time]={}", ts(10), ts(20)));
+    let ids: Vec<&str> = f["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["e019", "e017", "e015", "e013", "e011"]);
+    let (st, err) = s.get(&format!("/api/v2/users/{user}/events?page[size]=abc"));
+    assert_eq!(st, 422, "{err}");
+    assert_eq!(
+        s.get(&format!("/api/v2/users/{user}/events?page[size]=5000"))
+            .1["events"]
+            .as_array()
+            .unwrap()
+            .len(),
+        130
+    );
+
+    // Secure default: nothing shown, version 1.
+    let (_, ctx) = s.get(&format!("/api/v2/users/{user}/context"));
+    assert_eq!(ctx["events"], json!([]));
+    let v0 = ctx["version"].as_u64().unwrap();
+    assert!(v0 >= 1);
+    // Showing a type re-publishes with at most 50 events, newest first.
+    s.set_visibility(&all_visible(&[("zendesk", "article_viewed")], &[]));
+    let ctx = s.wait_for(20, "republished context", |s| {
+        let (_, c) = s.get(&format!("/api/v2/users/{user}/context"));
+        (c["version"].as_u64() > Some(v0)).then_some(c)
+    });
+    let ev = ctx["events"].as_array().unwrap();
+    assert_eq!(ev.len(), 50);
+    assert_eq!(ev[0]["id"], "e128");
+    assert!(ev.iter().all(|e| e["type"] == "article_viewed"));
+    let v1 = ctx["version"].as_u64().unwrap();
+    // Same settings again: no visible change, no new version.
+    s.set_visibility(&all_visible(&[("zendesk", "article_viewed")], &[]));
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(
+        s.get(&format!("/api/v2/users/{user}/context")).1["version"].as_u64(),
+        Some(v1)
+    );
+    // Catalog
+    let (_, types) = s.get("/api/admin/event_types");
+    let t: HashMap<String, (u64, bool)> = types["event_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["type"].as_str().unwrap().to_string(),
+                (e["count"].as_u64().unwrap(), e["shown"].as_bool().unwrap()),
+            )
+        })
+        .collect();
+    assert_eq!(t["article_viewed"], (65, true));
+    assert_eq!(t["help_center_searched"], (65, false));
+    assert_eq!(s.get("/api/v2/users/nobody-here/context").0, 404);
+    assert_eq!(
+        s.post_raw("/api/v1/topics/context.snapshots/records", "{}")
+            .unwrap()
+            .0,
+        404
+    );
+}
+
+/// kill -9 during a stream of appends, then restart: every record answered
+/// 202 is applied exactly once (valid events are in the timeline; each bad
+/// line has exactly one dead letter).
+#[test]
+fn kill9_during_appends_loses_nothing_and_applies_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let mut s = Server::start(&data, &[]);
+    let base = s.base.clone();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut acked_good = Vec::new();
+            let mut acked_bad = Vec::new();
+            for i in 0..100_000u32 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let (path, body, good) = if i % 5 == 4 {
+                    (
+                        "/api/v1/topics/sunshine.events/records".to_string(),
+                        format!("{{\"bad-{i}\": "),
+                        false,
+                    )
+                } else {
+                    ("/api/v2/zendesk/events".to_string(), json!({"id": format!("k{i}"), "user_id": format!("u{}", i % 37), "type": "article_viewed", "created_at": ts(i as u64 % 3000)}).to_string(), true)
+                };
+                match ureq::post(&format!("{base}{path}"))
+                    .timeout(std::time::Duration::from_secs(5))
+                    .send_string(&body)
+                {
+                    Ok(r) if r.status() == 202 => {
+                        if good {
+                            acked_good.push(i)
+                        } else {
+                            acked_bad.push(i)
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            (acked_good, acked_bad)
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    s.kill9();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (good, bad) = writer.join().unwrap();
+    assert!(
+        good.len() > 100,
+        "only {} appends before the kill",
+        good.len()
+    );
+    let s = Server::start(&data, &[]);
+    let mut per_user: HashMap<String, HashSet<String>> = HashMap::new();
+    for i in &good {
+        per_user
+            .entry(format!("u{}", i % 37))
+            .or_default()
+            .insert(format!("k{i}"));
+    }
+    for (u, want) in &per_user {
+        let events = s.wait_for(30, "acked events applied", |s| {
+            let ev = s.all_events(u)?;
+            let have: HashSet<String> = ev
+                .iter()
+                .map(|e| e["id"].as_str().unwrap().to_string())
+                .collect();
+            want.is_subset(&have).then_some(ev)
+        });
+        let ids: Vec<&str> = events.iter().map(|e| e["id"].as_str().unwrap()).collect();
+        let unique: HashSet<&&str> = ids.iter().collect();
+        assert_eq!(ids.len(), unique.len(), "duplicate events for {u}");
+    }
+    let dls = s.wait_for(30, "dead letters of acked bad lines", |s| {
+        let d = s.dead_letters();
+        let markers: HashSet<u32> = d
+            .iter()
+            .filter_map(|x| {
+                let p = base64_decode(x["payload_base64"].as_str()?);
+                p.strip_prefix("{\"bad-")?.split('"').next()?.parse().ok()
+            })
+            .collect();
+        bad.iter().all(|b| markers.contains(b)).then_some(d)
+    });
+    let mut seen = HashMap::new();
+    for d in &dls {
+        *seen
+            .entry((d["partition"].as_i64(), d["offset"].as_i64()))
+            .or_insert(0) += 1;
+        let p = base64_decode(d["payload_base64"].as_str().unwrap());
+        assert_eq!(
+            dls.iter()
+                .filter(|x| base64_decode(x["payload_base64"].as_str().unwrap()) == p)
+                .count(),
+            1,
+            "dead-lettered twice: {p}"
+        );
+    }
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "a record was dead-lettered twice"
+    );
+}
+
+fn base64_decode(s: &str) -> String {
+    use base64::Engine;
+    String::from_utf8_lossy(
+        &base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .unwrap_or_default(),
+    )
+    .into_owned()
+}
+
+/// digest -> rebuild -> digest are equal, also after kill -9 and restart;
+/// checkpoint -> wipe -> restore gives the same digest.
+#[test]
+fn rebuild_and_checkpoint_keep_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = run_cli(&[
+        "demo",
+        "--data-dir",
+        d,
+        "--records",
+        "8000",
+        "--users",
+        "500",
+    ]);
+    assert!(ok, "demo failed: {out}\n{err}");
+    assert!(out.contains("Customer context"), "{out}");
+    let digest = |label: &str| {
+        let (ok, out, err) = run_cli(&["digest", "--data-dir", d]);
+        assert!(ok, "digest ({label}): {err}");
+        let h = out.trim().to_string();
+        assert_eq!(h.len(), 64, "{h}");
+        h
+    };
+    let d0 = digest("live");
+    let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
+    assert!(ok, "rebuild: {out} {err}");
+    assert!(
+        out.contains("records/s") && out.contains("0 snapshots re-published"),
+        "{out}"
+    );
+    assert_eq!(digest("rebuilt"), d0);
+
+    // Checkpoint, wipe, restore.
+    let cp = dir.path().join("cp");
+    let (ok, _, err) = run_cli(&[
+        "checkpoint",
+        "create",
+        "--data-dir",
+        d,
+        cp.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    std::fs::remove_dir_all(&data).unwrap();
+    let (ok, _, err) = run_cli(&[
+        "checkpoint",
+        "restore",
+        "--data-dir",
+        d,
+        cp.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(digest("restored"), d0);
+
+    // A live server after restore serves the same contexts; kill -9 and restart keep the digest.
+    let mut s = Server::start(&data, &[]);
+    let (st, ctx) = s.get(&format!("/api/v2/users/{}/context", enc("10000000")));
+    assert_eq!(st, 200);
+    assert!(!ctx["events"].as_array().unwrap().is_empty());
+    s.kill9();
+    assert_eq!(digest("after kill -9"), d0);
+    let (ok, _, err) = run_cli(&["rebuild", "--data-dir", d, "--from-inputs"]);
+    assert!(ok, "{err}");
+    let (ok, _, _) = run_cli(&["digest", "--data-dir", "/nonexistent/contextd"]);
+    assert!(!ok, "digest of a missing data dir must fail");
+}
+
+#[test]
+fn bad_flags_and_config_fail_clearly() {
+    let (ok, _, err) = run_cli(&[
+        "run",
+        "--partitions",
+        "0",
+        "--data-dir",
+        "/tmp/x-contextd-never",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("partitions"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    let (ok, _, err) = run_cli(&["run", "--config", "/nonexistent.toml"]);
+    assert!(!ok && err.contains("does not exist"), "{err}");
+}

@@ -1,0 +1,399 @@
+//! Kafka mode against a real Kafka-protocol broker (tansu, started here on a
+//! free port; `make test` builds it), with kcat as the third-party client.
+
+mod common;
+
+use common::{enc, free_port, Server};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tansu_bin() -> PathBuf {
+    let p = std::env::var("TANSU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/contextd/tansu/bin/tansu")
+        });
+    assert!(
+        p.exists(),
+        "tansu broker not found at {} (run `make tansu`, or set TANSU_BIN)",
+        p.display()
+    );
+    p
+}
+
+fn start_broker(dir: &Path) -> Broker {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let url = format!("tcp://{addr}");
+    let log = std::fs::File::create(dir.join(format!("tansu-{port}.log"))).unwrap();
+    let child = Command::new(tansu_bin())
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("start tansu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not listen on {addr}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Broker { child, addr }
+}
+
+/// Config for short group timeouts (tansu joins wait for the session timeout).
+fn kafka_config(dir: &Path, advertised: Option<&str>) -> PathBuf {
+    let p = dir.join(format!("kafka-{}.toml", free_port()));
+    let mut f = std::fs::File::create(&p).unwrap();
+    writeln!(f, "[pipeline]\nbatch_records = 500\n[kafka]").unwrap();
+    if let Some(a) = advertised {
+        writeln!(f, "advertised_http_addr = \"{a}\"").unwrap();
+    }
+    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"10000\"\n\"fetch.wait.max.ms\" = \"10\"\n\"heartbeat.interval.ms\" = \"1000\"").unwrap();
+    p
+}
+
+fn kcat_produce(broker: &str, topic: &str, lines: &[(String, String)]) {
+    let mut child = Command::new("kcat")
+        .args(["-P", "-b", broker, "-t", topic, "-K", "\t", "-z", "lz4"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat (apt-get install kcat)");
+    {
+        let stdin = child.stdin.as_mut().unwrap();
+        for (k, v) in lines {
+            writeln!(stdin, "{k}\t{v}").unwrap();
+        }
+    }
+    assert!(
+        child.wait().unwrap().success(),
+        "kcat produce to {topic} failed"
+    );
+}
+
+/// (partition, offset, key, value) of every record of a topic, via kcat.
+fn kcat_consume(broker: &str, topic: &str) -> Vec<(i32, i64, String, String)> {
+    let out = Command::new("kcat")
+        .args([
+            "-C",
+            "-b",
+            broker,
+            "-t",
+            topic,
+            "-o",
+            "beginning",
+            "-e",
+            "-q",
+            "-f",
+            "%p\t%o\t%k\t%s\n",
+        ])
+        .output()
+        .expect("kcat");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(4, '\t');
+            Some((
+                it.next()?.parse().ok()?,
+                it.next()?.parse().ok()?,
+                it.next()?.to_string(),
+                it.next()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+struct Workload {
+    /// topic -> (key, value) lines
+    by_topic: BTreeMap<String, Vec<(String, String)>>,
+    users: Vec<String>,
+    bad: usize,
+    /// Events that end in timelines.
+    events: usize,
+}
+
+const SETTINGS: &str = r#"{"zendesk_events": true, "events_api": true, "profiles_api": true,
+  "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}, {"source": "shop", "type": "order_completed"}],
+  "shown_profile_types": [{"source": "shop", "type": "customer"}, {"source": "crm", "type": "contact"}]}"#;
+
+/// Records whose outcome does not depend on the order across topics and
+/// partitions: every record names its user, keys are user ids.
+fn workload(users: usize, per_user: usize) -> Workload {
+    let mut by_topic: BTreeMap<String, Vec<(String, String)>> = BTreeMap::new();
+    let mut bad = 0;
+    let mut events = 0;
+    let ts = |i: usize| {
+        format!(
+            "2026-11-20T{:02}:{:02}:{:02}Z",
+            8 + i / 3600 % 10,
+            i / 60 % 60,
+            i % 60
+        )
+    };
+    for u in 0..users {
+        let uid = format!("{}", 5000 + u);
+        for i in 0..per_user {
+            let n = u * per_user + i;
+            if i % 6 < 4 {
+                events += 1;
+            }
+            let (topic, v) = match i % 6 {
+                0 | 1 | 2 => (
+                    "zendesk.events",
+                    json!({"id": format!("z{n}"), "user_id": uid, "type": if i % 2 == 0 {"article_viewed"} else {"help_center_searched"}, "created_at": ts(n), "properties": {"article": {"display_name": format!("A{n}")}}}),
+                ),
+                3 => (
+                    "sunshine.events",
+                    json!({"user_id": uid, "profile": {"source": "shop", "type": "customer", "name": format!("N{u}"), "identifiers": [{"type": "email", "value": format!("c{u}@x.example")}]},
+                        "event": {"source": "shop", "type": "order_completed", "created_at": ts(n), "description": format!("Order {n}"), "properties": {"total": n}}}),
+                ),
+                4 => (
+                    "sunshine.profiles",
+                    json!({"op": "put", "user_id": uid, "profile": {"source": "crm", "type": "contact", "name": format!("C{u}"), "identifiers": [{"type": "external_id", "value": format!("E{u}")}], "attributes": {"n": i, "tier": "gold"}}}),
+                ),
+                _ => (
+                    "sunshine.profiles",
+                    json!({"op": "patch", "user_id": uid, "profile": {"source": "crm", "type": "contact", "attributes": {"tier": null, "last": i}}}),
+                ),
+            };
+            by_topic
+                .entry(topic.into())
+                .or_default()
+                .push((uid.clone(), v.to_string()));
+        }
+        if u % 7 == 0 {
+            by_topic
+                .entry("sunshine.events".into())
+                .or_default()
+                .push((uid.clone(), format!("{{\"broken\": {u}")));
+            bad += 1;
+        }
+    }
+    Workload {
+        by_topic,
+        users: (0..users).map(|u| format!("{}", 5000 + u)).collect(),
+        bad,
+        events,
+    }
+}
+
+/// A context without the fields that legitimately differ between runs
+/// (versions and log times).
+fn comparable(ctx: &Value) -> Value {
+    let mut c = ctx.clone();
+    for k in ["version", "updated_at"] {
+        c.as_object_mut().unwrap().remove(k);
+    }
+    for e in c["events"].as_array_mut().unwrap() {
+        e.as_object_mut().unwrap().remove("received_at");
+    }
+    for p in c["profiles"].as_array_mut().unwrap() {
+        for k in ["created_at", "updated_at"] {
+            p.as_object_mut().unwrap().remove(k);
+        }
+    }
+    c
+}
+
+fn embedded_expectation(dir: &Path, w: &Workload) -> HashMap<String, Value> {
+    let s = Server::start(&dir.join("embedded"), &[]);
+    let settings: Value = serde_json::from_str(SETTINGS).unwrap();
+    s.set_visibility(&settings);
+    for (topic, lines) in &w.by_topic {
+        let body: Vec<&str> = lines.iter().map(|(_, v)| v.as_str()).collect();
+        let (st, _) = s
+            .post_raw(&format!("/api/v1/topics/{topic}/records"), &body.join("\n"))
+            .unwrap();
+        assert_eq!(st, 202);
+    }
+    s.wait_for(60, "embedded run applied everything", |s| {
+        let dl = s.dead_letters().len();
+        let applied: usize = w
+            .users
+            .iter()
+            .filter_map(|u| s.all_events(u))
+            .map(|e| e.len())
+            .sum();
+        (dl == w.bad && applied == w.events).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    w.users
+        .iter()
+        .map(|u| {
+            (
+                u.clone(),
+                comparable(&s.get(&format!("/api/v2/users/{}/context", enc(u))).1),
+            )
+        })
+        .collect()
+}
+
+fn wait_contexts(s: &Server, want: &HashMap<String, Value>, secs: u64) {
+    s.wait_for(secs, "Kafka-mode contexts equal to embedded mode's", |s| {
+        for (u, exp) in want {
+            let (st, ctx) = s
+                .try_get(&format!("/api/v2/users/{}/context", enc(u)))
+                .ok()?;
+            if st != 200 || &comparable(&ctx) != exp {
+                return None;
+            }
+        }
+        Some(())
+    });
+}
+
+fn start_kafka(dir: &Path, name: &str, broker: &str, group: &str) -> Server {
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let cfg = kafka_config(dir, Some(&addr));
+    Server::start_at(
+        &dir.join(name),
+        &addr,
+        &[
+            "--brokers",
+            broker,
+            "--group-id",
+            group,
+            "--partitions",
+            "4",
+            "--snapshot-format",
+            "json",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    )
+}
+
+#[test]
+fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let w = workload(24, 18);
+    let want = embedded_expectation(dir.path(), &w);
+    let s = start_kafka(dir.path(), "k1", &broker.addr, "g-e2e");
+    kcat_produce(
+        &broker.addr,
+        "context.settings",
+        &[("visibility".into(), SETTINGS.replace('\n', " "))],
+    );
+    for (topic, lines) in &w.by_topic {
+        kcat_produce(&broker.addr, topic, lines);
+    }
+    wait_contexts(&s, &want, 120);
+    // What a downstream consumer sees: the last snapshot per key equals the API's context.
+    let snaps = kcat_consume(&broker.addr, "context.snapshots");
+    let mut last: HashMap<String, Value> = HashMap::new();
+    for (_, _, k, v) in &snaps {
+        last.insert(k.clone(), serde_json::from_str(v).unwrap());
+    }
+    for u in &w.users {
+        let (_, ctx) = s.get(&format!("/api/v2/users/{}/context", enc(u)));
+        assert_eq!(
+            last.get(u),
+            Some(&ctx),
+            "last snapshot on the topic for {u}"
+        );
+    }
+    let dlq = kcat_consume(&broker.addr, "context.dlq");
+    assert!(
+        dlq.len() >= w.bad,
+        "dead letters: {} of {}",
+        dlq.len(),
+        w.bad
+    );
+    for (_, _, _, v) in &dlq {
+        let d: Value = serde_json::from_str(v).unwrap();
+        assert_eq!(d["error"]["code"], "invalid_json");
+        assert_eq!(d["topic"], "sunshine.events");
+    }
+}
+
+#[test]
+fn two_instances_survive_a_kill_9_with_no_loss_and_monotonic_versions() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let w = workload(40, 18);
+    let want = embedded_expectation(dir.path(), &w);
+    let mut a = start_kafka(dir.path(), "a", &broker.addr, "g-two");
+    let b = start_kafka(dir.path(), "b", &broker.addr, "g-two");
+    kcat_produce(
+        &broker.addr,
+        "context.settings",
+        &[("visibility".into(), SETTINGS.replace('\n', " "))],
+    );
+    // Both instances own partitions once the group settles.
+    a.wait_for(60, "both instances serving partitions", |a| {
+        let (_, ma) = a.try_get("/metrics").ok()?;
+        let (_, mb) = b.try_get("/metrics").ok()?;
+        let live = |m: &Value| {
+            m.as_str()
+                .map(|t| {
+                    t.lines()
+                        .filter(|l| l.starts_with("contextd_partition_live") && l.ends_with(" 1"))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        (live(&ma) > 0 && live(&mb) > 0).then_some(())
+    });
+    let mut halves: Vec<(String, Vec<(String, String)>)> = Vec::new();
+    for (topic, lines) in &w.by_topic {
+        let mid = lines.len() / 2;
+        halves.push((topic.clone(), lines[..mid].to_vec()));
+        halves.push((topic.clone(), lines[mid..].to_vec()));
+    }
+    for (topic, lines) in halves.iter().step_by(2) {
+        kcat_produce(&broker.addr, topic, lines);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    a.kill9();
+    for (topic, lines) in halves.iter().skip(1).step_by(2) {
+        kcat_produce(&broker.addr, topic, lines);
+    }
+    // Queries for every user go to the survivor, which took over A's partitions.
+    wait_contexts(&b, &want, 150);
+    // Within each key, versions never go backwards in topic order.
+    let snaps = kcat_consume(&broker.addr, "context.snapshots");
+    let mut seen: HashMap<String, u64> = HashMap::new();
+    for (p, o, k, v) in &snaps {
+        let ver = serde_json::from_str::<Value>(v).unwrap()["version"]
+            .as_u64()
+            .unwrap();
+        let prev = seen.insert(k.clone(), ver).unwrap_or(0);
+        assert!(
+            ver >= prev,
+            "version of {k} went from {prev} to {ver} at {p}/{o}"
+        );
+    }
+    for u in &w.users {
+        let (_, ctx) = b.get(&format!("/api/v2/users/{}/context", enc(u)));
+        assert_eq!(
+            seen.get(u).copied(),
+            ctx["version"].as_u64(),
+            "the API serves the latest version of {u}"
+        );
+    }
+}
