@@ -68,14 +68,14 @@ fn to_out(r: &Rec, i: usize, c: &Config) -> OutRecord {
     let t = &c.topics;
     let (topic, v) = match r {
         Rec::Zendesk { user, ty, id, at } => {
-            let mut v = json!({"user_id": format!("z{user}"), "type": ["article_viewed", "help_center_searched", "page_view"][*ty as usize], "created_at": ts(*at), "properties": {"i": i}});
+            let mut v = json!({"user_id": format!("z{user}"), "type": (["article_viewed", "help_center_searched", "page_view"][*ty as usize]), "created_at": ts(*at), "properties": {"i": i}});
             if let Some(id) = id { v["id"] = json!(format!("ev{id}")); }
             (&t.zendesk_events, v.to_string())
         }
         Rec::Identity { user, email } => (&t.zendesk_events, json!({"user_id": format!("z{user}"), "type": "identity_created", "id": format!("id{i}"), "properties": {"identity_type": "email", "value": format!("E{email}@x.example")}}).to_string()),
         Rec::Custom { user, email, ty, id, at } => {
             let mut v = json!({"profile": {"source": "shop", "type": "customer", "identifiers": [{"type": "email", "value": format!("e{email}@x.example")}]},
-                               "event": {"source": "shop", "type": ["order", "cart"][*ty as usize], "created_at": ts(*at), "properties": {"n": at}}});
+                               "event": {"source": "shop", "type": (["order", "cart"][*ty as usize]), "created_at": ts(*at), "properties": {"n": at}}});
             if let Some(u) = user { v["user_id"] = json!(format!("z{u}")); }
             if let Some(id) = id { v["event"]["id"] = json!(format!("c{id}")); }
             (&t.sunshine_events, v.to_string())
