@@ -6,7 +6,6 @@ use crate::ingest::Limits;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::kafka::KafkaProducer;
 use crate::log::OutRecord;
-use crate::model::ContextSnapshot;
 use crate::pipeline::embedded::{run_materializer, run_router, DriverOptions, Readiness, Stages};
 use crate::pipeline::kafka::Ownership;
 use crate::pipeline::materializer::{Materializer, MaterializerOptions};
@@ -17,7 +16,6 @@ use crate::state::{Store, StoreError};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::broadcast;
 
 /// Where HTTP writes go.
 #[derive(Clone)]
@@ -65,7 +63,6 @@ pub struct App {
     pub store: Store,
     pub appender: Appender,
     pub ready: Arc<Readiness>,
-    pub live: broadcast::Sender<ContextSnapshot>,
     pub limits: Limits,
     /// Kafka mode: which instance serves which partition (queries are proxied).
     pub ownership: Option<Arc<Ownership>>,
@@ -135,7 +132,6 @@ impl EmbeddedRuntime {
         let log = open_embedded(&config)?;
         let ready = Arc::new(Readiness::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (live, _) = broadcast::channel(1024);
         let opts = DriverOptions {
             batch_records: config.pipeline.batch_records,
             snapshot_retention: config.storage.snapshot_log_retention.max(1),
@@ -168,11 +164,11 @@ impl EmbeddedRuntime {
             )?
         };
         let h2 = {
-            let (log, ready, stop, live) = (log.clone(), ready.clone(), stop.clone(), live.clone());
+            let (log, ready, stop) = (log.clone(), ready.clone(), stop.clone());
             spawn(
                 "materializer",
                 Box::new(move || {
-                    let r = run_materializer(log, mat, opts, ready.clone(), stop, Some(live));
+                    let r = run_materializer(log, mat, opts, ready.clone(), stop);
                     if let Err(e) = &r {
                         tracing::error!(error = %e, "materializing stage failed");
                         ready.failed.store(true, Ordering::Release);
@@ -186,7 +182,6 @@ impl EmbeddedRuntime {
             store: log.store().clone(),
             appender: Appender::Embedded(log.clone()),
             ready,
-            live,
             config,
             ownership: None,
         });
@@ -235,7 +230,6 @@ impl KafkaRuntime {
         let ready = Arc::new(Readiness::default());
         let stop = Arc::new(AtomicBool::new(false));
         let followed = Arc::new(AtomicBool::new(false));
-        let (live, _) = broadcast::channel(1024);
         let me = config
             .kafka
             .advertised_http_addr
@@ -270,18 +264,15 @@ impl KafkaRuntime {
                 Box::new(move || crate::pipeline::kafka::run_router(c, s, p, r, f, st))
             }),
             ("materializer", {
-                let (c, s, p, o, r, st, l) = (
+                let (c, s, p, o, r, st) = (
                     config.clone(),
                     store.clone(),
                     producer.clone(),
                     own.clone(),
                     ready.clone(),
                     stop.clone(),
-                    live.clone(),
                 );
-                Box::new(move || {
-                    crate::pipeline::kafka::run_materializer(c, s, p, o, r, st, Some(l))
-                })
+                Box::new(move || crate::pipeline::kafka::run_materializer(c, s, p, o, r, st))
             }),
         ];
         for (name, f) in stages {
@@ -308,7 +299,6 @@ impl KafkaRuntime {
             store,
             appender: Appender::Kafka(producer.clone()),
             ready,
-            live,
             config,
             ownership: Some(own),
         });

@@ -5,8 +5,8 @@
 //! at most `max_events`. Until settings exist nothing is shown.
 
 use crate::model::{
-    json, time, ContextSnapshot, Event, Identifier, Profile, Settings, SnapshotEvent,
-    SnapshotProfile, TypeRef, UserState,
+    json, time, ContextSnapshot, ContextSnapshotBytes, Identifier, Profile, Settings,
+    SnapshotEventBytes, SnapshotProfile, StoredEvent, TypeRef, UserState,
 };
 use prost::Message;
 use serde_json::{json, Value};
@@ -43,8 +43,8 @@ pub fn profile_shown(s: &Settings, source: &str, ty: &str) -> bool {
     s.profiles_api && listed(&s.shown_profile_types, source, ty)
 }
 
-fn snap_event(e: &Event) -> SnapshotEvent {
-    SnapshotEvent {
+fn snap_event(e: &StoredEvent) -> SnapshotEventBytes {
+    SnapshotEventBytes {
         id: e.id.clone(),
         source: e.source.clone(),
         r#type: e.r#type.clone(),
@@ -69,8 +69,8 @@ fn snap_profile(p: &Profile) -> SnapshotProfile {
 
 /// The visible content of a user's context (version and updated_at unset).
 /// `settings` must be `prepared`.
-pub fn build(state: &UserState, settings: &Settings, max_events: usize) -> ContextSnapshot {
-    ContextSnapshot {
+pub fn build(state: &UserState, settings: &Settings, max_events: usize) -> ContextSnapshotBytes {
+    ContextSnapshotBytes {
         user_id: state.user_id.clone(),
         version: 0,
         updated_at: None,
@@ -91,26 +91,65 @@ pub fn build(state: &UserState, settings: &Settings, max_events: usize) -> Conte
     }
 }
 
-/// Hash of a snapshot's visible content: a new snapshot is published only
-/// when it differs from the last one published.
+/// Hash of a snapshot's visible content (version and updated_at ignored):
+/// a new snapshot is published only when it differs from the last one.
 pub fn content_hash(content: &ContextSnapshot) -> Vec<u8> {
-    debug_assert!(content.version == 0 && content.updated_at.is_none());
-    Sha256::digest(content.encode_to_vec()).to_vec()
+    let mut h = Sha256::new();
+    h.update(content.user_id.as_bytes());
+    for e in &content.events {
+        h.update([0, b'e']);
+        h.update(e.id.as_bytes());
+        h.update(time::from_timestamp(&e.created_at).to_be_bytes());
+    }
+    for p in &content.profiles {
+        h.update([0, b'p']);
+        h.update(p.encode_to_vec());
+    }
+    h.finalize().to_vec()
 }
 
-/// Builds the snapshot and, if the visible content changed since the last
-/// one published, bumps the state's version and returns the new snapshot.
+/// The same hash as `content_hash(&build(..))`, without building the
+/// snapshot: stored events never change once their id is held, so the shown
+/// events are identified by (id, created_at).
+pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(state.user_id.as_bytes());
+    for e in state
+        .timeline
+        .iter()
+        .rev()
+        .filter(|e| event_shown(settings, &e.source, &e.r#type))
+        .take(max_events)
+    {
+        h.update([0, b'e']);
+        h.update(e.id.as_bytes());
+        h.update(e.created_at_ns.to_be_bytes());
+    }
+    for p in state
+        .profiles
+        .iter()
+        .filter(|p| profile_shown(settings, &p.source, &p.r#type))
+    {
+        h.update([0, b'p']);
+        h.update(snap_profile(p).encode_to_vec());
+    }
+    h.finalize().to_vec()
+}
+
+/// If the visible content changed since the last snapshot published, bumps
+/// the state's version and returns the new snapshot.
 pub fn next_snapshot(
     state: &mut UserState,
     settings: &Settings,
     max_events: usize,
     at_ns: i64,
-) -> Option<ContextSnapshot> {
-    let mut snap = build(state, settings, max_events);
-    let hash = content_hash(&snap);
+) -> Option<ContextSnapshotBytes> {
+    let hash = visible_hash(state, settings, max_events);
     if hash == state.snapshot_hash {
         return None;
     }
+    let mut snap = build(state, settings, max_events);
+    debug_assert_eq!(content_hash(&decode(&snap)), hash);
     state.snapshot_hash = hash;
     state.snapshot_version += 1;
     state.snapshot_updated_at_ns = at_ns;
@@ -137,10 +176,16 @@ pub fn profile_json(p: &Profile) -> Value {
     })
 }
 
-pub fn event_json(e: &Event) -> Value {
+/// A snapshot as consumers decode it (properties as Struct).
+pub fn decode(s: &ContextSnapshotBytes) -> ContextSnapshot {
+    ContextSnapshot::decode(&s.encode_to_vec()[..]).expect("wire-identical encodings")
+}
+
+pub fn event_json(e: &StoredEvent) -> Value {
+    let props = prost_types::Struct::decode(&e.properties[..]).ok();
     json!({
         "id": e.id, "source": e.source, "type": e.r#type, "description": e.description,
-        "properties": json::from_struct(&e.properties),
+        "properties": json::from_struct(&props),
         "created_at": time::format_rfc3339(e.created_at_ns),
         "received_at": time::format_rfc3339(e.received_at_ns),
     })
@@ -174,8 +219,8 @@ pub fn to_json(s: &ContextSnapshot) -> Value {
 mod tests {
     use super::*;
 
-    fn event(id: &str, source: &str, ty: &str, at: i64) -> Event {
-        Event {
+    fn event(id: &str, source: &str, ty: &str, at: i64) -> StoredEvent {
+        StoredEvent {
             id: id.into(),
             source: source.into(),
             r#type: ty.into(),
@@ -221,7 +266,7 @@ mod tests {
         })
     }
 
-    fn ids(s: &ContextSnapshot) -> Vec<&str> {
+    fn ids(s: &ContextSnapshotBytes) -> Vec<&str> {
         s.events.iter().map(|e| e.id.as_str()).collect()
     }
 
@@ -281,6 +326,6 @@ mod tests {
             5,
             "hidden data is kept, showing brings it back"
         );
-        assert_eq!(to_json(&back)["version"], 4);
+        assert_eq!(to_json(&decode(&back))["version"], 4);
     }
 }

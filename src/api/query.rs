@@ -3,7 +3,7 @@
 use super::forward;
 use super::{blocking, ApiError, AppState};
 use crate::ingest::{normalize_identifier, ErrorCode, Rejection};
-use crate::model::{time, Event, UserState};
+use crate::model::{time, StoredEvent, UserState};
 use crate::snapshot;
 use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::HeaderMap;
@@ -80,7 +80,7 @@ fn time_param(q: &HashMap<String, String>, key: &str) -> Result<Option<i64>, Api
         .transpose()
 }
 
-fn encode_cursor(e: &Event) -> String {
+fn encode_cursor(e: &StoredEvent) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("{}:{}", e.created_at_ns, e.id))
 }
 
@@ -138,7 +138,7 @@ pub async fn events(
                 .as_ref()
                 .is_none_or(|(ts, id)| (e.created_at_ns, e.id.as_str()) < (*ts, id.as_str()))
     });
-    let page: Vec<&Event> = matching.by_ref().take(size).collect();
+    let page: Vec<&StoredEvent> = matching.by_ref().take(size).collect();
     let has_more = matching.next().is_some();
     let after_cursor = if has_more {
         page.last().map(|e| encode_cursor(e))

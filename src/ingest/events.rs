@@ -49,17 +49,19 @@ fn build_event(
         .to_string();
     let created_at_ns =
         fields::timestamp(o, "created_at", &format!("{path}.created_at"), log_time_ns)?;
-    let properties = fields::opt_obj(o, "properties", &format!("{path}.properties"))?;
+    let empty = Obj::new();
+    let properties =
+        fields::opt_obj(o, "properties", &format!("{path}.properties"))?.unwrap_or(&empty);
     let id = match event_id(o, &format!("{path}.id"))? {
         Some(id) => id,
-        None => derived_id(source, kind, &description, created_at_ns, &properties),
+        None => derived_id(source, kind, &description, created_at_ns, properties),
     };
     Ok(Event {
         id,
         source: source.to_string(),
         r#type: kind.to_string(),
         description,
-        properties: Some(json::to_struct(&properties)),
+        properties: Some(json::to_struct(properties)),
         created_at_ns,
         received_at_ns: log_time_ns,
     })

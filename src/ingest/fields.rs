@@ -89,11 +89,11 @@ pub fn req_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a Obj, Rejecti
     }
 }
 
-/// An optional object (null/absent = empty).
-pub fn opt_obj(o: &Obj, key: &str, path: &str) -> Result<Obj, Rejection> {
+/// An optional object (null/absent = `None`, treated as empty).
+pub fn opt_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<Option<&'a Obj>, Rejection> {
     match o.get(key) {
-        None | Some(Value::Null) => Ok(Obj::new()),
-        Some(Value::Object(m)) => Ok(m.clone()),
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m)),
         Some(v) => Err(invalid(
             path,
             format_args!("must be an object, got {}", kind_name(v)),

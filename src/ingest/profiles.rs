@@ -33,11 +33,9 @@ pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
     match op {
         ProfileOpKind::Put => {
             out.name = profile.name;
-            out.attributes = Some(json::to_struct(&fields::opt_obj(
-                p,
-                "attributes",
-                "profile.attributes",
-            )?));
+            let empty = Obj::new();
+            let attrs = fields::opt_obj(p, "attributes", "profile.attributes")?;
+            out.attributes = Some(json::to_struct(attrs.unwrap_or(&empty)));
         }
         ProfileOpKind::Patch => {
             let mut patch = Obj::new();

@@ -9,7 +9,7 @@ use super::PipelineError;
 use crate::identity::IdentityLookup;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::LogRecord;
-use crate::model::{ContextSnapshot, Identifier};
+use crate::model::Identifier;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::Store;
 use std::collections::HashMap;
@@ -17,7 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
 
 /// Committed identity links in the store.
 pub struct StoreLookup<'a>(pub &'a Store);
@@ -250,14 +249,10 @@ impl MaterializerStep {
     }
 
     /// Applies and commits one batch; returns the records processed and the snapshots published.
-    pub fn step(
-        &mut self,
-        log: &EmbeddedLog,
-        max: usize,
-    ) -> Result<(usize, Vec<ContextSnapshot>), PipelineError> {
+    pub fn step(&mut self, log: &EmbeddedLog, max: usize) -> Result<(usize, usize), PipelineError> {
         let input = read_all(log, &self.topics, &self.positions, max)?;
         if input.is_empty() {
-            return Ok((0, Vec::new()));
+            return Ok((0, 0));
         }
         let m = self.mat.process(log.store(), &input)?;
         log.commit(m.batch, &m.out)?;
@@ -265,10 +260,7 @@ impl MaterializerStep {
             self.positions
                 .insert((r.topic.clone(), r.partition), r.offset + 1);
         }
-        Ok((
-            input.len(),
-            m.published.into_iter().map(|(_, s)| s).collect(),
-        ))
+        Ok((input.len(), m.published))
     }
 
     pub fn caught_up(&self, log: &EmbeddedLog) -> bool {
@@ -302,14 +294,13 @@ pub fn run_router(
     Ok(())
 }
 
-/// Runs the materializing stage until `stop`. Published snapshots go to `live` too.
+/// Runs the materializing stage until `stop`.
 pub fn run_materializer(
     log: Arc<EmbeddedLog>,
     mat: Materializer,
     opts: DriverOptions,
     ready: Arc<Readiness>,
     stop: Arc<AtomicBool>,
-    live: Option<broadcast::Sender<ContextSnapshot>>,
 ) -> Result<(), PipelineError> {
     let store = log.store().clone();
     let mut stage = MaterializerStep::new(&log, mat)?;
@@ -317,7 +308,7 @@ pub fn run_materializer(
     while !stop.load(Ordering::Acquire) {
         let gen = log.generation();
         let started = Instant::now();
-        let (n, published) = stage.step(&log, opts.batch_records)?;
+        let (n, _published) = stage.step(&log, opts.batch_records)?;
         if n == 0 {
             if !ready.materializer.load(Ordering::Acquire)
                 && ready.router.load(Ordering::Acquire)
@@ -327,11 +318,6 @@ pub fn run_materializer(
             }
             log.wait(gen, opts.idle_wait);
             continue;
-        }
-        if let Some(tx) = &live {
-            for s in published {
-                let _ = tx.send(s);
-            }
         }
         metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
             .record(started.elapsed().as_secs_f64());

@@ -43,7 +43,6 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-use tokio::sync::broadcast;
 
 fn kerr(e: KafkaError) -> PipelineError {
     PipelineError::Log(LogError::Kafka(e.to_string()))
@@ -491,7 +490,6 @@ pub fn run_materializer(
     own: Arc<Ownership>,
     ready: Arc<Readiness>,
     stop: Arc<AtomicBool>,
-    live_tx: Option<broadcast::Sender<ContextSnapshot>>,
 ) -> Result<(), PipelineError> {
     let resent = drain_outbox(&store, &producer, &stop)?;
     if resent > 0 {
@@ -569,11 +567,6 @@ pub fn run_materializer(
         if !live.is_empty() {
             let m = live_mat.process(&store, &live)?;
             commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
-            if let Some(tx) = &live_tx {
-                for (_, s) in m.published {
-                    let _ = tx.send(s);
-                }
-            }
             metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
                 .record(t0.elapsed().as_secs_f64());
         }

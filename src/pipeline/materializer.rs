@@ -11,7 +11,7 @@ use super::deadletter::dead_letter;
 use super::{PipelineError, SnapshotFormat, Topics};
 use crate::ingest::{ErrorCode, Rejection};
 use crate::log::{LogRecord, OutRecord};
-use crate::model::{record, ContextSnapshot, Record, Settings, UserState};
+use crate::model::{record, ContextSnapshotBytes, Record, Settings};
 use crate::snapshot;
 use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART, CF_SNAP};
@@ -42,13 +42,13 @@ pub struct Materialized {
     pub batch: WriteBatch,
     /// Snapshots and dead letters to publish.
     pub out: Vec<OutRecord>,
-    /// (user_id, snapshot) published, for live listeners.
-    pub published: Vec<(u32, ContextSnapshot)>,
+    /// Snapshots published.
+    pub published: usize,
     pub applied: usize,
 }
 
 struct Touched {
-    state: UserState,
+    state: apply::Working,
     last_log_ns: i64,
 }
 
@@ -79,10 +79,12 @@ impl Materializer {
         Ok(s)
     }
 
-    pub fn encode_snapshot(&self, s: &ContextSnapshot) -> Vec<u8> {
+    pub fn encode_snapshot(&self, s: &ContextSnapshotBytes) -> Vec<u8> {
         match self.opts.format {
             SnapshotFormat::Protobuf => s.encode_to_vec(),
-            SnapshotFormat::Json => serde_json::to_vec(&snapshot::to_json(s)).expect("json"),
+            SnapshotFormat::Json => {
+                serde_json::to_vec(&snapshot::to_json(&snapshot::decode(s))).expect("json")
+            }
         }
     }
 
@@ -127,7 +129,7 @@ impl Materializer {
             users.insert(
                 (*p, uid.to_string()),
                 Touched {
-                    state: st.unwrap_or_else(|| apply::new_user(uid)),
+                    state: apply::Working::new(st.unwrap_or_else(|| apply::new_user(uid))),
                     last_log_ns: 0,
                 },
             );
@@ -191,28 +193,29 @@ impl Materializer {
             metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
                 .increment(1);
         }
-        let mut published = Vec::new();
+        let mut published = 0;
         let mut touched: Vec<_> = users.into_iter().collect();
         touched.sort_by(|a, b| a.0.cmp(&b.0));
-        for ((p, _), mut t) in touched {
+        for ((p, _), t) in touched {
+            let mut state = t.state.into_state();
             if !self.opts.publish {
                 // Rebuild: snapshot versions are settled once at the end (replay::settle_snapshots).
-                store.put_user(&mut batch, p, &t.state);
+                store.put_user(&mut batch, p, &state);
                 continue;
             }
             let settings = self.settings(store, p)?;
             let at = if t.last_log_ns > 0 {
                 t.last_log_ns
             } else {
-                t.state.snapshot_updated_at_ns
+                state.snapshot_updated_at_ns
             };
             if let Some(snap) =
-                snapshot::next_snapshot(&mut t.state, &settings, self.opts.max_events, at)
+                snapshot::next_snapshot(&mut state, &settings, self.opts.max_events, at)
             {
                 self.publish(store, &mut batch, &mut out, p, &snap);
-                published.push((p, snap));
+                published += 1;
             }
-            store.put_user(&mut batch, p, &t.state);
+            store.put_user(&mut batch, p, &state);
         }
         if self.opts.publish {
             for p in settings_changed {
@@ -243,7 +246,7 @@ impl Materializer {
         batch: &mut WriteBatch,
         out: &mut Vec<OutRecord>,
         p: u32,
-        snap: &ContextSnapshot,
+        snap: &ContextSnapshotBytes,
     ) {
         let bytes = snap.encode_to_vec();
         batch.put_cf(store.cf(CF_SNAP), keys::user(p, &snap.user_id), &bytes);
@@ -294,7 +297,7 @@ impl Materializer {
         store: &Store,
         batch: &mut WriteBatch,
         out: &mut Vec<OutRecord>,
-        published: &mut Vec<(u32, ContextSnapshot)>,
+        published: &mut usize,
         p: u32,
         decoded: &[(u32, &LogRecord, Record)],
     ) -> Result<(), PipelineError> {
@@ -323,7 +326,7 @@ impl Materializer {
                     snapshot::next_snapshot(&mut st, &settings, self.opts.max_events, at)
                 {
                     self.publish(store, batch, out, p, &snap);
-                    published.push((p, snap));
+                    *published += 1;
                     store.put_user(batch, p, &st);
                 }
             }

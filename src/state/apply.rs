@@ -4,10 +4,11 @@
 use crate::ingest::{ErrorCode, Rejection};
 use crate::model::{
     json, record, CatalogEntry, Event, EventRecord, Identifier, Profile, ProfileOp, ProfileOpKind,
-    ProfileRef, Record, UserState, FORMAT_VERSION,
+    ProfileRef, Record, StoredEvent, UserState, FORMAT_VERSION,
 };
+use prost::Message;
 use prost_types::{value::Kind, Struct};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
 /// Kind of a catalog entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,6 +81,36 @@ pub enum Outcome {
     Rejected(Rejection),
 }
 
+/// A user's state while a batch is applied to it: the timeline as a deque
+/// (appending the newest and dropping the oldest are O(1)) with an index of
+/// its ids (duplicate checks are O(1)).
+pub struct Working {
+    pub state: UserState,
+    timeline: VecDeque<StoredEvent>,
+    ids: HashSet<String>,
+}
+
+impl Working {
+    pub fn new(mut state: UserState) -> Working {
+        let timeline = VecDeque::from(std::mem::take(&mut state.timeline));
+        let ids = timeline.iter().map(|e| e.id.clone()).collect();
+        Working {
+            state,
+            timeline,
+            ids,
+        }
+    }
+
+    pub fn timeline(&self) -> &VecDeque<StoredEvent> {
+        &self.timeline
+    }
+
+    pub fn into_state(mut self) -> UserState {
+        self.state.timeline = Vec::from(self.timeline);
+        self.state
+    }
+}
+
 pub fn new_user(user_id: &str) -> UserState {
     UserState {
         format_version: FORMAT_VERSION,
@@ -88,9 +119,9 @@ pub fn new_user(user_id: &str) -> UserState {
     }
 }
 
-/// Applies one user record (event or profile operation) to `state`.
+/// Applies one user record (event or profile operation) to a user.
 pub fn apply(
-    state: &mut UserState,
+    state: &mut Working,
     rec: &Record,
     limits: ApplyLimits,
     catalog: &mut CatalogDelta,
@@ -98,7 +129,7 @@ pub fn apply(
     let at = rec.log_time_ns;
     match &rec.body {
         Some(record::Body::Event(e)) => apply_event(state, e, at, limits, catalog),
-        Some(record::Body::ProfileOp(op)) => apply_profile_op(state, op, at, catalog),
+        Some(record::Body::ProfileOp(op)) => apply_profile_op(&mut state.state, op, at, catalog),
         Some(record::Body::Settings(_)) | None => Outcome::Applied,
     }
 }
@@ -146,24 +177,41 @@ fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut 
     }
 }
 
-fn event_order(e: &Event) -> (i64, &str) {
+fn event_order(e: &StoredEvent) -> (i64, &str) {
     (e.created_at_ns, e.id.as_str())
 }
 
+/// The stored form of an event: properties as encoded Struct bytes.
+pub fn stored(e: &Event) -> StoredEvent {
+    StoredEvent {
+        id: e.id.clone(),
+        source: e.source.clone(),
+        r#type: e.r#type.clone(),
+        description: e.description.clone(),
+        properties: e
+            .properties
+            .as_ref()
+            .map(|p| p.encode_to_vec())
+            .unwrap_or_default(),
+        created_at_ns: e.created_at_ns,
+        received_at_ns: e.received_at_ns,
+    }
+}
+
 fn apply_event(
-    state: &mut UserState,
+    w: &mut Working,
     rec: &EventRecord,
     at: i64,
     limits: ApplyLimits,
     catalog: &mut CatalogDelta,
 ) -> Outcome {
     if let Some(p) = &rec.profile {
-        ensure_profile(state, p, at, catalog);
+        ensure_profile(&mut w.state, p, at, catalog);
     }
     let Some(event) = &rec.event else {
         return Outcome::Applied;
     };
-    if state.timeline.iter().any(|e| e.id == event.id) {
+    if w.ids.contains(&event.id) {
         return if rec.profile.is_some() {
             Outcome::Applied
         } else {
@@ -171,14 +219,25 @@ fn apply_event(
         };
     }
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
-    let pos = state
+    let event = stored(event);
+    let newest = w
         .timeline
-        .partition_point(|e| event_order(e) < event_order(event));
-    state.timeline.insert(pos, event.clone());
+        .back()
+        .is_none_or(|e| event_order(e) <= event_order(&event));
+    if newest {
+        w.timeline.push_back(event.clone());
+    } else {
+        let pos = w
+            .timeline
+            .partition_point(|e| event_order(e) < event_order(&event));
+        w.timeline.insert(pos, event.clone());
+    }
+    w.ids.insert(event.id.clone());
     let max = limits.max_events_per_user.max(1);
-    if state.timeline.len() > max {
-        let excess = state.timeline.len() - max;
-        state.timeline.drain(..excess);
+    while w.timeline.len() > max {
+        if let Some(old) = w.timeline.pop_front() {
+            w.ids.remove(&old.id);
+        }
     }
     Outcome::Applied
 }
@@ -302,13 +361,13 @@ mod tests {
         }
     }
 
-    fn ids(s: &UserState) -> Vec<&str> {
-        s.timeline.iter().map(|e| e.id.as_str()).collect()
+    fn ids(s: &Working) -> Vec<&str> {
+        s.timeline().iter().map(|e| e.id.as_str()).collect()
     }
 
     #[test]
     fn timeline_is_ordered_deduplicated_and_trimmed() {
-        let mut s = new_user("u");
+        let mut s = Working::new(new_user("u"));
         let mut c = CatalogDelta::new();
         let l = ApplyLimits {
             max_events_per_user: 3,
@@ -329,7 +388,7 @@ mod tests {
 
     #[test]
     fn event_creates_its_profile_once_and_adds_identifiers() {
-        let mut s = new_user("u");
+        let mut s = Working::new(new_user("u"));
         let mut c = CatalogDelta::new();
         let mut r = ev("e1", 1);
         let Some(record::Body::Event(er)) = &mut r.body else {
@@ -353,18 +412,18 @@ mod tests {
             identifiers: vec![Identifier::new("external_id", "E")],
         });
         apply(&mut s, &r2, ApplyLimits::default(), &mut c);
-        assert_eq!(s.profiles.len(), 1);
+        assert_eq!(s.state.profiles.len(), 1);
         assert_eq!(
-            s.profiles[0].name.as_deref(),
+            s.state.profiles[0].name.as_deref(),
             Some("Jane"),
             "an event never renames an existing profile"
         );
-        assert_eq!(s.profiles[0].identifiers.len(), 2);
+        assert_eq!(s.state.profiles[0].identifiers.len(), 2);
     }
 
     #[test]
     fn put_replaces_patch_merges_delete_removes() {
-        let mut s = new_user("u");
+        let mut s = Working::new(new_user("u"));
         let mut c = CatalogDelta::new();
         let l = ApplyLimits::default();
         let r = apply(
@@ -402,7 +461,7 @@ mod tests {
             &mut c,
         );
         assert_eq!(
-            json::from_struct(&s.profiles[0].attributes),
+            json::from_struct(&s.state.profiles[0].attributes),
             json!({"a": "10", "addr": {"city": "Oslo", "zip": "0150"}})
         );
         let mut p = op(
@@ -418,7 +477,7 @@ mod tests {
         };
         o.identifiers = vec![Identifier::new("external_id", "X")];
         apply(&mut s, &p, l, &mut c);
-        let prof = &s.profiles[0];
+        let prof = &s.state.profiles[0];
         assert_eq!(prof.name.as_deref(), Some("Patricia"));
         assert_eq!(
             json::from_struct(&prof.attributes),
@@ -436,7 +495,7 @@ mod tests {
             l,
             &mut c,
         );
-        assert_eq!(s.profiles[0].name, None);
+        assert_eq!(s.state.profiles[0].name, None);
         assert_eq!(
             apply(
                 &mut s,
@@ -446,7 +505,7 @@ mod tests {
             ),
             Outcome::Applied
         );
-        assert!(s.profiles.is_empty());
+        assert!(s.state.profiles.is_empty());
         let r = apply(
             &mut s,
             &op(ProfileOpKind::Delete, None, json!({}), None),

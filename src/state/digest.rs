@@ -8,7 +8,7 @@
 use super::apply::TypeKind;
 use super::keys::{self, CF_IDENT, CF_USERS};
 use super::store::{Store, StoreError};
-use crate::model::{Event, Profile, UserState};
+use crate::model::{Profile, StoredEvent, UserState};
 use prost::Message;
 use rocksdb::IteratorMode;
 use sha2::{Digest, Sha256};
@@ -19,7 +19,7 @@ fn user_hash(s: &UserState) -> [u8; 32] {
     h.update([0]);
     for e in &s.timeline {
         h.update(b"e");
-        h.update(Event::encode_to_vec(e));
+        h.update(StoredEvent::encode_to_vec(e));
     }
     for p in &s.profiles {
         h.update(b"p");
