@@ -135,6 +135,7 @@ impl EmbeddedRuntime {
         let opts = DriverOptions {
             batch_records: config.pipeline.batch_records,
             snapshot_retention: config.storage.snapshot_log_retention.max(1),
+            linger: Duration::from_millis(config.pipeline.linger_ms),
             idle_wait: Duration::from_millis(config.pipeline.idle_wait_ms.max(1)),
         };
         let router = Router::new(config.topics.clone(), config.partitions, limits(&config));

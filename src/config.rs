@@ -70,6 +70,9 @@ pub struct PipelineConfig {
     pub batch_records: usize,
     /// Idle poll interval in milliseconds (appends wake the stages at once).
     pub idle_wait_ms: u64,
+    /// Shortest time between two batches of the materializing stage, in
+    /// milliseconds: a burst for one user within it becomes one snapshot.
+    pub linger_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -139,6 +142,7 @@ impl Default for PipelineConfig {
         PipelineConfig {
             batch_records: 4096,
             idle_wait_ms: 200,
+            linger_ms: 20,
         }
     }
 }

@@ -52,6 +52,8 @@ impl Readiness {
 pub struct DriverOptions {
     /// Most records read per partition per batch.
     pub batch_records: usize,
+    /// Shortest time between two materializer batches (coalescing window).
+    pub linger: Duration,
     /// Snapshots kept per partition of the embedded snapshots log.
     pub snapshot_retention: i64,
     /// How long an idle stage sleeps before polling again (appends wake it sooner).
@@ -305,10 +307,19 @@ pub fn run_materializer(
     let store = log.store().clone();
     let mut stage = MaterializerStep::new(&log, mat)?;
     let mut last_size_check = Instant::now();
+    let mut last_batch = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        // Linger: let a burst accumulate so each user gets one snapshot for it.
+        let since = last_batch.elapsed();
+        if since < opts.linger {
+            std::thread::sleep(opts.linger - since);
+        }
         let gen = log.generation();
         let started = Instant::now();
         let (n, _published) = stage.step(&log, opts.batch_records)?;
+        if n > 0 {
+            last_batch = started;
+        }
         if n == 0 {
             if !ready.materializer.load(Ordering::Acquire)
                 && ready.router.load(Ordering::Acquire)

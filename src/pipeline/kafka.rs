@@ -730,3 +730,67 @@ fn go_live(
     store.write(wb)?;
     Ok(count)
 }
+
+/// `contextd rebuild --brokers`: drops this instance's materialized state and
+/// replays every partition of the records topic from the beginning (the same
+/// restore path as a partition assignment), then settles snapshot versions
+/// against the snapshots topic. Returns (records replayed, snapshots published).
+pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), PipelineError> {
+    crate::log::kafka::ensure_topics(c)?;
+    let store = Store::open(&c.data_dir, &c.store_options())?;
+    store.check_partitions(c.partitions)?;
+    store.clear_cfs(&[
+        keys::CF_USERS,
+        keys::CF_CATALOG,
+        keys::CF_PART,
+        keys::CF_OUTBOX,
+        CF_IDENT,
+    ])?;
+    store
+        .db()
+        .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;
+    // The follower re-reads identities and settings in full at the next start.
+    let mut wb = WriteBatch::default();
+    store.delete_prefix(&mut wb, CF_META, b"pos/follower/");
+    store.write(wb)?;
+    let producer = KafkaProducer::new(c)?;
+    let stop = AtomicBool::new(false);
+    let mut restore =
+        Materializer::new(c.topics.clone(), crate::app::materializer_options(c, false));
+    let mut live = Materializer::new(c.topics.clone(), crate::app::materializer_options(c, true));
+    let mut replayed = 0u64;
+    let mut published = 0;
+    for p in 0..c.partitions as i32 {
+        let mut chunk = Vec::new();
+        let mut result = Ok(());
+        read_until_idle(
+            c,
+            &[(c.topics.records.clone(), p, 0)],
+            Duration::from_millis(500),
+            |r| {
+                chunk.push(r);
+                if chunk.len() >= c.pipeline.batch_records && result.is_ok() {
+                    result = restore
+                        .process(&store, &std::mem::take(&mut chunk))
+                        .and_then(|m| {
+                            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)
+                        });
+                }
+            },
+        )?;
+        result?;
+        if !chunk.is_empty() {
+            let m = restore.process(&store, &chunk)?;
+            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
+        }
+        replayed = store
+            .get_i64(CF_PART, &keys::part_offset(p as u32))?
+            .unwrap_or(0) as u64
+            + replayed;
+        progress(replayed);
+        published += go_live(c, &store, &producer, &mut live, p as u32, &stop)?;
+    }
+    producer.flush();
+    store.flush()?;
+    Ok((replayed, published))
+}

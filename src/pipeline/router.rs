@@ -11,6 +11,7 @@ use crate::log::{LogRecord, OutRecord};
 use crate::model::{
     record, time, EventRecord, IdentityLink, InputRef, ProfileOpKind, Record, FORMAT_VERSION,
 };
+use crate::state::apply::stored;
 use prost::Message;
 use std::collections::HashMap;
 
@@ -163,14 +164,14 @@ impl Router {
         let (body, keep_input) = match n {
             Normalized::Zendesk { event, .. } => (
                 record::Body::Event(EventRecord {
-                    event: Some(event),
+                    event: Some(stored(&event)),
                     profile: None,
                 }),
                 false,
             ),
             Normalized::Custom { profile, event, .. } => (
                 record::Body::Event(EventRecord {
-                    event: Some(event),
+                    event: Some(stored(&event)),
                     profile: Some(profile),
                 }),
                 false,

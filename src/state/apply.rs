@@ -219,7 +219,6 @@ fn apply_event(
         };
     }
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
-    let event = stored(event);
     let newest = w
         .timeline
         .back()
@@ -327,7 +326,7 @@ mod tests {
         Record {
             log_time_ns: at,
             body: Some(record::Body::Event(EventRecord {
-                event: Some(Event {
+                event: Some(StoredEvent {
                     id: id.into(),
                     source: "s".into(),
                     r#type: "t".into(),
