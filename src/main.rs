@@ -2,6 +2,12 @@
 
 mod cli;
 
+/// mimalloc instead of glibc malloc: the pipeline allocates and frees many
+/// small and some large buffers per batch; glibc's spent over 20% of the CPU
+/// of a replay in `_int_malloc` and page faults (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
