@@ -31,6 +31,8 @@ fmt:
 # Every test: unit + property + embedded integration (real binary) + broker tests (real tansu)
 # + browser tests (headless Chromium).
 test: build tansu
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
 	cargo test --release -- --test-threads=2
 	bash tests/browser/run.sh
 

@@ -239,6 +239,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn layers_defaults_file_env_flags() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

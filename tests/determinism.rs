@@ -114,9 +114,11 @@ fn run(
     splits: &[usize],
     restarts: &[usize],
 ) -> (String, BTreeMap<String, ContextSnapshot>) {
-    let mut c = Config::default();
-    c.partitions = 3;
-    c.data_dir = dir.to_path_buf();
+    let mut c = Config {
+        partitions: 3,
+        data_dir: dir.to_path_buf(),
+        ..Config::default()
+    };
     c.snapshot.max_events = 5;
     c.timeline.max_events_per_user = 8;
     let outs: Vec<OutRecord> = recs

@@ -161,7 +161,7 @@ fn workload(users: usize, per_user: usize) -> Workload {
                 events += 1;
             }
             let (topic, v) = match i % 6 {
-                0 | 1 | 2 => (
+                0..=2 => (
                     "zendesk.events",
                     json!({"id": format!("z{n}"), "user_id": uid, "type": if i % 2 == 0 {"article_viewed"} else {"help_center_searched"}, "created_at": ts(n), "properties": {"article": {"display_name": format!("A{n}")}}}),
                 ),

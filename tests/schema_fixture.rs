@@ -18,10 +18,11 @@ const FIXTURE: &str = "tests/fixtures/records-v1.bin";
 const DIGEST: &str = "tests/fixtures/records-v1.digest";
 
 fn config(dir: &Path) -> Config {
-    let mut c = Config::default();
-    c.data_dir = dir.to_path_buf();
-    c.partitions = 4;
-    c
+    Config {
+        data_dir: dir.to_path_buf(),
+        partitions: 4,
+        ..Config::default()
+    }
 }
 
 fn open(c: &Config) -> EmbeddedLog {

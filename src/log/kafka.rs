@@ -71,7 +71,8 @@ pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
         .create()
         .map_err(kerr)?;
     let compact = [("cleanup.policy", "compact")];
-    let specs: Vec<(&str, i32, &[(&str, &str)])> = vec![
+    type TopicSpec<'a> = (&'a str, i32, &'a [(&'a str, &'a str)]);
+    let specs: Vec<TopicSpec> = vec![
         (&t.zendesk_events, n, &[]),
         (&t.sunshine_events, n, &[]),
         (&t.sunshine_profiles, n, &[]),

@@ -783,10 +783,9 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
             let m = restore.process(&store, &chunk)?;
             commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
         }
-        replayed = store
+        replayed += store
             .get_i64(CF_PART, &keys::part_offset(p as u32))?
-            .unwrap_or(0) as u64
-            + replayed;
+            .unwrap_or(0) as u64;
         progress(replayed);
         published += go_live(c, &store, &producer, &mut live, p as u32, &stop)?;
     }

@@ -222,13 +222,13 @@ fn apply_event(
     let newest = w
         .timeline
         .back()
-        .is_none_or(|e| event_order(e) <= event_order(&event));
+        .is_none_or(|e| event_order(e) <= event_order(event));
     if newest {
         w.timeline.push_back(event.clone());
     } else {
         let pos = w
             .timeline
-            .partition_point(|e| event_order(e) < event_order(&event));
+            .partition_point(|e| event_order(e) < event_order(event));
         w.timeline.insert(pos, event.clone());
     }
     w.ids.insert(event.id.clone());
