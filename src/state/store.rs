@@ -77,12 +77,20 @@ impl Store {
         block.set_block_cache(&cache);
         block.set_bloom_filter(10.0, false);
         block.set_cache_index_and_filter_blocks(true);
-        let cf_opts = || {
+        let cf_opts = |name: &str| {
             let mut c = Options::default();
             c.set_block_based_table_factory(&block);
             c.set_write_buffer_size(o.write_buffer_bytes);
             c.set_max_write_buffer_number(o.max_write_buffers);
             c.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if name == CF_USERS || name == CF_SNAP {
+                // Large, often rewritten values (a user's timeline, a snapshot) go
+                // to blob files: compaction then moves keys, not the values.
+                c.set_enable_blob_files(true);
+                c.set_min_blob_size(2048);
+                c.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
+                c.set_enable_blob_gc(true);
+            }
             c
         };
         let mut db_opts = Options::default();
@@ -93,7 +101,7 @@ impl Store {
         db_opts.set_max_total_wal_size(256 << 20);
         let cfs = ALL_CFS
             .iter()
-            .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts()));
+            .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
         let db =
             DB::open_cf_descriptors(&db_opts, &path, cfs).map_err(|source| StoreError::Open {
                 path: path.clone(),
