@@ -244,25 +244,27 @@ impl KafkaRuntime {
         type Stage = Box<dyn FnOnce() -> Result<(), PipelineError> + Send>;
         let stages: Vec<(&str, Stage)> = vec![
             ("follower", {
-                let (c, s, o, f, st) = (
+                let (c, s, p, o, f, st) = (
                     config.clone(),
                     store.clone(),
+                    producer.clone(),
                     own.clone(),
                     followed.clone(),
                     stop.clone(),
                 );
-                Box::new(move || crate::pipeline::kafka::run_follower(c, s, o, f, st))
+                Box::new(move || crate::pipeline::kafka::run_follower(c, s, p, o, f, st))
             }),
             ("router", {
-                let (c, s, p, r, f, st) = (
+                let (c, s, p, o, r, f, st) = (
                     config.clone(),
                     store.clone(),
                     producer.clone(),
+                    own.clone(),
                     ready.clone(),
                     followed.clone(),
                     stop.clone(),
                 );
-                Box::new(move || crate::pipeline::kafka::run_router(c, s, p, r, f, st))
+                Box::new(move || crate::pipeline::kafka::run_router(c, s, p, o, r, f, st))
             }),
             ("materializer", {
                 let (c, s, p, o, r, st) = (

@@ -57,9 +57,45 @@ pub struct Ownership {
     pub live: RwLock<HashSet<u32>>,
     /// instance -> (partitions, announced at ms).
     pub members: RwLock<HashMap<String, (Vec<u32>, i64)>>,
+    /// Set when a member fell silent while still holding partitions: the
+    /// stages leave and rejoin their groups, so the coordinator reassigns them.
+    pub rejoin_router: AtomicBool,
+    pub rejoin_materializer: AtomicBool,
 }
 
+/// How often every instance announces itself on the members topic.
+const ANNOUNCE_EVERY: Duration = Duration::from_secs(2);
+/// A member silent for this long while holding partitions nobody else
+/// serves is presumed dead.
+const SILENT_AFTER_MS: i64 = 20_000;
+
 impl Ownership {
+    /// Members silent for `SILENT_AFTER_MS` that still claim partitions no
+    /// live member serves; they are forgotten once reported.
+    pub fn take_silent(&self, now_ms: i64) -> Vec<String> {
+        let mine = self.live.read().expect("lock").clone();
+        let mut members = self.members.write().expect("lock");
+        let fresh: HashSet<u32> = members
+            .iter()
+            .filter(|(addr, (_, at))| **addr != self.me && now_ms - at < SILENT_AFTER_MS)
+            .flat_map(|(_, (parts, _))| parts.iter().copied())
+            .chain(mine.iter().copied())
+            .collect();
+        let silent: Vec<String> = members
+            .iter()
+            .filter(|(addr, (parts, at))| {
+                **addr != self.me
+                    && now_ms - at >= SILENT_AFTER_MS
+                    && parts.iter().any(|p| !fresh.contains(p))
+            })
+            .map(|(addr, _)| addr.clone())
+            .collect();
+        for a in &silent {
+            members.remove(a);
+        }
+        silent
+    }
+
     /// The HTTP address of another instance serving partition `p`, if any.
     pub fn remote_owner(&self, p: u32) -> Option<String> {
         if self.live.read().expect("lock").contains(&p) {
@@ -126,6 +162,7 @@ pub fn run_router(
     c: Config,
     store: Store,
     producer: KafkaProducer,
+    own: Arc<Ownership>,
     ready: Arc<Readiness>,
     followed: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -139,6 +176,10 @@ pub fn run_router(
     }
     let started = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if own.rejoin_router.swap(false, Ordering::AcqRel) {
+            consumer.unsubscribe();
+            consumer.subscribe(&c.topics.inputs()).map_err(kerr)?;
+        }
         let batch = poll_batch(
             &consumer,
             c.pipeline.batch_records,
@@ -203,6 +244,7 @@ pub fn run_router(
 pub fn run_follower(
     c: Config,
     store: Store,
+    producer: KafkaProducer,
     own: Arc<Ownership>,
     followed: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
@@ -246,7 +288,22 @@ pub fn run_follower(
     consumer.assign(&tpl).map_err(kerr)?;
     let limits = crate::app::limits(&c);
     let mut idle_since = Instant::now();
+    let mut last_announce = Instant::now();
     while !stop.load(Ordering::Acquire) {
+        if last_announce.elapsed() >= ANNOUNCE_EVERY {
+            last_announce = Instant::now();
+            // Heartbeat on the members topic (best effort: a missed one only
+            // delays proxying and dead-member detection).
+            if let Err(e) = announce(&c, &producer, &own, &stop) {
+                tracing::warn!(error = %e, "cannot announce on the members topic");
+            }
+            for addr in own.take_silent(crate::model::time::now_ms()) {
+                tracing::warn!(instance = %addr, "instance silent while holding partitions; rejoining the groups so they are reassigned");
+                metrics::counter!("contextd_silent_members_total").increment(1);
+                own.rejoin_router.store(true, Ordering::Release);
+                own.rejoin_materializer.store(true, Ordering::Release);
+            }
+        }
         let batch = poll_batch(&consumer, 10_000, Duration::from_millis(50))?;
         if batch.is_empty() {
             let reached = highs.values().all(|(pos, high)| pos >= high);
@@ -516,6 +573,10 @@ pub fn run_materializer(
     let started = Instant::now();
     let mut had_assignment = false;
     while !stop.load(Ordering::Acquire) {
+        if own.rejoin_materializer.swap(false, Ordering::AcqRel) {
+            consumer.unsubscribe();
+            consumer.subscribe(&[&topic]).map_err(kerr)?;
+        }
         let batch = poll_batch(
             &consumer,
             c.pipeline.batch_records,
