@@ -366,7 +366,7 @@ fn rebuild_and_checkpoint_keep_the_digest() {
     let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
     assert!(ok, "rebuild: {out} {err}");
     assert!(
-        out.contains("records/s") && out.contains("0 snapshots re-published"),
+        out.contains("entries/s") && out.contains("0 snapshots re-published"),
         "{out}"
     );
     assert_eq!(digest("rebuilt"), d0);

@@ -275,7 +275,7 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
     })?;
     let secs = r.elapsed.as_secs_f64().max(1e-9);
     println!(
-        "rebuilt {}: {} records replayed{} in {:.2}s ({:.0} records/s), {} snapshots re-published",
+        "rebuilt {}: {} records replayed{} in {:.2}s ({:.0} records-log entries/s), {} snapshots re-published",
         config.data_dir.display(),
         r.replayed,
         if from_inputs {
@@ -284,7 +284,7 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
             String::new()
         },
         secs,
-        (r.replayed + r.routed) as f64 / secs,
+        r.replayed as f64 / secs,
         r.republished
     );
     Ok(())

@@ -166,6 +166,8 @@ impl Materializer {
                 self.settings.insert(p, s);
                 settings_changed.insert(p);
                 applied += 1;
+                metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
+                    .increment(1);
                 continue;
             }
             let t = users
@@ -176,6 +178,8 @@ impl Materializer {
                 Outcome::Applied | Outcome::Duplicate => {
                     applied += 1;
                     t.last_log_ns = t.last_log_ns.max(r.log_time_ns);
+                    metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
+                        .increment(1);
                 }
                 Outcome::Rejected(err) => {
                     let inp = r.input.clone().unwrap_or_default();
@@ -190,8 +194,6 @@ impl Materializer {
                     out.push(dead_letter(&self.topics.dlq, &err, &src));
                 }
             }
-            metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
-                .increment(1);
         }
         let mut published = 0;
         let mut touched: Vec<_> = users.into_iter().collect();
