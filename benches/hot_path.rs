@@ -100,7 +100,13 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(snapshot::visible_hash(&full, &settings, 50)))
     });
     g.bench_function("snapshot_build_encode", |b| {
-        b.iter(|| black_box(snapshot::build(&full, &settings, 50).encode_to_vec().len()))
+        b.iter(|| {
+            black_box(
+                snapshot::build(&full, &settings, 50, &())
+                    .encode_to_vec()
+                    .len(),
+            )
+        })
     });
     g.bench_function("user_state_decode_encode_1000_events", |b| {
         let bytes = full.encode_to_vec();

@@ -19,6 +19,7 @@ use crate::snapshot;
 use crate::state::keys::{
     self, CF_CATALOG, CF_IDENT, CF_LOG, CF_META, CF_OUTBOX, CF_PART, CF_USERS,
 };
+use crate::state::store::StoreBodies;
 use crate::state::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::HashMap;
@@ -134,7 +135,7 @@ pub fn rebuild_embedded(
     };
     // Drop the materialized state; the last published snapshots (CF snap) are
     // kept so versions continue where consumers saw them.
-    store.clear_cfs(&[CF_USERS, CF_CATALOG, CF_PART, CF_OUTBOX])?;
+    store.clear_cfs(&[CF_USERS, CF_CATALOG, CF_PART, CF_OUTBOX, keys::CF_BODIES])?;
     if !from_inputs {
         store.clear_cfs(&[CF_IDENT])?;
     }
@@ -200,6 +201,7 @@ pub fn settle_snapshots(
                     st.snapshot_updated_at_ns = crate::model::time::from_timestamp(&old.updated_at);
                 }
                 let floor_at = st.snapshot_updated_at_ns;
+                let uid = st.user_id.clone();
                 let at = st
                     .timeline
                     .iter()
@@ -208,9 +210,18 @@ pub fn settle_snapshots(
                     .max()
                     .unwrap_or(0);
                 let floor = at.max(floor_at);
-                if let Some(snap) =
-                    snapshot::next_snapshot(&mut st, &settings, config.snapshot.max_events, floor)
-                {
+                if let Some(snap) = snapshot::next_snapshot(
+                    &mut st,
+                    &settings,
+                    config.snapshot.max_events,
+                    floor,
+                    &StoreBodies {
+                        store,
+                        partition: p,
+                        user_id: &uid,
+                        pending: None,
+                    },
+                ) {
                     mat.publish(store, &mut batch, &mut out, p, &snap);
                     republished += 1;
                 }

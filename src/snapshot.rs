@@ -43,13 +43,35 @@ pub fn profile_shown(s: &Settings, source: &str, ty: &str) -> bool {
     s.profiles_api && listed(&s.shown_profile_types, source, ty)
 }
 
-fn snap_event(e: &StoredEvent) -> SnapshotEventBytes {
+/// Where the properties of stored events are (they live beside the
+/// timeline, keyed by event id; older state keeps them inline).
+pub trait Bodies {
+    /// The encoded Struct properties of a timeline event without inline ones.
+    fn properties(&self, e: &StoredEvent) -> Vec<u8>;
+}
+
+/// Only inline properties (tests, benchmarks).
+impl Bodies for () {
+    fn properties(&self, _: &StoredEvent) -> Vec<u8> {
+        Vec::new()
+    }
+}
+
+pub fn properties_of(e: &StoredEvent, bodies: &impl Bodies) -> Vec<u8> {
+    if e.properties.is_empty() {
+        bodies.properties(e)
+    } else {
+        e.properties.clone()
+    }
+}
+
+fn snap_event(e: &StoredEvent, bodies: &impl Bodies) -> SnapshotEventBytes {
     SnapshotEventBytes {
         id: e.id.clone(),
         source: e.source.clone(),
         r#type: e.r#type.clone(),
         description: e.description.clone(),
-        properties: e.properties.clone(),
+        properties: properties_of(e, bodies),
         created_at: Some(time::to_timestamp(e.created_at_ns)),
         received_at: Some(time::to_timestamp(e.received_at_ns)),
     }
@@ -69,7 +91,12 @@ fn snap_profile(p: &Profile) -> SnapshotProfile {
 
 /// The visible content of a user's context (version and updated_at unset).
 /// `settings` must be `prepared`.
-pub fn build(state: &UserState, settings: &Settings, max_events: usize) -> ContextSnapshotBytes {
+pub fn build(
+    state: &UserState,
+    settings: &Settings,
+    max_events: usize,
+    bodies: &impl Bodies,
+) -> ContextSnapshotBytes {
     ContextSnapshotBytes {
         user_id: state.user_id.clone(),
         version: 0,
@@ -86,7 +113,7 @@ pub fn build(state: &UserState, settings: &Settings, max_events: usize) -> Conte
             .rev()
             .filter(|e| event_shown(settings, &e.source, &e.r#type))
             .take(max_events)
-            .map(snap_event)
+            .map(|e| snap_event(e, bodies))
             .collect(),
     }
 }
@@ -143,12 +170,13 @@ pub fn next_snapshot(
     settings: &Settings,
     max_events: usize,
     at_ns: i64,
+    bodies: &impl Bodies,
 ) -> Option<ContextSnapshotBytes> {
     let hash = visible_hash(state, settings, max_events);
     if hash == state.snapshot_hash {
         return None;
     }
-    let mut snap = build(state, settings, max_events);
+    let mut snap = build(state, settings, max_events, bodies);
     debug_assert_eq!(content_hash(&decode(&snap)), hash);
     state.snapshot_hash = hash;
     state.snapshot_version += 1;
@@ -181,8 +209,8 @@ pub fn decode(s: &ContextSnapshotBytes) -> ContextSnapshot {
     ContextSnapshot::decode(&s.encode_to_vec()[..]).expect("wire-identical encodings")
 }
 
-pub fn event_json(e: &StoredEvent) -> Value {
-    let props = prost_types::Struct::decode(&e.properties[..]).ok();
+pub fn event_json(e: &StoredEvent, bodies: &impl Bodies) -> Value {
+    let props = prost_types::Struct::decode(&properties_of(e, bodies)[..]).ok();
     json!({
         "id": e.id, "source": e.source, "type": e.r#type, "description": e.description,
         "properties": json::from_struct(&props),
@@ -272,14 +300,14 @@ mod tests {
 
     #[test]
     fn secure_by_default() {
-        let snap = build(&state(), &Settings::default(), 50);
+        let snap = build(&state(), &Settings::default(), 50, &());
         assert!(snap.events.is_empty() && snap.profiles.is_empty());
     }
 
     #[test]
     fn visibility_rules_and_order() {
         let s = state();
-        let snap = build(&s, &settings(true, true, true), 50);
+        let snap = build(&s, &settings(true, true, true), 50, &());
         assert_eq!(
             ids(&snap),
             ["d", "c", "b", "a"],
@@ -287,15 +315,18 @@ mod tests {
         );
         assert_eq!(snap.profiles.len(), 1);
         assert_eq!(
-            ids(&build(&s, &settings(true, false, true), 50)),
+            ids(&build(&s, &settings(true, false, true), 50, &())),
             ["d", "c", "a"]
         );
-        assert_eq!(ids(&build(&s, &settings(false, true, true), 50)), ["b"]);
-        assert!(build(&s, &settings(true, true, false), 50)
+        assert_eq!(
+            ids(&build(&s, &settings(false, true, true), 50, &())),
+            ["b"]
+        );
+        assert!(build(&s, &settings(true, true, false), 50, &())
             .profiles
             .is_empty());
         assert_eq!(
-            ids(&build(&s, &settings(true, true, true), 2)),
+            ids(&build(&s, &settings(true, true, true), 2, &())),
             ["d", "c"],
             "max events"
         );
@@ -305,22 +336,22 @@ mod tests {
     fn versions_start_at_one_and_grow_only_on_change() {
         let mut s = state();
         let on = settings(true, true, true);
-        let first = next_snapshot(&mut s, &on, 50, 10).unwrap();
+        let first = next_snapshot(&mut s, &on, 50, 10, &()).unwrap();
         assert_eq!(first.version, 1);
         assert!(
-            next_snapshot(&mut s, &on, 50, 11).is_none(),
+            next_snapshot(&mut s, &on, 50, 11, &()).is_none(),
             "same content, no new version"
         );
         s.timeline.push(event("f", "zendesk", "hidden", 9));
         assert!(
-            next_snapshot(&mut s, &on, 50, 12).is_none(),
+            next_snapshot(&mut s, &on, 50, 12, &()).is_none(),
             "hidden change, no new version"
         );
         s.timeline.push(event("g", "shop", "order", 9));
-        assert_eq!(next_snapshot(&mut s, &on, 50, 13).unwrap().version, 2);
-        let snap = next_snapshot(&mut s, &settings(false, false, false), 50, 14).unwrap();
+        assert_eq!(next_snapshot(&mut s, &on, 50, 13, &()).unwrap().version, 2);
+        let snap = next_snapshot(&mut s, &settings(false, false, false), 50, 14, &()).unwrap();
         assert_eq!((snap.version, snap.events.len()), (3, 0));
-        let back = next_snapshot(&mut s, &on, 50, 15).unwrap();
+        let back = next_snapshot(&mut s, &on, 50, 15, &()).unwrap();
         assert_eq!(
             back.events.len(),
             5,

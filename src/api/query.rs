@@ -5,6 +5,7 @@ use super::{blocking, ApiError, AppState};
 use crate::ingest::{normalize_identifier, ErrorCode, Rejection};
 use crate::model::{time, StoredEvent, UserState};
 use crate::snapshot;
+use crate::state::store::StoreBodies;
 use axum::extract::{OriginalUri, Path, Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -139,6 +140,12 @@ pub async fn events(
                 .is_none_or(|(ts, id)| (e.created_at_ns, e.id.as_str()) < (*ts, id.as_str()))
     });
     let page: Vec<&StoredEvent> = matching.by_ref().take(size).collect();
+    let bodies = StoreBodies {
+        store: &app.store,
+        partition: app.partition_of(&u.user_id),
+        user_id: &u.user_id,
+        pending: None,
+    };
     let has_more = matching.next().is_some();
     let after_cursor = if has_more {
         page.last().map(|e| encode_cursor(e))
@@ -146,7 +153,7 @@ pub async fn events(
         None
     };
     Ok(Json(json!({
-        "events": page.iter().map(|e| snapshot::event_json(e)).collect::<Vec<_>>(),
+        "events": page.iter().map(|e| snapshot::event_json(e, &bodies)).collect::<Vec<_>>(),
         "meta": {"has_more": has_more, "after_cursor": after_cursor},
     }))
     .into_response())

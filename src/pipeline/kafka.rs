@@ -30,6 +30,7 @@ use crate::log::{LogError, LogRecord, OutRecord};
 use crate::model::{record, ContextSnapshot, InputRef, Record, FORMAT_VERSION};
 use crate::snapshot;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_OUTBOX, CF_PART};
+use crate::state::store::StoreBodies;
 use crate::state::Store;
 use prost::Message as _;
 use rdkafka::client::ClientContext;
@@ -768,6 +769,7 @@ fn go_live(
                 }
             }
             let floor_at = st.snapshot_updated_at_ns;
+            let uid = st.user_id.clone();
             let at = st
                 .timeline
                 .iter()
@@ -776,9 +778,18 @@ fn go_live(
                 .max()
                 .unwrap_or(0);
             let floor = at.max(floor_at);
-            if let Some(snap) =
-                snapshot::next_snapshot(&mut st, &settings, c.snapshot.max_events, floor)
-            {
+            if let Some(snap) = snapshot::next_snapshot(
+                &mut st,
+                &settings,
+                c.snapshot.max_events,
+                floor,
+                &StoreBodies {
+                    store,
+                    partition: p,
+                    user_id: &uid,
+                    pending: None,
+                },
+            ) {
                 mat.publish(store, &mut batch, &mut out, p, &snap);
                 count += 1;
             }
@@ -805,6 +816,7 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
         keys::CF_CATALOG,
         keys::CF_PART,
         keys::CF_OUTBOX,
+        keys::CF_BODIES,
         CF_IDENT,
     ])?;
     store

@@ -15,6 +15,7 @@ use crate::model::{record, ContextSnapshotBytes, Record, Settings};
 use crate::snapshot;
 use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART, CF_SNAP};
+use crate::state::store::StoreBodies;
 use crate::state::Store;
 use prost::Message;
 use rocksdb::WriteBatch;
@@ -199,7 +200,14 @@ impl Materializer {
         let mut touched: Vec<_> = users.into_iter().collect();
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         for ((p, _), t) in touched {
-            let mut state = t.state.into_state();
+            let (mut state, new_bodies, dropped) = t.state.finish();
+            let cf = store.cf(keys::CF_BODIES);
+            for id in &dropped {
+                batch.delete_cf(cf, keys::body(p, &state.user_id, id));
+            }
+            for (id, b) in &new_bodies {
+                batch.put_cf(cf, keys::body(p, &state.user_id, id), b);
+            }
             if !self.opts.publish {
                 // Rebuild: snapshot versions are settled once at the end (replay::settle_snapshots).
                 store.put_user(&mut batch, p, &state);
@@ -211,8 +219,14 @@ impl Materializer {
             } else {
                 state.snapshot_updated_at_ns
             };
+            let bodies = StoreBodies {
+                store,
+                partition: p,
+                user_id: &state.user_id.clone(),
+                pending: Some(&new_bodies),
+            };
             if let Some(snap) =
-                snapshot::next_snapshot(&mut state, &settings, self.opts.max_events, at)
+                snapshot::next_snapshot(&mut state, &settings, self.opts.max_events, at, &bodies)
             {
                 self.publish(store, &mut batch, &mut out, p, &snap);
                 published += 1;
@@ -324,8 +338,15 @@ impl Materializer {
                 if in_batch.contains(st.user_id.as_str()) {
                     continue;
                 }
+                let uid = st.user_id.clone();
+                let bodies = StoreBodies {
+                    store,
+                    partition: p,
+                    user_id: &uid,
+                    pending: None,
+                };
                 if let Some(snap) =
-                    snapshot::next_snapshot(&mut st, &settings, self.opts.max_events, at)
+                    snapshot::next_snapshot(&mut st, &settings, self.opts.max_events, at, &bodies)
                 {
                     self.publish(store, batch, out, p, &snap);
                     *published += 1;

@@ -88,6 +88,11 @@ pub struct Working {
     pub state: UserState,
     timeline: VecDeque<StoredEvent>,
     ids: HashSet<String>,
+    /// Properties of events stored by this batch (event id -> encoded Struct):
+    /// they are written once, beside the timeline, never rewritten with it.
+    pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
+    /// Ids of events trimmed by this batch whose properties are in the store.
+    pub dropped_bodies: Vec<String>,
 }
 
 impl Working {
@@ -98,6 +103,8 @@ impl Working {
             state,
             timeline,
             ids,
+            new_bodies: Default::default(),
+            dropped_bodies: Vec::new(),
         }
     }
 
@@ -105,9 +112,27 @@ impl Working {
         &self.timeline
     }
 
-    pub fn into_state(mut self) -> UserState {
+    /// The state to store, with the bodies to write and delete.
+    pub fn finish(
+        mut self,
+    ) -> (
+        UserState,
+        std::collections::HashMap<String, Vec<u8>>,
+        Vec<String>,
+    ) {
         self.state.timeline = Vec::from(self.timeline);
-        self.state
+        (self.state, self.new_bodies, self.dropped_bodies)
+    }
+
+    /// The state with event properties inline (tests, benchmarks).
+    pub fn into_state(self) -> UserState {
+        let (mut st, mut bodies, _) = self.finish();
+        for e in &mut st.timeline {
+            if let Some(b) = bodies.remove(&e.id) {
+                e.properties = b;
+            }
+        }
+        st
     }
 }
 
@@ -219,23 +244,31 @@ fn apply_event(
         };
     }
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
+    let mut event = event.clone();
+    let props = std::mem::take(&mut event.properties);
     let newest = w
         .timeline
         .back()
-        .is_none_or(|e| event_order(e) <= event_order(event));
+        .is_none_or(|e| event_order(e) <= event_order(&event));
     if newest {
         w.timeline.push_back(event.clone());
     } else {
         let pos = w
             .timeline
-            .partition_point(|e| event_order(e) < event_order(event));
+            .partition_point(|e| event_order(e) < event_order(&event));
         w.timeline.insert(pos, event.clone());
     }
     w.ids.insert(event.id.clone());
+    if !props.is_empty() {
+        w.new_bodies.insert(event.id.clone(), props);
+    }
     let max = limits.max_events_per_user.max(1);
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {
             w.ids.remove(&old.id);
+            if w.new_bodies.remove(&old.id).is_none() && old.properties.is_empty() {
+                w.dropped_bodies.push(old.id);
+            }
         }
     }
     Outcome::Applied

@@ -7,19 +7,30 @@
 
 use super::apply::TypeKind;
 use super::keys::{self, CF_IDENT, CF_USERS};
-use super::store::{Store, StoreError};
+use super::store::{Store, StoreBodies, StoreError};
 use crate::model::{Profile, StoredEvent, UserState};
+use crate::snapshot::properties_of;
 use prost::Message;
 use rocksdb::IteratorMode;
 use sha2::{Digest, Sha256};
 
-fn user_hash(s: &UserState) -> [u8; 32] {
+/// A user's logical content: each event hashed with its properties, wherever
+/// they are stored (beside the timeline, or inline in older state).
+fn user_hash(store: &Store, p: u32, s: &UserState) -> [u8; 32] {
+    let bodies = StoreBodies {
+        store,
+        partition: p,
+        user_id: &s.user_id,
+        pending: None,
+    };
     let mut h = Sha256::new();
     h.update(s.user_id.as_bytes());
     h.update([0]);
     for e in &s.timeline {
         h.update(b"e");
-        h.update(StoredEvent::encode_to_vec(e));
+        let mut full = e.clone();
+        full.properties = properties_of(e, &bodies);
+        h.update(StoredEvent::encode_to_vec(&full));
     }
     for p in &s.profiles {
         h.update(b"p");
@@ -35,14 +46,14 @@ pub fn digest(store: &Store) -> Result<String, StoreError> {
         .iterator_cf(store.cf(CF_USERS), IteratorMode::Start)
     {
         let (k, v) = item?;
-        let Some((_, uid)) = keys::split_user(&k) else {
+        let Some((p, uid)) = keys::split_user(&k) else {
             continue;
         };
         let s = UserState::decode(&v[..]).map_err(|source| StoreError::Decode {
             what: "user state",
             source,
         })?;
-        users.push((uid.to_string(), user_hash(&s)));
+        users.push((uid.to_string(), user_hash(store, p, &s)));
     }
     users.sort();
     let mut h = Sha256::new();

@@ -10,12 +10,14 @@ pub const CF_IDENT: &str = "ident";
 pub const CF_CATALOG: &str = "catalog";
 pub const CF_PART: &str = "part";
 pub const CF_OUTBOX: &str = "outbox";
+/// Event properties, one value per stored event (written once, deleted on trim).
+pub const CF_BODIES: &str = "bodies";
 
-pub const ALL_CFS: [&str; 8] = [
-    CF_LOG, CF_META, CF_USERS, CF_SNAP, CF_IDENT, CF_CATALOG, CF_PART, CF_OUTBOX,
+pub const ALL_CFS: [&str; 9] = [
+    CF_LOG, CF_META, CF_USERS, CF_SNAP, CF_IDENT, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES,
 ];
 /// Column families holding materialized (rebuildable) state.
-pub const STATE_CFS: [&str; 5] = [CF_USERS, CF_SNAP, CF_CATALOG, CF_PART, CF_OUTBOX];
+pub const STATE_CFS: [&str; 6] = [CF_USERS, CF_SNAP, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES];
 
 pub fn partition_prefix(p: u32) -> [u8; 4] {
     p.to_be_bytes()
@@ -35,6 +37,14 @@ pub fn split_user(key: &[u8]) -> Option<(u32, &str)> {
     }
     let p = u32::from_be_bytes(key[..4].try_into().ok()?);
     Some((p, std::str::from_utf8(&key[4..]).ok()?))
+}
+
+/// bodies: partition + user_id + 0 + event id.
+pub fn body(p: u32, user_id: &str, event_id: &str) -> Vec<u8> {
+    let mut k = user(p, user_id);
+    k.push(0);
+    k.extend_from_slice(event_id.as_bytes());
+    k
 }
 
 /// catalog: partition + kind tag + source + 0 + type.

@@ -353,3 +353,30 @@ impl Store {
             .unwrap_or(0)
     }
 }
+
+/// Event properties stored beside the timelines (with the ones a batch has
+/// not written yet).
+pub struct StoreBodies<'a> {
+    pub store: &'a Store,
+    pub partition: u32,
+    pub user_id: &'a str,
+    pub pending: Option<&'a std::collections::HashMap<String, Vec<u8>>>,
+}
+
+impl crate::snapshot::Bodies for StoreBodies<'_> {
+    fn properties(&self, e: &crate::model::StoredEvent) -> Vec<u8> {
+        if let Some(b) = self.pending.and_then(|m| m.get(&e.id)) {
+            return b.clone();
+        }
+        match self
+            .store
+            .get_raw(CF_BODIES, &keys::body(self.partition, self.user_id, &e.id))
+        {
+            Ok(v) => v.unwrap_or_default(),
+            Err(err) => {
+                tracing::error!(error = %err, event = %e.id, "cannot read event properties");
+                Vec::new()
+            }
+        }
+    }
+}
