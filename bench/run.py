@@ -235,12 +235,11 @@ class Progress:
     """Reads contextd's counters and says when every input record has been handled.
 
     contextd counts records consumed by the router per input topic, records-log
-    entries processed by the materializer (`applied`, which includes entries the
-    materializer then dead-letters, e.g. not_found), and dead letters by input
-    topic and code. Every input record is done when the router consumed all of
-    them and the materializer processed every records-log entry of a user
-    record (one per input record the router did not dead-letter; the copies of
-    a settings record, one per partition, are not counted as applied).
+    entries applied by the materializer (`applied`: user records applied, plus
+    the copies of a settings record, one per partition), and dead letters by
+    input topic and code. Every input record is done when the router consumed
+    all of them and every records-log entry was either applied or
+    dead-lettered by the materializer (not_found).
     Router-stage dead letters have every code except not_found (which the
     materializer also emits); the workload generates valid records, so this
     only matters for hand-made inputs.
@@ -261,6 +260,7 @@ class Progress:
         consumed_settings = sum(v for l, v in series.get("contextd_records_consumed_total", []) if label(l, "topic") == SETTINGS_TOPIC)
         dl = series.get("contextd_records_dead_lettered_total", [])
         router_dl = sum(v for l, v in dl if label(l, "code") != "not_found")
+        materializer_dl = sum(v for l, v in dl if label(l, "code") == "not_found")
         batches = {}
         for name in ("contextd_batch_seconds_sum", "contextd_batch_seconds_count", "contextd_batch_records_sum", "contextd_batch_records_count"):
             for l, v in series.get(name, []):
@@ -272,6 +272,7 @@ class Progress:
             "applied": sums.get("contextd_records_applied_total", 0.0),
             "dead_lettered": sums.get("contextd_records_dead_lettered_total", 0.0),
             "router_dead_lettered": router_dl,
+            "materializer_dead_lettered": materializer_dl,
             "snapshots": sums.get("contextd_snapshots_published_total", 0.0),
             "snapshot_bytes": sums.get("contextd_snapshot_bytes_total", 0.0),
             "conflicts": sums.get("contextd_identity_conflicts_total", 0.0),
@@ -280,8 +281,9 @@ class Progress:
     def done(self, m):
         if m is None or m["consumed"] < self.total or m["consumed_settings"] < self.settings:
             return False
-        # Settings entries are not counted as applied (they are state-wide, not user records).
-        return m["applied"] >= self.total - m["router_dead_lettered"]
+        # Each settings record is applied once per partition.
+        want = self.total - m["router_dead_lettered"] + self.settings * self.partitions
+        return m["applied"] + m["materializer_dead_lettered"] >= want
 
 
 def batch_summary(m):
