@@ -31,6 +31,8 @@ fmt:
 # Every test: unit + property + embedded integration (real binary) + broker tests (real tansu)
 # + browser tests (headless Chromium).
 test: build tansu
+	python3 -m pip install -q compose-spec==0.2.1 2>/dev/null || python3 -m pip install -q --break-system-packages compose-spec==0.2.1
+	python3 scripts/check_compose.py
 	cargo fmt --check
 	cargo clippy --release --all-targets -- -D warnings
 	cargo test --release -- --test-threads=2
