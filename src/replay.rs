@@ -173,8 +173,79 @@ pub fn rebuild_embedded(
     })
 }
 
-/// After a replay: every user's version continues from the last snapshot
-/// published; a snapshot is published only where the visible content differs.
+/// The last snapshot published for a user: its version, the hash of its
+/// visible content if known, and its time.
+pub struct Published {
+    pub version: u64,
+    pub hash: Option<Vec<u8>>,
+    pub updated_at_ns: i64,
+}
+
+/// After a replay or a partition restore (the one code path for both):
+/// every user of partition `p` continues from the last snapshot published
+/// (`published`), and a snapshot is published only where the visible
+/// content differs from it (or its content is unknown). `commit` makes each
+/// page of users durable with the snapshots it publishes.
+pub fn settle_partition(
+    store: &Store,
+    mat: &mut Materializer,
+    p: u32,
+    max_events: usize,
+    published: &dyn Fn(&str) -> Result<Option<Published>, PipelineError>,
+    commit: &mut dyn FnMut(
+        rocksdb::WriteBatch,
+        Vec<crate::log::OutRecord>,
+    ) -> Result<(), PipelineError>,
+) -> Result<usize, PipelineError> {
+    let settings = mat.settings(store, p)?;
+    let mut count = 0;
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.users_page(p, after.as_deref(), 1024)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.user_id.clone());
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut out = Vec::new();
+        for mut st in page {
+            if let Some(last) = published(&st.user_id)? {
+                if last.version > st.snapshot_version
+                    || (last.version == st.snapshot_version && last.hash.is_some())
+                {
+                    st.snapshot_version = last.version;
+                    st.snapshot_hash = last.hash.unwrap_or_default();
+                    st.snapshot_updated_at_ns = st.snapshot_updated_at_ns.max(last.updated_at_ns);
+                }
+            }
+            let uid = st.user_id.clone();
+            let latest = st
+                .timeline
+                .iter()
+                .map(|e| e.received_at_ns)
+                .chain(st.profiles.iter().map(|x| x.updated_at_ns))
+                .max()
+                .unwrap_or(0)
+                .max(st.snapshot_updated_at_ns);
+            let bodies = StoreBodies {
+                store,
+                partition: p,
+                user_id: &uid,
+                pending: None,
+            };
+            if let Some(snap) =
+                snapshot::next_snapshot(&mut st, &settings, max_events, latest, &bodies)
+            {
+                mat.publish(store, &mut batch, &mut out, p, &snap);
+                count += 1;
+            }
+            store.put_user(&mut batch, p, &st);
+        }
+        commit(batch, out)?;
+    }
+    Ok(count)
+}
+
+/// After a rebuild of an embedded data dir: versions continue from the
+/// snapshots kept in the state (the rebuild does not drop them).
 pub fn settle_snapshots(
     config: &Config,
     log: &EmbeddedLog,
@@ -183,52 +254,31 @@ pub fn settle_snapshots(
     let store = log.store();
     let mut republished = 0;
     for p in 0..config.partitions {
-        let settings = mat.settings(store, p)?;
-        let mut after: Option<String> = None;
-        loop {
-            let page = store.users_page(p, after.as_deref(), 1024)?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.user_id.clone());
-            let mut batch = rocksdb::WriteBatch::default();
-            let mut out = Vec::new();
-            for mut st in page {
-                if let Some(old) = store.get_snapshot(p, &st.user_id)? {
-                    let mut content = old.clone();
-                    content.version = 0;
-                    content.updated_at = None;
-                    st.snapshot_hash = snapshot::content_hash(&content);
-                    st.snapshot_version = old.version;
-                    st.snapshot_updated_at_ns = crate::model::time::from_timestamp(&old.updated_at);
+        let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
+            Ok(store.get_snapshot(p, uid)?.map(|old| {
+                let mut content = old.clone();
+                content.version = 0;
+                content.updated_at = None;
+                Published {
+                    version: old.version,
+                    hash: Some(snapshot::content_hash(&content)),
+                    updated_at_ns: crate::model::time::from_timestamp(&old.updated_at),
                 }
-                let floor_at = st.snapshot_updated_at_ns;
-                let uid = st.user_id.clone();
-                let at = st
-                    .timeline
-                    .iter()
-                    .map(|e| e.received_at_ns)
-                    .chain(st.profiles.iter().map(|p| p.updated_at_ns))
-                    .max()
-                    .unwrap_or(0);
-                let floor = at.max(floor_at);
-                if let Some(snap) = snapshot::next_snapshot(
-                    &mut st,
-                    &settings,
-                    config.snapshot.max_events,
-                    floor,
-                    &StoreBodies {
-                        store,
-                        partition: p,
-                        user_id: &uid,
-                        pending: None,
-                    },
-                ) {
-                    mat.publish(store, &mut batch, &mut out, p, &snap);
-                    republished += 1;
-                }
-                store.put_user(&mut batch, p, &st);
-            }
-            log.commit(batch, &out)?;
-        }
+            }))
+        };
+        let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
+            log.commit(batch, &out)
+                .map(|_| ())
+                .map_err(PipelineError::from)
+        };
+        republished += settle_partition(
+            store,
+            mat,
+            p,
+            config.snapshot.max_events,
+            &published,
+            &mut commit,
+        )? as u64;
     }
     Ok(republished)
 }

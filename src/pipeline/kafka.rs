@@ -28,9 +28,8 @@ use crate::log::kafka::{
 };
 use crate::log::{LogError, LogRecord, OutRecord};
 use crate::model::{record, ContextSnapshot, InputRef, Record, FORMAT_VERSION};
-use crate::snapshot;
+use crate::replay::{settle_partition, Published};
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_OUTBOX, CF_PART};
-use crate::state::store::StoreBodies;
 use crate::state::Store;
 use prost::Message as _;
 use rdkafka::client::ClientContext;
@@ -752,51 +751,23 @@ fn go_live(
         )
         .map_err(PipelineError::from)
     })?;
-    let settings = mat.settings(store, p)?;
-    let mut count = 0;
-    let mut after: Option<String> = None;
-    loop {
-        let page = store.users_page(p, after.as_deref(), 1024)?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.user_id.clone());
-        let mut batch = WriteBatch::default();
-        let mut out = Vec::new();
-        for mut st in page {
-            if let Some(v) = published_versions.get(&st.user_id) {
-                if *v > st.snapshot_version {
-                    st.snapshot_version = *v;
-                    st.snapshot_hash.clear();
-                }
-            }
-            let floor_at = st.snapshot_updated_at_ns;
-            let uid = st.user_id.clone();
-            let at = st
-                .timeline
-                .iter()
-                .map(|e| e.received_at_ns)
-                .chain(st.profiles.iter().map(|x| x.updated_at_ns))
-                .max()
-                .unwrap_or(0);
-            let floor = at.max(floor_at);
-            if let Some(snap) = snapshot::next_snapshot(
-                &mut st,
-                &settings,
-                c.snapshot.max_events,
-                floor,
-                &StoreBodies {
-                    store,
-                    partition: p,
-                    user_id: &uid,
-                    pending: None,
-                },
-            ) {
-                mat.publish(store, &mut batch, &mut out, p, &snap);
-                count += 1;
-            }
-            store.put_user(&mut batch, p, &st);
-        }
-        commit_with_outbox(store, producer, batch, &out, stop)?;
-    }
+    let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
+        Ok(published_versions.get(uid).map(|v| Published {
+            version: *v,
+            hash: None,
+            updated_at_ns: 0,
+        }))
+    };
+    let mut commit =
+        |batch, out: Vec<OutRecord>| commit_with_outbox(store, producer, batch, &out, stop);
+    let count = settle_partition(
+        store,
+        mat,
+        p,
+        c.snapshot.max_events,
+        &published,
+        &mut commit,
+    )?;
     let mut wb = WriteBatch::default();
     store.put_i64(&mut wb, CF_PART, &pos_key, next);
     store.write(wb)?;
