@@ -181,6 +181,20 @@ pub struct Published {
     pub updated_at_ns: i64,
 }
 
+impl Published {
+    /// From a snapshot kept in the state.
+    pub fn of(old: &crate::model::ContextSnapshot) -> Published {
+        let mut content = old.clone();
+        content.version = 0;
+        content.updated_at = None;
+        Published {
+            version: old.version,
+            hash: Some(snapshot::content_hash(&content)),
+            updated_at_ns: crate::model::time::from_timestamp(&old.updated_at),
+        }
+    }
+}
+
 /// After a replay or a partition restore (the one code path for both):
 /// every user of partition `p` continues from the last snapshot published
 /// (`published`), and a snapshot is published only where the visible
@@ -255,16 +269,7 @@ pub fn settle_snapshots(
     let mut republished = 0;
     for p in 0..config.partitions {
         let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-            Ok(store.get_snapshot(p, uid)?.map(|old| {
-                let mut content = old.clone();
-                content.version = 0;
-                content.updated_at = None;
-                Published {
-                    version: old.version,
-                    hash: Some(snapshot::content_hash(&content)),
-                    updated_at_ns: crate::model::time::from_timestamp(&old.updated_at),
-                }
-            }))
+            Ok(store.get_snapshot(p, uid)?.as_ref().map(Published::of))
         };
         let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
             log.commit(batch, &out)

@@ -329,6 +329,33 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
         assert_eq!(d["error"]["code"], "invalid_json");
         assert_eq!(d["topic"], "sunshine.events");
     }
+    // Lag is a metric; SIGTERM exits cleanly; a rebuild from the records topic keeps the digest.
+    s.wait_for(20, "consumer lag metric", |s| {
+        let (_, m) = s.get("/metrics");
+        m.as_str()
+            .is_some_and(|t| t.contains("contextd_consumer_lag{"))
+            .then_some(())
+    });
+    let mut s = s;
+    assert_eq!(s.stop(), Some(0));
+    let data = dir.path().join("k1");
+    let d = data.to_str().unwrap();
+    let (ok, before, err) = common::run_cli(&["digest", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = common::run_cli(&[
+        "rebuild",
+        "--data-dir",
+        d,
+        "--brokers",
+        &broker.addr,
+        "--partitions",
+        "4",
+    ]);
+    assert!(ok, "kafka rebuild: {out} {err}");
+    assert!(out.contains("0 snapshots re-published"), "{out}");
+    let (ok, after, err) = common::run_cli(&["digest", "--data-dir", d]);
+    assert!(ok, "{err}");
+    assert_eq!(before, after, "digest after a Kafka-mode rebuild");
 }
 
 #[test]

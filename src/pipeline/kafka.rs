@@ -174,11 +174,16 @@ pub fn run_router(
     while !followed.load(Ordering::Acquire) && !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let mut last_lag = Instant::now();
     let started = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if own.rejoin_router.swap(false, Ordering::AcqRel) {
             consumer.unsubscribe();
             consumer.subscribe(&c.topics.inputs()).map_err(kerr)?;
+        }
+        if last_lag.elapsed() >= LAG_EVERY {
+            last_lag = Instant::now();
+            report_lag(&consumer, "route");
         }
         let batch = poll_batch(
             &consumer,
@@ -572,6 +577,7 @@ pub fn run_materializer(
     let mut parts: BTreeMap<i32, PartState> = BTreeMap::new();
     let started = Instant::now();
     let mut had_assignment = false;
+    let mut last_lag = Instant::now();
     while !stop.load(Ordering::Acquire) {
         if own.rejoin_materializer.swap(false, Ordering::AcqRel) {
             consumer.unsubscribe();
@@ -672,9 +678,34 @@ pub fn run_materializer(
             metrics::gauge!("contextd_partition_live", "partition" => p.to_string())
                 .set(if s.live { 1.0 } else { 0.0 });
         }
+        if last_lag.elapsed() >= LAG_EVERY {
+            last_lag = Instant::now();
+            report_lag(&consumer, "materialize");
+        }
     }
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
     Ok(())
+}
+
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
+/// `contextd_consumer_lag{stage,topic,partition}`: the broker's end offset
+/// minus this consumer's position, for every assigned partition.
+fn report_lag<C: ConsumerContext>(consumer: &BaseConsumer<C>, stage: &'static str) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    for e in positions.elements() {
+        let rdkafka::Offset::Offset(pos) = e.offset() else {
+            continue;
+        };
+        if let Ok((_, high)) =
+            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_millis(500))
+        {
+            metrics::gauge!("contextd_consumer_lag", "stage" => stage, "topic" => e.topic().to_string(), "partition" => e.partition().to_string())
+                .set((high - pos).max(0) as f64);
+        }
+    }
 }
 
 /// Tells every instance which partitions this one serves.
@@ -751,12 +782,20 @@ fn go_live(
         )
         .map_err(PipelineError::from)
     })?;
+    // The highest version on the topic wins; its content is known when this
+    // instance published it itself (kept in the state), else it is re-sent.
     let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-        Ok(published_versions.get(uid).map(|v| Published {
-            version: *v,
-            hash: None,
-            updated_at_ns: 0,
-        }))
+        let local = store.get_snapshot(p, uid)?;
+        Ok(match (published_versions.get(uid), local) {
+            (Some(v), Some(old)) if old.version == *v => Some(Published::of(&old)),
+            (Some(v), _) => Some(Published {
+                version: *v,
+                hash: None,
+                updated_at_ns: 0,
+            }),
+            (None, Some(old)) => Some(Published::of(&old)),
+            (None, None) => None,
+        })
     };
     let mut commit =
         |batch, out: Vec<OutRecord>| commit_with_outbox(store, producer, batch, &out, stop);
