@@ -228,7 +228,13 @@ impl KafkaProducer {
             return Ok(());
         }
         let futs = self.futures(recs)?;
-        futures::executor::block_on(Self::await_all(futs))
+        let r = futures::executor::block_on(Self::await_all(futs));
+        if r.is_err() {
+            if let Some((code, reason)) = self.inner.client().fatal_error() {
+                return Err(LogError::KafkaFatal(format!("{code:?}: {reason}")));
+            }
+        }
+        r
     }
 
     /// Appends and waits for every ack (async; for HTTP handlers).

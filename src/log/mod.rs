@@ -37,6 +37,12 @@ pub enum LogError {
     Store(#[from] crate::state::StoreError),
     #[error("kafka: {0}")]
     Kafka(String),
+    /// The client can no longer be used (e.g. an idempotent producer's fatal
+    /// error): retrying cannot help; the process stops so it is restarted.
+    #[error(
+        "fatal kafka client error: {0}; restart contextd (state and the outbox make this safe)"
+    )]
+    KafkaFatal(String),
 }
 
 impl From<rocksdb::Error> for LogError {
