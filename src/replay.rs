@@ -16,13 +16,9 @@ use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
 use crate::snapshot;
-use crate::state::keys::{
-    self, CF_CATALOG, CF_IDENT, CF_LOG, CF_META, CF_OUTBOX, CF_PART, CF_USERS,
-};
-use crate::state::store::StoreBodies;
+use crate::state::keys::{self, CF_IDENT, CF_LOG, CF_META};
 use crate::state::Store;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,7 +131,7 @@ pub fn rebuild_embedded(
     };
     // Drop the materialized state; the last published snapshots (CF snap) are
     // kept so versions continue where consumers saw them.
-    store.clear_cfs(&[CF_USERS, CF_CATALOG, CF_PART, CF_OUTBOX, keys::CF_BODIES])?;
+    store.clear_cfs(&keys::REBUILT_CFS)?;
     if !from_inputs {
         store.clear_cfs(&[CF_IDENT])?;
     }
@@ -204,7 +200,6 @@ pub fn settle_partition(
     store: &Store,
     mat: &mut Materializer,
     p: u32,
-    max_events: usize,
     published: &dyn Fn(&str) -> Result<Option<Published>, PipelineError>,
     commit: &mut dyn FnMut(
         rocksdb::WriteBatch,
@@ -230,7 +225,6 @@ pub fn settle_partition(
                     st.snapshot_updated_at_ns = st.snapshot_updated_at_ns.max(last.updated_at_ns);
                 }
             }
-            let uid = st.user_id.clone();
             let latest = st
                 .timeline
                 .iter()
@@ -239,16 +233,9 @@ pub fn settle_partition(
                 .max()
                 .unwrap_or(0)
                 .max(st.snapshot_updated_at_ns);
-            let bodies = StoreBodies {
-                store,
-                partition: p,
-                user_id: &uid,
-                pending: None,
-            };
-            if let Some(snap) =
-                snapshot::next_snapshot(&mut st, &settings, max_events, latest, &bodies)
-            {
-                mat.publish(store, &mut batch, &mut out, p, &snap);
+            if mat.snapshot_if_changed(
+                store, &mut batch, &mut out, p, &settings, &mut st, latest, None,
+            ) {
                 count += 1;
             }
             store.put_user(&mut batch, p, &st);
@@ -276,26 +263,7 @@ pub fn settle_snapshots(
                 .map(|_| ())
                 .map_err(PipelineError::from)
         };
-        republished += settle_partition(
-            store,
-            mat,
-            p,
-            config.snapshot.max_events,
-            &published,
-            &mut commit,
-        )? as u64;
+        republished += settle_partition(store, mat, p, &published, &mut commit)? as u64;
     }
     Ok(republished)
-}
-
-/// Records the positions of every stage as a map (for tests and tools).
-pub fn positions(store: &Store, partitions: u32) -> Result<HashMap<u32, i64>, PipelineError> {
-    let mut m = HashMap::new();
-    for p in 0..partitions {
-        m.insert(
-            p,
-            store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0),
-        );
-    }
-    Ok(m)
 }

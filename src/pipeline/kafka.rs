@@ -799,14 +799,7 @@ fn go_live(
     };
     let mut commit =
         |batch, out: Vec<OutRecord>| commit_with_outbox(store, producer, batch, &out, stop);
-    let count = settle_partition(
-        store,
-        mat,
-        p,
-        c.snapshot.max_events,
-        &published,
-        &mut commit,
-    )?;
+    let count = settle_partition(store, mat, p, &published, &mut commit)?;
     let mut wb = WriteBatch::default();
     store.put_i64(&mut wb, CF_PART, &pos_key, next);
     store.write(wb)?;
@@ -821,14 +814,8 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     crate::log::kafka::ensure_topics(c)?;
     let store = Store::open(&c.data_dir, &c.store_options())?;
     store.check_partitions(c.partitions)?;
-    store.clear_cfs(&[
-        keys::CF_USERS,
-        keys::CF_CATALOG,
-        keys::CF_PART,
-        keys::CF_OUTBOX,
-        keys::CF_BODIES,
-        CF_IDENT,
-    ])?;
+    store.clear_cfs(&keys::REBUILT_CFS)?;
+    store.clear_cfs(&[CF_IDENT])?;
     store
         .db()
         .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;

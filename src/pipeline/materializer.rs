@@ -219,16 +219,16 @@ impl Materializer {
             } else {
                 state.snapshot_updated_at_ns
             };
-            let bodies = StoreBodies {
+            if self.snapshot_if_changed(
                 store,
-                partition: p,
-                user_id: &state.user_id.clone(),
-                pending: Some(&new_bodies),
-            };
-            if let Some(snap) =
-                snapshot::next_snapshot(&mut state, &settings, self.opts.max_events, at, &bodies)
-            {
-                self.publish(store, &mut batch, &mut out, p, &snap);
+                &mut batch,
+                &mut out,
+                p,
+                &settings,
+                &mut state,
+                at,
+                Some(&new_bodies),
+            ) {
                 published += 1;
             }
             store.put_user(&mut batch, p, &state);
@@ -253,6 +253,36 @@ impl Materializer {
             published,
             applied,
         })
+    }
+
+    /// Publishes a new snapshot of `state` if its visible context changed since
+    /// the last one (`pending`: properties this batch has not written yet).
+    #[allow(clippy::too_many_arguments)]
+    pub fn snapshot_if_changed(
+        &self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        out: &mut Vec<OutRecord>,
+        p: u32,
+        settings: &Settings,
+        state: &mut crate::model::UserState,
+        at_ns: i64,
+        pending: Option<&HashMap<String, Vec<u8>>>,
+    ) -> bool {
+        let uid = state.user_id.clone();
+        let bodies = StoreBodies {
+            store,
+            partition: p,
+            user_id: &uid,
+            pending,
+        };
+        match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, &bodies) {
+            Some(snap) => {
+                self.publish(store, batch, out, p, &snap);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Stores the user's latest snapshot and queues it for the snapshots topic.
@@ -338,17 +368,7 @@ impl Materializer {
                 if in_batch.contains(st.user_id.as_str()) {
                     continue;
                 }
-                let uid = st.user_id.clone();
-                let bodies = StoreBodies {
-                    store,
-                    partition: p,
-                    user_id: &uid,
-                    pending: None,
-                };
-                if let Some(snap) =
-                    snapshot::next_snapshot(&mut st, &settings, self.opts.max_events, at, &bodies)
-                {
-                    self.publish(store, batch, out, p, &snap);
+                if self.snapshot_if_changed(store, batch, out, p, &settings, &mut st, at, None) {
                     *published += 1;
                     store.put_user(batch, p, &st);
                 }

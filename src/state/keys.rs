@@ -16,8 +16,9 @@ pub const CF_BODIES: &str = "bodies";
 pub const ALL_CFS: [&str; 9] = [
     CF_LOG, CF_META, CF_USERS, CF_SNAP, CF_IDENT, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES,
 ];
-/// Column families holding materialized (rebuildable) state.
-pub const STATE_CFS: [&str; 6] = [CF_USERS, CF_SNAP, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES];
+/// Column families a rebuild drops and replays. The last snapshot per user
+/// (`CF_SNAP`) is kept, so versions continue where consumers saw them.
+pub const REBUILT_CFS: [&str; 5] = [CF_USERS, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES];
 
 pub fn partition_prefix(p: u32) -> [u8; 4] {
     p.to_be_bytes()

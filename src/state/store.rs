@@ -275,9 +275,8 @@ impl Store {
             None => prefix.to_vec(),
         };
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound((p as u64 + 1).to_be_bytes()[4..].to_vec());
-        if p == u32::MAX {
-            ro = ReadOptions::default();
+        if let Some(next) = p.checked_add(1) {
+            ro.set_iterate_upper_bound(keys::partition_prefix(next).to_vec());
         }
         let mut out = Vec::new();
         for item in self.db.iterator_cf_opt(
