@@ -35,25 +35,19 @@ pub enum AppendError {
 impl Appender {
     /// Appends records; returns once they are durable (embedded) or acknowledged (Kafka).
     pub async fn append(&self, records: Vec<OutRecord>) -> Result<(), AppendError> {
+        let n = records.len() as u64;
+        let topic = records.first().map(|r| r.topic.clone()).unwrap_or_default();
         match self {
             Appender::Embedded(log) => {
                 let log = log.clone();
-                let n = records.len() as u64;
-                let topic = records.first().map(|r| r.topic.clone()).unwrap_or_default();
                 tokio::task::spawn_blocking(move || log.append(&records))
                     .await
                     .map_err(|e| AppendError::Join(e.to_string()))??;
-                metrics::counter!("contextd_http_appends_total", "topic" => topic).increment(n);
-                Ok(())
             }
-            Appender::Kafka(p) => {
-                let n = records.len() as u64;
-                let topic = records.first().map(|r| r.topic.clone()).unwrap_or_default();
-                p.send_all(records).await?;
-                metrics::counter!("contextd_http_appends_total", "topic" => topic).increment(n);
-                Ok(())
-            }
+            Appender::Kafka(p) => p.send_all(records).await?,
         }
+        metrics::counter!("contextd_http_appends_total", "topic" => topic).increment(n);
+        Ok(())
     }
 }
 
@@ -101,7 +95,6 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
         },
         max_events: c.snapshot.max_events,
         format: c.snapshot_format,
-        partitions: c.partitions,
         publish,
     }
 }

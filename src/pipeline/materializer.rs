@@ -26,7 +26,6 @@ pub struct MaterializerOptions {
     pub limits: ApplyLimits,
     pub max_events: usize,
     pub format: SnapshotFormat,
-    pub partitions: u32,
     /// Publish snapshots (false during rebuild: versions are kept, nothing re-sent).
     pub publish: bool,
 }
