@@ -15,7 +15,6 @@ use crate::pipeline::embedded::RouterStep;
 use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
-use crate::snapshot;
 use crate::state::keys::{self, CF_IDENT, CF_LOG, CF_META};
 use crate::state::Store;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -178,15 +177,13 @@ pub struct Published {
 }
 
 impl Published {
-    /// From a snapshot kept in the state.
-    pub fn of(old: &crate::model::ContextSnapshot) -> Published {
-        let mut content = old.clone();
-        content.version = 0;
-        content.updated_at = None;
+    /// From the mark of the last snapshot published (a mark without a hash,
+    /// written by an older version, leaves the content unknown: re-sent).
+    pub fn of(mark: &crate::model::SnapshotMark) -> Published {
         Published {
-            version: old.version,
-            hash: Some(snapshot::content_hash(&content)),
-            updated_at_ns: crate::model::time::from_timestamp(&old.updated_at),
+            version: mark.version,
+            hash: (!mark.content_hash.is_empty()).then(|| mark.content_hash.clone()),
+            updated_at_ns: crate::model::time::from_timestamp(&mark.updated_at),
         }
     }
 }
@@ -256,7 +253,7 @@ pub fn settle_snapshots(
     let mut republished = 0;
     for p in 0..config.partitions {
         let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-            Ok(store.get_snapshot(p, uid)?.as_ref().map(Published::of))
+            Ok(store.get_mark(p, uid)?.as_ref().map(Published::of))
         };
         let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
             log.commit(batch, &out)

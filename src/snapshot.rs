@@ -48,6 +48,11 @@ pub fn profile_shown(s: &Settings, source: &str, ty: &str) -> bool {
 pub trait Bodies {
     /// The encoded Struct properties of a timeline event without inline ones.
     fn properties(&self, e: &StoredEvent) -> Vec<u8>;
+
+    /// The properties of many events (a store answers them in one lookup).
+    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
+        events.iter().map(|e| self.properties(e)).collect()
+    }
 }
 
 /// Only inline properties (tests, benchmarks).
@@ -65,13 +70,13 @@ pub fn properties_of(e: &StoredEvent, bodies: &impl Bodies) -> Vec<u8> {
     }
 }
 
-fn snap_event(e: &StoredEvent, bodies: &impl Bodies) -> SnapshotEventBytes {
+fn snap_event(e: &StoredEvent, properties: Vec<u8>) -> SnapshotEventBytes {
     SnapshotEventBytes {
         id: e.id.clone(),
         source: e.source.clone(),
         r#type: e.r#type.clone(),
         description: e.description.clone(),
-        properties: properties_of(e, bodies),
+        properties,
         created_at: Some(time::to_timestamp(e.created_at_ns)),
         received_at: Some(time::to_timestamp(e.received_at_ns)),
     }
@@ -107,15 +112,42 @@ pub fn build(
             .filter(|p| profile_shown(settings, &p.source, &p.r#type))
             .map(snap_profile)
             .collect(),
-        events: state
-            .timeline
-            .iter()
-            .rev()
-            .filter(|e| event_shown(settings, &e.source, &e.r#type))
-            .take(max_events)
-            .map(|e| snap_event(e, bodies))
-            .collect(),
+        events: shown_events(state, settings, max_events, bodies),
     }
+}
+
+/// The shown events, newest first, with their properties (the ones not
+/// inline fetched in one `properties_many` call).
+fn shown_events(
+    state: &UserState,
+    settings: &Settings,
+    max_events: usize,
+    bodies: &impl Bodies,
+) -> Vec<SnapshotEventBytes> {
+    let shown: Vec<&StoredEvent> = state
+        .timeline
+        .iter()
+        .rev()
+        .filter(|e| event_shown(settings, &e.source, &e.r#type))
+        .take(max_events)
+        .collect();
+    let missing: Vec<&StoredEvent> = shown
+        .iter()
+        .copied()
+        .filter(|e| e.properties.is_empty())
+        .collect();
+    let mut fetched = bodies.properties_many(&missing).into_iter();
+    shown
+        .into_iter()
+        .map(|e| {
+            let props = if e.properties.is_empty() {
+                fetched.next().unwrap_or_default()
+            } else {
+                e.properties.clone()
+            };
+            snap_event(e, props)
+        })
+        .collect()
 }
 
 /// Hash of a snapshot's visible content (version and updated_at ignored):

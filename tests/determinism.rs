@@ -11,7 +11,7 @@ use contextd::pipeline::embedded::{MaterializerStep, RouterStep};
 use contextd::pipeline::materializer::Materializer;
 use contextd::pipeline::router::Router;
 use contextd::state::digest::digest;
-use contextd::state::keys::CF_SNAP;
+use contextd::state::keys::{split_user, CF_USERS};
 use contextd::state::Store;
 use proptest::prelude::*;
 use prost::Message;
@@ -169,17 +169,40 @@ fn run(
         }
     }
     let store = log.store();
+    // The last snapshot published per user (from the embedded snapshots log)...
+    let mut published = BTreeMap::new();
+    for (p, end) in log.end_offsets(&c.topics.snapshots).into_iter().enumerate() {
+        for r in log
+            .read(&c.topics.snapshots, p as i32, 0, end as usize)
+            .unwrap()
+        {
+            let s = ContextSnapshot::decode(&r.value[..]).unwrap();
+            published.insert(s.user_id.clone(), s);
+        }
+    }
+    // ...is what the query API builds from the state.
     let mut snaps = BTreeMap::new();
     for item in store
         .db()
-        .iterator_cf(store.cf(CF_SNAP), rocksdb::IteratorMode::Start)
+        .iterator_cf(store.cf(CF_USERS), rocksdb::IteratorMode::Start)
     {
-        let (_, v) = item.unwrap();
-        let mut s = ContextSnapshot::decode(&v[..]).unwrap();
+        let (k, _) = item.unwrap();
+        let (p, uid) = split_user(&k).unwrap();
+        let built = store
+            .context(p, uid, c.snapshot.max_events)
+            .unwrap()
+            .unwrap();
+        let mut s = contextd::snapshot::decode(&built);
+        assert_eq!(
+            published.get(uid),
+            Some(&s),
+            "context of {uid} equals its last snapshot"
+        );
         s.version = 0;
         s.updated_at = None;
         snaps.insert(s.user_id.clone(), s);
     }
+    assert_eq!(snaps.len(), published.len());
     (digest(store).unwrap(), snaps)
 }
 

@@ -40,10 +40,10 @@ pub async fn context(
         let p = app2.partition_of(&user_id);
         match app2
             .store
-            .get_snapshot(p, &user_id)
+            .context(p, &user_id, app2.config.snapshot.max_events)
             .map_err(ApiError::internal)?
         {
-            Some(s) => Ok(Json(snapshot::to_json(&s)).into_response()),
+            Some(s) => Ok(Json(snapshot::to_json(&snapshot::decode(&s))).into_response()),
             None => Err(ApiError::not_found(format!("user {user_id:?} not found"))),
         }
     })

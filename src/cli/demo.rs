@@ -99,7 +99,8 @@ pub fn demo(
     let snap = rt
         .app
         .store
-        .get_snapshot(p, &user)?
+        .context(p, &user, config.snapshot.max_events)?
+        .map(|s| contextd::snapshot::decode(&s))
         .context("the demo user has no snapshot")?;
     println!();
     print_card(&snap);

@@ -785,7 +785,7 @@ fn go_live(
     // The highest version on the topic wins; its content is known when this
     // instance published it itself (kept in the state), else it is re-sent.
     let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-        let local = store.get_snapshot(p, uid)?;
+        let local = store.get_mark(p, uid)?;
         Ok(match (published_versions.get(uid), local) {
             (Some(v), Some(old)) if old.version == *v => Some(Published::of(&old)),
             (Some(v), _) => Some(Published {

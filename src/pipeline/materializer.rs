@@ -11,10 +11,10 @@ use super::deadletter::dead_letter;
 use super::{PipelineError, SnapshotFormat, Topics};
 use crate::ingest::{ErrorCode, Rejection};
 use crate::log::{LogRecord, OutRecord};
-use crate::model::{record, ContextSnapshotBytes, Record, Settings};
+use crate::model::{record, ContextSnapshotBytes, Record, Settings, SnapshotMark};
 use crate::snapshot;
 use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
-use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART, CF_SNAP};
+use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::store::StoreBodies;
 use crate::state::Store;
 use prost::Message;
@@ -277,14 +277,16 @@ impl Materializer {
         };
         match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, &bodies) {
             Some(snap) => {
-                self.publish(store, batch, out, p, &snap);
+                self.publish(store, batch, out, p, &snap, &state.snapshot_hash);
                 true
             }
             None => false,
         }
     }
 
-    /// Stores the user's latest snapshot and queues it for the snapshots topic.
+    /// Marks the user's latest snapshot (version, content hash) in the state
+    /// and queues the snapshot for the snapshots topic. The snapshot itself is
+    /// not stored twice: `Store::context` rebuilds it from the state.
     pub fn publish(
         &self,
         store: &Store,
@@ -292,12 +294,21 @@ impl Materializer {
         out: &mut Vec<OutRecord>,
         p: u32,
         snap: &ContextSnapshotBytes,
+        content_hash: &[u8],
     ) {
-        let bytes = snap.encode_to_vec();
-        batch.put_cf(store.cf(CF_SNAP), keys::user(p, &snap.user_id), &bytes);
+        store.put_mark(
+            batch,
+            p,
+            &SnapshotMark {
+                user_id: snap.user_id.clone(),
+                version: snap.version,
+                updated_at: snap.updated_at,
+                content_hash: content_hash.to_vec(),
+            },
+        );
         {
             let value = match self.opts.format {
-                SnapshotFormat::Protobuf => bytes,
+                SnapshotFormat::Protobuf => snap.encode_to_vec(),
                 SnapshotFormat::Json => self.encode_snapshot(snap),
             };
             metrics::counter!("contextd_snapshots_published_total").increment(1);

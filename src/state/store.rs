@@ -4,7 +4,10 @@
 
 use super::apply::{merge_catalog, CatalogDelta, TypeKind};
 use super::keys::{self, *};
-use crate::model::{CatalogEntry, ContextSnapshot, Identifier, Settings, TypeRef, UserState};
+use crate::model::{
+    CatalogEntry, ContextSnapshotBytes, Identifier, Settings, SnapshotMark, StoredEvent, TypeRef,
+    UserState,
+};
 use prost::Message;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Direction, IteratorMode, Options,
@@ -83,8 +86,8 @@ impl Store {
             c.set_write_buffer_size(o.write_buffer_bytes);
             c.set_max_write_buffer_number(o.max_write_buffers);
             c.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            if name == CF_USERS || name == CF_SNAP {
-                // Large, often rewritten values (a user's timeline, a snapshot) go
+            if name == CF_USERS {
+                // Large, often rewritten values (a user's timeline) go
                 // to blob files: compaction then moves keys, not the values.
                 c.set_enable_blob_files(true);
                 c.set_min_blob_size(2048);
@@ -191,14 +194,61 @@ impl Store {
         );
     }
 
-    pub fn get_snapshot(
+    /// The mark of the last snapshot published for a user (kept across rebuilds).
+    pub fn get_mark(&self, p: u32, user_id: &str) -> Result<Option<SnapshotMark>, StoreError> {
+        self.get_raw(CF_SNAP, &keys::user(p, user_id))?
+            .map(|v| decode(&v, "snapshot mark"))
+            .transpose()
+    }
+
+    pub fn put_mark(&self, batch: &mut WriteBatch, p: u32, m: &SnapshotMark) {
+        batch.put_cf(
+            self.cf(CF_SNAP),
+            keys::user(p, &m.user_id),
+            m.encode_to_vec(),
+        );
+    }
+
+    /// The user's current context snapshot, built from the state as of one
+    /// consistent read (user, settings and properties from the same RocksDB
+    /// snapshot). It equals the last snapshot published: every committed
+    /// batch publishes the snapshot of each user whose visible content it
+    /// changed. `None` for an unknown user (or one never published).
+    pub fn context(
         &self,
         p: u32,
         user_id: &str,
-    ) -> Result<Option<ContextSnapshot>, StoreError> {
-        self.get_raw(CF_SNAP, &keys::user(p, user_id))?
-            .map(|v| decode(&v, "snapshot"))
-            .transpose()
+        max_events: usize,
+    ) -> Result<Option<ContextSnapshotBytes>, StoreError> {
+        let view = self.db.snapshot();
+        let Some(raw) = view.get_cf(self.cf(CF_USERS), keys::user(p, user_id))? else {
+            return Ok(None);
+        };
+        let state: UserState = decode(&raw, "user state")?;
+        if state.snapshot_version == 0 {
+            return Ok(None);
+        }
+        let settings: Settings = match view.get_cf(self.cf(CF_PART), keys::part_settings(p))? {
+            Some(v) => decode(&v, "settings")?,
+            None => Settings::default(),
+        };
+        let bodies = ViewBodies {
+            store: self,
+            view: &view,
+            partition: p,
+            user_id,
+        };
+        let mut snap = crate::snapshot::build(
+            &state,
+            &crate::snapshot::prepared(settings),
+            max_events,
+            &bodies,
+        );
+        snap.version = state.snapshot_version;
+        snap.updated_at = Some(crate::model::time::to_timestamp(
+            state.snapshot_updated_at_ns,
+        ));
+        Ok(Some(snap))
     }
 
     pub fn linked_user(&self, id: &Identifier) -> Result<Option<String>, StoreError> {
@@ -362,20 +412,83 @@ pub struct StoreBodies<'a> {
     pub pending: Option<&'a std::collections::HashMap<String, Vec<u8>>>,
 }
 
-impl crate::snapshot::Bodies for StoreBodies<'_> {
-    fn properties(&self, e: &crate::model::StoredEvent) -> Vec<u8> {
-        if let Some(b) = self.pending.and_then(|m| m.get(&e.id)) {
-            return b.clone();
-        }
-        match self
-            .store
-            .get_raw(CF_BODIES, &keys::body(self.partition, self.user_id, &e.id))
-        {
+/// Reads many bodies in one multi-get (sorted keys of one user: one pass
+/// over the memtable and blocks instead of a lookup each).
+fn multi_get_bodies<'a>(
+    store: &Store,
+    view: Option<&rocksdb::SnapshotWithThreadMode<'a, DB>>,
+    partition: u32,
+    user_id: &str,
+    events: &[&StoredEvent],
+) -> Vec<Vec<u8>> {
+    if events.is_empty() {
+        return Vec::new();
+    }
+    let cf = store.cf(CF_BODIES);
+    let keys: Vec<_> = events
+        .iter()
+        .map(|e| (cf, keys::body(partition, user_id, &e.id)))
+        .collect();
+    let got = match view {
+        Some(v) => v.multi_get_cf(keys),
+        None => store.db.multi_get_cf(keys),
+    };
+    got.into_iter()
+        .zip(events)
+        .map(|(r, e)| match r {
             Ok(v) => v.unwrap_or_default(),
             Err(err) => {
                 tracing::error!(error = %err, event = %e.id, "cannot read event properties");
                 Vec::new()
             }
-        }
+        })
+        .collect()
+}
+
+impl crate::snapshot::Bodies for StoreBodies<'_> {
+    fn properties(&self, e: &StoredEvent) -> Vec<u8> {
+        self.properties_many(&[e]).pop().unwrap_or_default()
+    }
+
+    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
+        let pending = |e: &StoredEvent| self.pending.and_then(|m| m.get(&e.id));
+        let stored: Vec<&StoredEvent> = events
+            .iter()
+            .copied()
+            .filter(|e| pending(e).is_none())
+            .collect();
+        let mut fetched =
+            multi_get_bodies(self.store, None, self.partition, self.user_id, &stored).into_iter();
+        events
+            .iter()
+            .map(|e| match pending(e) {
+                Some(b) => b.clone(),
+                None => fetched.next().unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+/// Properties as of a consistent read (`Store::context`).
+struct ViewBodies<'a, 'v> {
+    store: &'a Store,
+    view: &'a rocksdb::SnapshotWithThreadMode<'v, DB>,
+    partition: u32,
+    user_id: &'a str,
+}
+
+impl crate::snapshot::Bodies for ViewBodies<'_, '_> {
+    fn properties(&self, e: &StoredEvent) -> Vec<u8> {
+        self.properties_many(&[e]).pop().unwrap_or_default()
+    }
+
+    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
+        multi_get_bodies(
+            self.store,
+            Some(self.view),
+            self.partition,
+            self.user_id,
+            events,
+        )
     }
 }
