@@ -96,6 +96,7 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
         max_events: c.snapshot.max_events,
         format: c.snapshot_format,
         publish,
+        user_cache_bytes: c.storage.user_cache_mb << 20,
     }
 }
 

@@ -82,6 +82,9 @@ pub struct StorageConfig {
     pub block_cache_mb: usize,
     /// RocksDB memtable size per column family, MiB.
     pub write_buffer_mb: usize,
+    /// Decoded states of recently touched users kept in memory by the
+    /// materializing stage (busy users are not re-read for every batch), MiB.
+    pub user_cache_mb: usize,
     /// fsync every commit (power-loss safe; slower).
     pub sync_writes: bool,
     /// Embedded mode: snapshots kept per partition of the local
@@ -152,6 +155,7 @@ impl Default for StorageConfig {
         StorageConfig {
             block_cache_mb: 128,
             write_buffer_mb: 32,
+            user_cache_mb: 128,
             sync_writes: false,
             snapshot_log_retention: 100_000,
         }

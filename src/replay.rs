@@ -54,10 +54,11 @@ fn delete_topic(store: &Store, topic: &str) -> Result<(), PipelineError> {
     Ok(())
 }
 
-/// Reads a whole topic partition-by-partition in chunks.
+/// Reads partitions `parts` of a topic in chunks (round-robin over them).
 fn for_each_chunk(
     log: &EmbeddedLog,
     topic: &str,
+    parts: &[u32],
     chunk: usize,
     mut f: impl FnMut(Vec<LogRecord>) -> Result<(), PipelineError>,
 ) -> Result<(), PipelineError> {
@@ -65,10 +66,10 @@ fn for_each_chunk(
     let mut pos = vec![0i64; ends.len()];
     loop {
         let mut batch = Vec::new();
-        for (p, end) in ends.iter().enumerate() {
-            if pos[p] < *end {
-                let recs =
-                    log.read(topic, p as i32, pos[p], chunk.min((*end - pos[p]) as usize))?;
+        for p in parts.iter().map(|p| *p as usize) {
+            let end = ends.get(p).copied().unwrap_or(0);
+            if pos[p] < end {
+                let recs = log.read(topic, p as i32, pos[p], chunk.min((end - pos[p]) as usize))?;
                 if let Some(last) = recs.last() {
                     pos[p] = last.offset + 1;
                 }
@@ -80,6 +81,49 @@ fn for_each_chunk(
         }
         f(batch)?;
     }
+}
+
+/// Runs `work` on up to one thread per core, each over its share of the
+/// partitions (state is partitioned, so they never touch the same users);
+/// returns the sum of what they return, or the first error.
+fn on_partition_workers(
+    partitions: u32,
+    work: impl Fn(&[u32]) -> Result<u64, PipelineError> + Sync,
+) -> Result<u64, PipelineError> {
+    let workers = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, partitions.max(1) as usize);
+    let work = &work;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let parts: Vec<u32> = (0..partitions)
+                    .filter(|p| *p as usize % workers == w)
+                    .collect();
+                s.spawn(move || work(&parts))
+            })
+            .collect();
+        let mut total = 0;
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(PipelineError::Store(
+                        crate::state::StoreError::Incompatible("a rebuild thread panicked".into()),
+                    ));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(total),
+        }
+    })
 }
 
 /// Rebuilds the state of an embedded data dir (contextd must not be running on it).
@@ -137,28 +181,33 @@ pub fn rebuild_embedded(
     store
         .db()
         .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;
-    let mut mat = Materializer::new(
-        config.topics.clone(),
-        app::materializer_options(config, false),
-    );
     let topic = config.topics.records.clone();
     let total: i64 = log.end_offsets(&topic).iter().sum();
     let pb = bar(total as u64, "replay", progress);
-    let mut replayed = 0u64;
-    for_each_chunk(
-        &log,
-        &topic,
-        config.pipeline.batch_records.max(1) * 4,
-        |chunk| {
-            let m = mat.process(&store, &chunk)?;
-            log.commit(m.batch, &m.out)?;
-            replayed += chunk.len() as u64;
-            pb.inc(chunk.len() as u64);
-            Ok(())
-        },
-    )?;
+    // Partitions replay in parallel, each with the live stage's own code.
+    let replayed = on_partition_workers(config.partitions, |parts| {
+        let mut mat = Materializer::new(
+            config.topics.clone(),
+            app::materializer_options(config, false),
+        );
+        let mut replayed = 0u64;
+        for_each_chunk(
+            &log,
+            &topic,
+            parts,
+            config.pipeline.batch_records.max(1) * 4,
+            |chunk| {
+                let m = mat.process(&store, &chunk)?;
+                log.commit(m.batch, &m.out)?;
+                replayed += chunk.len() as u64;
+                pb.inc(chunk.len() as u64);
+                Ok(())
+            },
+        )?;
+        Ok(replayed)
+    })?;
     pb.finish();
-    let republished = settle_snapshots(config, &log, &mut mat)?;
+    let republished = settle_snapshots(config, &log)?;
     store.flush()?;
     Ok(RebuildReport {
         routed,
@@ -203,6 +252,8 @@ pub fn settle_partition(
         Vec<crate::log::OutRecord>,
     ) -> Result<(), PipelineError>,
 ) -> Result<usize, PipelineError> {
+    // Users of `p` are written below from the store's pages.
+    mat.forget(p);
     let settings = mat.settings(store, p)?;
     let mut count = 0;
     let mut after: Option<String> = None;
@@ -244,23 +295,25 @@ pub fn settle_partition(
 
 /// After a rebuild of an embedded data dir: versions continue from the
 /// snapshots kept in the state (the rebuild does not drop them).
-pub fn settle_snapshots(
-    config: &Config,
-    log: &EmbeddedLog,
-    mat: &mut Materializer,
-) -> Result<u64, PipelineError> {
+pub fn settle_snapshots(config: &Config, log: &EmbeddedLog) -> Result<u64, PipelineError> {
     let store = log.store();
-    let mut republished = 0;
-    for p in 0..config.partitions {
-        let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-            Ok(store.get_mark(p, uid)?.as_ref().map(Published::of))
-        };
-        let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
-            log.commit(batch, &out)
-                .map(|_| ())
-                .map_err(PipelineError::from)
-        };
-        republished += settle_partition(store, mat, p, &published, &mut commit)? as u64;
-    }
-    Ok(republished)
+    on_partition_workers(config.partitions, |parts| {
+        let mut mat = Materializer::new(
+            config.topics.clone(),
+            app::materializer_options(config, false),
+        );
+        let mut republished = 0;
+        for p in parts.iter().copied() {
+            let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
+                Ok(store.get_mark(p, uid)?.as_ref().map(Published::of))
+            };
+            let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
+                log.commit(batch, &out)
+                    .map(|_| ())
+                    .map_err(PipelineError::from)
+            };
+            republished += settle_partition(store, &mut mat, p, &published, &mut commit)? as u64;
+        }
+        Ok(republished)
+    })
 }

@@ -257,7 +257,10 @@ impl MaterializerStep {
             return Ok((0, 0));
         }
         let m = self.mat.process(log.store(), &input)?;
-        log.commit(m.batch, &m.out)?;
+        if let Err(e) = log.commit(m.batch, &m.out) {
+            self.mat.forget_all();
+            return Err(e.into());
+        }
         for r in &input {
             self.positions
                 .insert((r.topic.clone(), r.partition), r.offset + 1);

@@ -617,6 +617,8 @@ pub fn run_materializer(
                 Rebalanced::Revoked(ps) => {
                     for p in ps {
                         parts.remove(&p);
+                        live_mat.forget(p as u32);
+                        restore_mat.forget(p as u32);
                         own.live.write().expect("lock").remove(&(p as u32));
                     }
                 }
@@ -629,11 +631,13 @@ pub fn run_materializer(
         let t0 = Instant::now();
         if !restoring.is_empty() {
             let m = restore_mat.process(&store, &restoring)?;
-            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
+            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)
+                .inspect_err(|_| restore_mat.forget_all())?;
         }
         if !live.is_empty() {
             let m = live_mat.process(&store, &live)?;
-            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)?;
+            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)
+                .inspect_err(|_| live_mat.forget_all())?;
             metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
                 .record(t0.elapsed().as_secs_f64());
         }

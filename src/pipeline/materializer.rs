@@ -14,6 +14,7 @@ use crate::log::{LogRecord, OutRecord};
 use crate::model::{record, ContextSnapshotBytes, Record, Settings, SnapshotMark};
 use crate::snapshot;
 use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
+use crate::state::cache::UserCache;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::store::StoreBodies;
 use crate::state::Store;
@@ -28,6 +29,8 @@ pub struct MaterializerOptions {
     pub format: SnapshotFormat,
     /// Publish snapshots (false during rebuild: versions are kept, nothing re-sent).
     pub publish: bool,
+    /// Memory for decoded states of recently touched users (`UserCache`).
+    pub user_cache_bytes: usize,
 }
 
 pub struct Materializer {
@@ -35,6 +38,8 @@ pub struct Materializer {
     pub opts: MaterializerOptions,
     /// Settings in effect per partition (cache of `part/{p}/s`).
     settings: HashMap<u32, Settings>,
+    /// Users' states as this stage last wrote them.
+    cache: UserCache,
 }
 
 /// What a materialized batch produces.
@@ -58,12 +63,22 @@ impl Materializer {
             topics,
             opts,
             settings: HashMap::new(),
+            cache: UserCache::new(opts.user_cache_bytes),
         }
     }
 
-    /// Forget cached per-partition data (after a revoke or a rebuild).
+    /// Forget cached per-partition data (after a revoke or a rebuild, or
+    /// before users of `p` are written by another path).
     pub fn forget(&mut self, p: u32) {
         self.settings.remove(&p);
+        self.cache.forget_partition(p);
+    }
+
+    /// Forget every cached user (after a failed commit: the cache would be
+    /// ahead of the store).
+    pub fn forget_all(&mut self) {
+        self.settings.clear();
+        self.cache.clear();
     }
 
     pub fn settings(&mut self, store: &Store, p: u32) -> Result<Settings, PipelineError> {
@@ -89,7 +104,9 @@ impl Materializer {
     }
 
     /// Processes records of the records log (any partitions, in offset order
-    /// within each partition).
+    /// within each partition). The returned batch must be committed before
+    /// the next call, or `forget_all` called (touched users stay cached as
+    /// the batch leaves them).
     pub fn process(
         &mut self,
         store: &Store,
@@ -123,9 +140,24 @@ impl Materializer {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
-        let loaded = store.get_users(&wanted)?;
         let mut users: HashMap<(u32, String), Touched> = HashMap::with_capacity(wanted.len());
-        for ((p, uid), st) in wanted.iter().zip(loaded) {
+        let mut misses = Vec::new();
+        for (p, uid) in &wanted {
+            match self.cache.take(*p, uid) {
+                Some(state) => {
+                    users.insert(
+                        (*p, uid.to_string()),
+                        Touched {
+                            state,
+                            last_log_ns: 0,
+                        },
+                    );
+                }
+                None => misses.push((*p, *uid)),
+            }
+        }
+        let loaded = store.get_users(&misses)?;
+        for ((p, uid), st) in misses.iter().zip(loaded) {
             users.insert(
                 (*p, uid.to_string()),
                 Touched {
@@ -134,6 +166,9 @@ impl Materializer {
                 },
             );
         }
+        metrics::counter!("contextd_user_cache_hits_total")
+            .increment((wanted.len() - misses.len()) as u64);
+        metrics::counter!("contextd_user_cache_misses_total").increment(misses.len() as u64);
         let mut catalogs: BTreeMap<u32, CatalogDelta> = BTreeMap::new();
         let mut settings_changed: HashSet<u32> = HashSet::new();
         let mut links_seen: HashSet<String> = HashSet::new();
@@ -198,8 +233,9 @@ impl Materializer {
         let mut published = 0;
         let mut touched: Vec<_> = users.into_iter().collect();
         touched.sort_by(|a, b| a.0.cmp(&b.0));
-        for ((p, _), t) in touched {
-            let (mut state, new_bodies, dropped) = t.state.finish();
+        for ((p, _), mut t) in touched {
+            let (new_bodies, dropped) = t.state.end_batch();
+            let state = &mut t.state.state;
             let cf = store.cf(keys::CF_BODIES);
             for id in &dropped {
                 batch.delete_cf(cf, keys::body(p, &state.user_id, id));
@@ -209,7 +245,9 @@ impl Materializer {
             }
             if !self.opts.publish {
                 // Rebuild: snapshot versions are settled once at the end (replay::settle_snapshots).
-                store.put_user(&mut batch, p, &state);
+                let len = store.put_user(&mut batch, p, state);
+                t.state.resume();
+                self.cache.put(p, t.state, len);
                 continue;
             }
             let settings = self.settings(store, p)?;
@@ -224,13 +262,15 @@ impl Materializer {
                 &mut out,
                 p,
                 &settings,
-                &mut state,
+                state,
                 at,
                 Some(&new_bodies),
             ) {
                 published += 1;
             }
-            store.put_user(&mut batch, p, &state);
+            let len = store.put_user(&mut batch, p, state);
+            t.state.resume();
+            self.cache.put(p, t.state, len);
         }
         if self.opts.publish {
             for p in settings_changed {
@@ -357,6 +397,8 @@ impl Materializer {
         p: u32,
         decoded: &[(u32, &LogRecord, Record)],
     ) -> Result<(), PipelineError> {
+        // Users of `p` are written below from the store's pages.
+        self.cache.forget_partition(p);
         let settings = self.settings(store, p)?;
         let in_batch: HashSet<&str> = decoded
             .iter()

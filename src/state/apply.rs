@@ -112,6 +112,22 @@ impl Working {
         &self.timeline
     }
 
+    /// Ends a batch: puts the timeline into `self.state` (complete, to
+    /// snapshot and store) and hands over the bodies to write and delete.
+    /// `resume` makes the state ready for the next batch (the id index is kept).
+    pub fn end_batch(&mut self) -> (std::collections::HashMap<String, Vec<u8>>, Vec<String>) {
+        self.state.timeline = Vec::from(std::mem::take(&mut self.timeline));
+        (
+            std::mem::take(&mut self.new_bodies),
+            std::mem::take(&mut self.dropped_bodies),
+        )
+    }
+
+    /// After `end_batch`: takes the timeline back for applying.
+    pub fn resume(&mut self) {
+        self.timeline = VecDeque::from(std::mem::take(&mut self.state.timeline));
+    }
+
     /// The state to store, with the bodies to write and delete.
     pub fn finish(
         mut self,
@@ -120,8 +136,8 @@ impl Working {
         std::collections::HashMap<String, Vec<u8>>,
         Vec<String>,
     ) {
-        self.state.timeline = Vec::from(self.timeline);
-        (self.state, self.new_bodies, self.dropped_bodies)
+        let (bodies, dropped) = self.end_batch();
+        (self.state, bodies, dropped)
     }
 
     /// The state with event properties inline (tests, benchmarks).

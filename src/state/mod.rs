@@ -2,6 +2,7 @@
 //! (`store`) and the digest over its logical content (`digest`).
 
 pub mod apply;
+pub mod cache;
 pub mod digest;
 pub mod keys;
 pub mod store;

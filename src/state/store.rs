@@ -85,7 +85,23 @@ impl Store {
             c.set_block_based_table_factory(&block);
             c.set_write_buffer_size(o.write_buffer_bytes);
             c.set_max_write_buffer_number(o.max_write_buffers);
-            c.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            // Flushes and the first compaction stay uncompressed (most bytes
+            // written are read once and soon compacted again); older levels
+            // are compressed.
+            c.set_compression_per_level(&[
+                rocksdb::DBCompressionType::None,
+                rocksdb::DBCompressionType::None,
+                rocksdb::DBCompressionType::Lz4,
+                rocksdb::DBCompressionType::Lz4,
+                rocksdb::DBCompressionType::Lz4,
+                rocksdb::DBCompressionType::Lz4,
+                rocksdb::DBCompressionType::Lz4,
+            ]);
+            if name == CF_LOG {
+                // Append-only topics: universal compaction rewrites each entry
+                // a few times instead of once per level.
+                c.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
+            }
             if name == CF_USERS {
                 // Large, often rewritten values (a user's timeline) go
                 // to blob files: compaction then moves keys, not the values.
@@ -186,12 +202,11 @@ impl Store {
             .collect()
     }
 
-    pub fn put_user(&self, batch: &mut WriteBatch, p: u32, s: &UserState) {
-        batch.put_cf(
-            self.cf(CF_USERS),
-            keys::user(p, &s.user_id),
-            s.encode_to_vec(),
-        );
+    /// Adds a user's state to the batch; returns its encoded size.
+    pub fn put_user(&self, batch: &mut WriteBatch, p: u32, s: &UserState) -> usize {
+        let v = s.encode_to_vec();
+        batch.put_cf(self.cf(CF_USERS), keys::user(p, &s.user_id), &v);
+        v.len()
     }
 
     /// The mark of the last snapshot published for a user (kept across rebuilds).

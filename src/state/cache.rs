@@ -1,0 +1,165 @@
+//! Decoded states of recently touched users, kept across batches by the
+//! materializing stage: a busy user's timeline (up to
+//! `timeline.max_events_per_user` events) is then not read, decoded and
+//! indexed again for every batch. Bounded by an estimate of its memory
+//! (`storage.user_cache_mb`); the least recently used users go first.
+//!
+//! The cache only ever holds states equal to what the stage last wrote to
+//! the store; whoever writes users another way (settings re-publishing,
+//! restore) forgets the partition first.
+
+use super::apply::Working;
+use std::collections::HashMap;
+
+/// Bytes of memory per byte of encoded state (strings and the id index).
+const MEMORY_PER_ENCODED_BYTE: usize = 4;
+
+struct Entry {
+    working: Working,
+    bytes: usize,
+    used: u64,
+}
+
+pub struct UserCache {
+    map: HashMap<(u32, String), Entry>,
+    bytes: usize,
+    budget: usize,
+    clock: u64,
+}
+
+impl UserCache {
+    pub fn new(budget_bytes: usize) -> UserCache {
+        UserCache {
+            map: HashMap::new(),
+            bytes: 0,
+            budget: budget_bytes,
+            clock: 0,
+        }
+    }
+
+    /// Takes a user's state out (the caller puts it back after the batch).
+    pub fn take(&mut self, p: u32, user_id: &str) -> Option<Working> {
+        let e = self.map.remove(&(p, user_id.to_string()))?;
+        self.bytes -= e.bytes;
+        Some(e.working)
+    }
+
+    /// Keeps a user's state (`encoded_len`: its size in the store).
+    pub fn put(&mut self, p: u32, working: Working, encoded_len: usize) {
+        let bytes = encoded_len.saturating_mul(MEMORY_PER_ENCODED_BYTE);
+        if bytes > self.budget / 4 {
+            return; // one user never fills the cache
+        }
+        self.clock += 1;
+        let key = (p, working.state.user_id.clone());
+        self.bytes += bytes;
+        if let Some(old) = self.map.insert(
+            key,
+            Entry {
+                working,
+                bytes,
+                used: self.clock,
+            },
+        ) {
+            self.bytes -= old.bytes;
+        }
+        if self.bytes > self.budget {
+            self.evict();
+        }
+    }
+
+    /// Drops the least recently used users until a quarter of the budget is free.
+    fn evict(&mut self) {
+        let mut by_age: Vec<(u64, (u32, String))> =
+            self.map.iter().map(|(k, e)| (e.used, k.clone())).collect();
+        by_age.sort_unstable();
+        let target = self.budget / 4 * 3;
+        for (_, k) in by_age {
+            if self.bytes <= target {
+                break;
+            }
+            if let Some(e) = self.map.remove(&k) {
+                self.bytes -= e.bytes;
+            }
+        }
+        metrics::counter!("contextd_user_cache_evictions_total").increment(1);
+    }
+
+    /// Forgets the users of partition `p`.
+    pub fn forget_partition(&mut self, p: u32) {
+        let bytes = &mut self.bytes;
+        self.map.retain(|(q, _), e| {
+            if *q == p {
+                *bytes -= e.bytes;
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    pub fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Estimated memory held, bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::apply::new_user;
+
+    fn w(id: &str) -> Working {
+        Working::new(new_user(id))
+    }
+
+    #[test]
+    fn take_returns_what_was_put_and_budget_evicts_the_oldest() {
+        let mut c = UserCache::new(4000);
+        c.put(0, w("a"), 100);
+        c.put(0, w("b"), 100);
+        assert_eq!(c.bytes(), 800);
+        assert!(c.take(0, "a").is_some());
+        assert!(c.take(0, "a").is_none());
+        assert_eq!(c.bytes(), 400);
+        c.put(0, w("a"), 100); // now the newest
+        for i in 0..9 {
+            c.put(1, w(&format!("x{i}")), 100); // 400 bytes each
+        }
+        assert!(c.bytes() <= 4000);
+        assert!(
+            c.take(0, "b").is_none(),
+            "least recently used evicted first"
+        );
+    }
+
+    #[test]
+    fn forget_partition_and_oversized_users() {
+        let mut c = UserCache::new(4000);
+        c.put(0, w("a"), 100);
+        c.put(1, w("b"), 100);
+        c.forget_partition(0);
+        assert!(c.take(0, "a").is_none());
+        assert_eq!(c.len(), 1);
+        c.put(2, w("huge"), 1000);
+        assert!(
+            c.take(2, "huge").is_none(),
+            "a user over a quarter of the budget is not kept"
+        );
+        c.clear();
+        assert!(c.is_empty() && c.bytes() == 0);
+    }
+}
