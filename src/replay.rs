@@ -281,12 +281,22 @@ pub fn settle_partition(
                 .max()
                 .unwrap_or(0)
                 .max(st.snapshot_updated_at_ns);
-            if mat.snapshot_if_changed(
-                store, &mut batch, &mut out, p, &settings, &mut st, latest, None,
-            ) {
+            if mat
+                .snapshot_if_changed(
+                    store,
+                    &mut batch,
+                    &mut out,
+                    p,
+                    &settings,
+                    &mut st,
+                    latest,
+                    &[],
+                )
+                .is_some()
+            {
                 count += 1;
             }
-            store.put_user(&mut batch, p, &st);
+            store.put_user(&mut batch, p, &mut st);
         }
         commit(batch, out)?;
     }

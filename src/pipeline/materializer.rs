@@ -234,10 +234,14 @@ impl Materializer {
         let mut touched: Vec<_> = users.into_iter().collect();
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         for ((p, _), mut t) in touched {
-            let (new_bodies, dropped) = t.state.end_batch();
+            let changes = t.state.end_batch();
+            let new_bodies = changes.new_bodies;
             let state = &mut t.state.state;
+            // Only what changed is written: the events stored and dropped,
+            // their properties, and the user's value without its timeline.
+            store.put_timeline_ops(&mut batch, p, &state.user_id, &changes.timeline_ops);
             let cf = store.cf(keys::CF_BODIES);
-            for id in &dropped {
+            for id in &changes.dropped_bodies {
                 batch.delete_cf(cf, keys::body(p, &state.user_id, id));
             }
             for (id, b) in &new_bodies {
@@ -256,7 +260,7 @@ impl Materializer {
             } else {
                 state.snapshot_updated_at_ns
             };
-            if self.snapshot_if_changed(
+            if let Some(snap) = self.snapshot_if_changed(
                 store,
                 &mut batch,
                 &mut out,
@@ -264,13 +268,20 @@ impl Materializer {
                 &settings,
                 state,
                 at,
-                Some(&new_bodies),
+                &[&new_bodies, &t.state.shown_bodies],
             ) {
                 published += 1;
+                // The next snapshot of this user reuses these properties.
+                t.state.shown_bodies = snap
+                    .events
+                    .into_iter()
+                    .map(|e| (e.id, e.properties))
+                    .collect();
             }
-            let len = store.put_user(&mut batch, p, state);
+            let len = store.put_user(&mut batch, p, &mut t.state.state);
+            let shown: usize = t.state.shown_bodies.values().map(Vec::len).sum();
             t.state.resume();
-            self.cache.put(p, t.state, len);
+            self.cache.put(p, t.state, len + shown / 4);
         }
         if self.opts.publish {
             for p in settings_changed {
@@ -295,7 +306,8 @@ impl Materializer {
     }
 
     /// Publishes a new snapshot of `state` if its visible context changed since
-    /// the last one (`pending`: properties this batch has not written yet).
+    /// the last one, and returns it. `pending`: properties known in memory
+    /// (this batch's new events, the last snapshot's), looked up first.
     #[allow(clippy::too_many_arguments)]
     pub fn snapshot_if_changed(
         &self,
@@ -306,8 +318,8 @@ impl Materializer {
         settings: &Settings,
         state: &mut crate::model::UserState,
         at_ns: i64,
-        pending: Option<&HashMap<String, Vec<u8>>>,
-    ) -> bool {
+        pending: &[&HashMap<String, Vec<u8>>],
+    ) -> Option<ContextSnapshotBytes> {
         let uid = state.user_id.clone();
         let bodies = StoreBodies {
             store,
@@ -318,9 +330,9 @@ impl Materializer {
         match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, &bodies) {
             Some(snap) => {
                 self.publish(store, batch, out, p, &snap, &state.snapshot_hash);
-                true
+                Some(snap)
             }
-            None => false,
+            None => None,
         }
     }
 
@@ -420,9 +432,12 @@ impl Materializer {
                 if in_batch.contains(st.user_id.as_str()) {
                     continue;
                 }
-                if self.snapshot_if_changed(store, batch, out, p, &settings, &mut st, at, None) {
+                if self
+                    .snapshot_if_changed(store, batch, out, p, &settings, &mut st, at, &[])
+                    .is_some()
+                {
                     *published += 1;
-                    store.put_user(batch, p, &st);
+                    store.put_user(batch, p, &mut st);
                 }
             }
         }

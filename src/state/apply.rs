@@ -93,6 +93,21 @@ pub struct Working {
     pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
     /// Ids of events trimmed by this batch whose properties are in the store.
     pub dropped_bodies: Vec<String>,
+    /// Properties of the events the last snapshot showed (memory only, while
+    /// the user is cached): the next snapshot reuses them instead of reading
+    /// them back. An id's properties never change while the id is held.
+    pub shown_bodies: std::collections::HashMap<String, Vec<u8>>,
+    /// Timeline changes of this batch, in order (stored one key per event).
+    pub timeline_ops: Vec<TimelineOp>,
+}
+
+/// A change to a user's timeline.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimelineOp {
+    /// An event stored (its properties are in `new_bodies`).
+    Put(StoredEvent),
+    /// An event dropped: (created_at_ns, id).
+    Delete(i64, String),
 }
 
 impl Working {
@@ -105,6 +120,8 @@ impl Working {
             ids,
             new_bodies: Default::default(),
             dropped_bodies: Vec::new(),
+            shown_bodies: Default::default(),
+            timeline_ops: Vec::new(),
         }
     }
 
@@ -115,12 +132,13 @@ impl Working {
     /// Ends a batch: puts the timeline into `self.state` (complete, to
     /// snapshot and store) and hands over the bodies to write and delete.
     /// `resume` makes the state ready for the next batch (the id index is kept).
-    pub fn end_batch(&mut self) -> (std::collections::HashMap<String, Vec<u8>>, Vec<String>) {
+    pub fn end_batch(&mut self) -> BatchChanges {
         self.state.timeline = Vec::from(std::mem::take(&mut self.timeline));
-        (
-            std::mem::take(&mut self.new_bodies),
-            std::mem::take(&mut self.dropped_bodies),
-        )
+        BatchChanges {
+            new_bodies: std::mem::take(&mut self.new_bodies),
+            dropped_bodies: std::mem::take(&mut self.dropped_bodies),
+            timeline_ops: std::mem::take(&mut self.timeline_ops),
+        }
     }
 
     /// After `end_batch`: takes the timeline back for applying.
@@ -136,8 +154,8 @@ impl Working {
         std::collections::HashMap<String, Vec<u8>>,
         Vec<String>,
     ) {
-        let (bodies, dropped) = self.end_batch();
-        (self.state, bodies, dropped)
+        let c = self.end_batch();
+        (self.state, c.new_bodies, c.dropped_bodies)
     }
 
     /// The state with event properties inline (tests, benchmarks).
@@ -152,10 +170,21 @@ impl Working {
     }
 }
 
+/// What a batch changed besides the state value itself.
+pub struct BatchChanges {
+    /// Properties of events stored by the batch (event id -> encoded Struct).
+    pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
+    /// Ids of events dropped by the batch whose properties are in the store.
+    pub dropped_bodies: Vec<String>,
+    /// Timeline events stored and dropped, in order.
+    pub timeline_ops: Vec<TimelineOp>,
+}
+
 pub fn new_user(user_id: &str) -> UserState {
     UserState {
         format_version: FORMAT_VERSION,
         user_id: user_id.to_string(),
+        timeline_split: true,
         ..Default::default()
     }
 }
@@ -274,6 +303,7 @@ fn apply_event(
             .partition_point(|e| event_order(e) < event_order(&event));
         w.timeline.insert(pos, event.clone());
     }
+    w.timeline_ops.push(TimelineOp::Put(event.clone()));
     w.ids.insert(event.id.clone());
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
@@ -282,6 +312,8 @@ fn apply_event(
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {
             w.ids.remove(&old.id);
+            w.timeline_ops
+                .push(TimelineOp::Delete(old.created_at_ns, old.id.clone()));
             if w.new_bodies.remove(&old.id).is_none() && old.properties.is_empty() {
                 w.dropped_bodies.push(old.id);
             }

@@ -21,7 +21,7 @@ fn user_hash(store: &Store, p: u32, s: &UserState) -> [u8; 32] {
         store,
         partition: p,
         user_id: &s.user_id,
-        pending: None,
+        pending: &[],
     };
     let mut h = Sha256::new();
     h.update(s.user_id.as_bytes());
@@ -49,10 +49,7 @@ pub fn digest(store: &Store) -> Result<String, StoreError> {
         let Some((p, uid)) = keys::split_user(&k) else {
             continue;
         };
-        let s = UserState::decode(&v[..]).map_err(|source| StoreError::Decode {
-            what: "user state",
-            source,
-        })?;
+        let s = store.user_value(p, &v)?;
         users.push((uid.to_string(), user_hash(store, p, &s)));
     }
     users.sort();

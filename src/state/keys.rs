@@ -13,12 +13,31 @@ pub const CF_OUTBOX: &str = "outbox";
 /// Event properties, one value per stored event (written once, deleted on trim).
 pub const CF_BODIES: &str = "bodies";
 
-pub const ALL_CFS: [&str; 9] = [
-    CF_LOG, CF_META, CF_USERS, CF_SNAP, CF_IDENT, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES,
+/// Timeline events, one key per event, in timeline order within a user.
+pub const CF_TIMELINE: &str = "timeline";
+
+pub const ALL_CFS: [&str; 10] = [
+    CF_LOG,
+    CF_META,
+    CF_USERS,
+    CF_SNAP,
+    CF_IDENT,
+    CF_CATALOG,
+    CF_PART,
+    CF_OUTBOX,
+    CF_BODIES,
+    CF_TIMELINE,
 ];
 /// Column families a rebuild drops and replays. The last snapshot per user
 /// (`CF_SNAP`) is kept, so versions continue where consumers saw them.
-pub const REBUILT_CFS: [&str; 5] = [CF_USERS, CF_CATALOG, CF_PART, CF_OUTBOX, CF_BODIES];
+pub const REBUILT_CFS: [&str; 6] = [
+    CF_USERS,
+    CF_CATALOG,
+    CF_PART,
+    CF_OUTBOX,
+    CF_BODIES,
+    CF_TIMELINE,
+];
 
 pub fn partition_prefix(p: u32) -> [u8; 4] {
     p.to_be_bytes()
@@ -44,6 +63,23 @@ pub fn split_user(key: &[u8]) -> Option<(u32, &str)> {
 pub fn body(p: u32, user_id: &str, event_id: &str) -> Vec<u8> {
     let mut k = user(p, user_id);
     k.push(0);
+    k.extend_from_slice(event_id.as_bytes());
+    k
+}
+
+/// timeline: partition + user_id + 0, the prefix of a user's events.
+pub fn timeline_prefix(p: u32, user_id: &str) -> Vec<u8> {
+    let mut k = user(p, user_id);
+    k.push(0);
+    k
+}
+
+/// timeline: partition + user_id + 0 + created_at + event id, so key order
+/// is timeline order (created_at, then id). created_at is big endian with
+/// the sign bit flipped (negative times sort first).
+pub fn timeline_event(p: u32, user_id: &str, created_at_ns: i64, event_id: &str) -> Vec<u8> {
+    let mut k = timeline_prefix(p, user_id);
+    k.extend_from_slice(&((created_at_ns as u64) ^ (1 << 63)).to_be_bytes());
     k.extend_from_slice(event_id.as_bytes());
     k
 }
@@ -157,6 +193,18 @@ pub fn murmur2(data: &[u8]) -> i32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timeline_keys_sort_in_timeline_order() {
+        let k = |at: i64, id: &str| timeline_event(1, "u", at, id);
+        let mut ks = vec![k(5, "b"), k(-3, "z"), k(5, "a"), k(0, "a"), k(i64::MAX, "")];
+        ks.sort();
+        assert_eq!(
+            ks,
+            vec![k(-3, "z"), k(0, "a"), k(5, "a"), k(5, "b"), k(i64::MAX, "")]
+        );
+        assert!(k(1, "a").starts_with(&timeline_prefix(1, "u")));
+    }
 
     #[test]
     fn murmur2_matches_kafka() {

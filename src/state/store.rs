@@ -186,9 +186,45 @@ impl Store {
     }
 
     pub fn get_user(&self, p: u32, user_id: &str) -> Result<Option<UserState>, StoreError> {
-        self.get_raw(CF_USERS, &keys::user(p, user_id))?
-            .map(|v| decode(&v, "user state"))
-            .transpose()
+        let view = self.db.snapshot();
+        match view.get_cf(self.cf(CF_USERS), keys::user(p, user_id))? {
+            Some(v) => Ok(Some(self.user_from(Some(&view), p, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A user from its stored value (as iterated), timeline included.
+    pub fn user_value(&self, p: u32, value: &[u8]) -> Result<UserState, StoreError> {
+        self.user_from(None, p, value)
+    }
+
+    /// Decodes a stored user value and reads its timeline (one key per event).
+    fn user_from(
+        &self,
+        view: Option<&rocksdb::SnapshotWithThreadMode<'_, DB>>,
+        p: u32,
+        value: &[u8],
+    ) -> Result<UserState, StoreError> {
+        let mut s: UserState = decode(value, "user state")?;
+        if s.timeline_split {
+            let prefix = keys::timeline_prefix(p, &s.user_id);
+            let mut end = prefix.clone();
+            *end.last_mut().expect("non-empty") = 1;
+            let mut ro = ReadOptions::default();
+            ro.set_iterate_upper_bound(end);
+            if let Some(v) = view {
+                ro.set_snapshot(v);
+            }
+            for item in self.db.iterator_cf_opt(
+                self.cf(CF_TIMELINE),
+                ro,
+                IteratorMode::From(&prefix, Direction::Forward),
+            ) {
+                let (_, v) = item?;
+                s.timeline.push(decode(&v, "timeline event")?);
+            }
+        }
+        Ok(s)
     }
 
     /// Many users in one call (one RocksDB multi-get).
@@ -198,15 +234,60 @@ impl Store {
         self.db
             .multi_get_cf(ks)
             .into_iter()
-            .map(|r| r?.map(|v| decode(&v, "user state")).transpose())
+            .zip(ids)
+            .map(|(r, (p, _))| r?.map(|v| self.user_from(None, *p, &v)).transpose())
             .collect()
     }
 
-    /// Adds a user's state to the batch; returns its encoded size.
-    pub fn put_user(&self, batch: &mut WriteBatch, p: u32, s: &UserState) -> usize {
+    /// Adds a user's state to the batch (the timeline apart: see
+    /// `put_timeline_ops`); returns the encoded size of all of it. A state
+    /// with its timeline still inline (older format) is split on the way.
+    pub fn put_user(&self, batch: &mut WriteBatch, p: u32, s: &mut UserState) -> usize {
+        let timeline = std::mem::take(&mut s.timeline);
+        let mut timeline_bytes = 0;
+        if !s.timeline_split {
+            let cf = self.cf(CF_TIMELINE);
+            for e in &timeline {
+                let v = e.encode_to_vec();
+                timeline_bytes += v.len();
+                batch.put_cf(
+                    cf,
+                    keys::timeline_event(p, &s.user_id, e.created_at_ns, &e.id),
+                    v,
+                );
+            }
+            s.timeline_split = true;
+        } else {
+            timeline_bytes = timeline.iter().map(|e| e.encoded_len() + 2).sum();
+        }
         let v = s.encode_to_vec();
+        s.timeline = timeline;
         batch.put_cf(self.cf(CF_USERS), keys::user(p, &s.user_id), &v);
-        v.len()
+        v.len() + timeline_bytes
+    }
+
+    /// Adds a batch's timeline changes of one user (in their order).
+    pub fn put_timeline_ops(
+        &self,
+        batch: &mut WriteBatch,
+        p: u32,
+        user_id: &str,
+        ops: &[crate::state::apply::TimelineOp],
+    ) {
+        use crate::state::apply::TimelineOp;
+        let cf = self.cf(CF_TIMELINE);
+        for op in ops {
+            match op {
+                TimelineOp::Put(e) => batch.put_cf(
+                    cf,
+                    keys::timeline_event(p, user_id, e.created_at_ns, &e.id),
+                    e.encode_to_vec(),
+                ),
+                TimelineOp::Delete(at, id) => {
+                    batch.delete_cf(cf, keys::timeline_event(p, user_id, *at, id))
+                }
+            }
+        }
     }
 
     /// The mark of the last snapshot published for a user (kept across rebuilds).
@@ -239,7 +320,7 @@ impl Store {
         let Some(raw) = view.get_cf(self.cf(CF_USERS), keys::user(p, user_id))? else {
             return Ok(None);
         };
-        let state: UserState = decode(&raw, "user state")?;
+        let state = self.user_from(Some(&view), p, &raw)?;
         if state.snapshot_version == 0 {
             return Ok(None);
         }
@@ -353,7 +434,7 @@ impl Store {
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push(decode(&v, "user state")?);
+            out.push(self.user_from(None, p, &v)?);
         }
         Ok(out)
     }
@@ -424,7 +505,7 @@ pub struct StoreBodies<'a> {
     pub store: &'a Store,
     pub partition: u32,
     pub user_id: &'a str,
-    pub pending: Option<&'a std::collections::HashMap<String, Vec<u8>>>,
+    pub pending: &'a [&'a std::collections::HashMap<String, Vec<u8>>],
 }
 
 /// Reads many bodies in one multi-get (sorted keys of one user: one pass
@@ -466,7 +547,7 @@ impl crate::snapshot::Bodies for StoreBodies<'_> {
     }
 
     fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
-        let pending = |e: &StoredEvent| self.pending.and_then(|m| m.get(&e.id));
+        let pending = |e: &StoredEvent| self.pending.iter().find_map(|m| m.get(&e.id));
         let stored: Vec<&StoredEvent> = events
             .iter()
             .copied()
@@ -505,5 +586,85 @@ impl crate::snapshot::Bodies for ViewBodies<'_, '_> {
             self.user_id,
             events,
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::apply::{new_user, TimelineOp};
+
+    fn event(id: &str, at: i64) -> StoredEvent {
+        StoredEvent {
+            id: id.into(),
+            source: "shop".into(),
+            r#type: "order".into(),
+            created_at_ns: at,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn timeline_is_stored_per_event_and_older_inline_state_is_split_on_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        // Older format: the timeline inline in the user's value.
+        let mut old = new_user("u");
+        old.timeline_split = false;
+        old.timeline = vec![event("a", 1), event("b", 2)];
+        store
+            .db()
+            .put_cf(store.cf(CF_USERS), keys::user(3, "u"), old.encode_to_vec())
+            .unwrap();
+        let mut got = store.get_user(3, "u").unwrap().unwrap();
+        assert_eq!(got.timeline, old.timeline, "inline timelines still read");
+        // Written again (e.g. after a batch that added "c"): split.
+        got.timeline.push(event("c", 3));
+        let mut b = WriteBatch::default();
+        store.put_user(&mut b, 3, &mut got);
+        store.write(b).unwrap();
+        let raw: UserState = decode(
+            &store
+                .get_raw(CF_USERS, &keys::user(3, "u"))
+                .unwrap()
+                .unwrap(),
+            "user",
+        )
+        .unwrap();
+        assert!(raw.timeline_split && raw.timeline.is_empty());
+        let ids = |s: &UserState| s.timeline.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&store.get_user(3, "u").unwrap().unwrap()),
+            ["a", "b", "c"]
+        );
+        // Later batches write only their changes, in order.
+        let mut b = WriteBatch::default();
+        store.put_timeline_ops(
+            &mut b,
+            3,
+            "u",
+            &[
+                TimelineOp::Put(event("d", 0)),
+                TimelineOp::Delete(0, "d".into()),
+                TimelineOp::Delete(1, "a".into()),
+                TimelineOp::Put(event("e", 9)),
+            ],
+        );
+        store.write(b).unwrap();
+        let users = store.get_users(&[(3, "u"), (3, "nobody")]).unwrap();
+        assert_eq!(ids(users[0].as_ref().unwrap()), ["b", "c", "e"]);
+        assert!(users[1].is_none());
+        // Another user's events never show up (prefix bounded by the separator).
+        let mut other = new_user("u2");
+        other.timeline = vec![event("x", 1)];
+        let mut b = WriteBatch::default();
+        store.put_user(&mut b, 3, &mut other);
+        store.put_timeline_ops(&mut b, 3, "u2", &[TimelineOp::Put(event("x", 1))]);
+        store.write(b).unwrap();
+        assert_eq!(
+            ids(&store.get_user(3, "u").unwrap().unwrap()),
+            ["b", "c", "e"]
+        );
+        assert_eq!(ids(&store.users_page(3, None, 10).unwrap()[1]), ["x"]);
     }
 }
