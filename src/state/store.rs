@@ -101,6 +101,10 @@ impl Store {
                 // Append-only topics: universal compaction rewrites each entry
                 // a few times instead of once per level.
                 c.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
+                // Most bytes written go here: room for more memtables waiting
+                // for a flush, so a slow flush does not stop every writer
+                // (the total stays capped by the db-wide write buffer size).
+                c.set_max_write_buffer_number(o.max_write_buffers * 2);
             }
             if name == CF_USERS {
                 // Large, often rewritten values (a user's timeline) go
