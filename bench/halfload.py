@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Steady load on embedded contextd, and where its CPU goes, per thread.
+
+    python3 bench/halfload.py [--rate 12000] [--seconds 15] [--users 20000]
+
+Starts `contextd run` on a fresh temp data dir, posts a generated workload
+(`contextd workload`, seed 43) through the HTTP ingest API at a fixed rate
+(a chunk every 50 ms), then prints the materializing stage's batch metrics,
+the user-cache counters and the CPU seconds of each contextd thread
+(/proc/PID/task/*/stat). Used for the "half load" figures in BENCHMARKS.md.
+"""
+
+import argparse
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as R  # noqa: E402  (the harness's HTTP client and workload reader)
+
+
+def thread_cpu(pid):
+    out = collections.Counter()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                name = f.read().strip()
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out[name] += (int(fields[11]) + int(fields[12])) / R.CLK_TCK
+        except OSError:
+            pass
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rate", type=float, default=12000, help="records/s offered")
+    ap.add_argument("--seconds", type=float, default=15)
+    ap.add_argument("--users", type=int, default=20000)
+    ap.add_argument("--contextd", default=os.path.join(R.CACHE, "target/release/contextd"))
+    args = ap.parse_args()
+    work = tempfile.mkdtemp(prefix="contextd-halfload-")
+    try:
+        records = int(args.rate * (args.seconds + 2))
+        wl = os.path.join(work, "workload")
+        subprocess.run([args.contextd, "workload", "--out", wl, "--records", str(records), "--users",
+                        str(args.users), "--seed", "43"], check=True, capture_output=True)
+        addr = f"127.0.0.1:{R.free_port()}"
+        proc = subprocess.Popen([args.contextd, "run", "--data-dir", os.path.join(work, "data"), "--http-addr", addr,
+                                 "--partitions", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            http = R.Http(addr)
+            deadline = time.time() + 30
+            while time.time() < deadline:
+                try:
+                    if http.request("GET", "/healthz")[0] == 200:
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            with open(os.path.join(wl, "settings.json"), "rb") as f:
+                http.request("PUT", "/api/admin/visibility", f.read())
+            per_tick = max(1, int(args.rate * 0.05))
+            start, tick, sent = time.time(), 0, 0
+            for window in R.chunks_by_topic(os.path.join(wl, "all.tsv"), per_tick):
+                for topic, values in window.items():
+                    http.request("POST", f"/api/v1/topics/{topic}/records", b"\n".join(values) + b"\n",
+                                 "application/x-ndjson")
+                    sent += len(values)
+                tick += 1
+                delay = start + tick * 0.05 - time.time()
+                if delay > 0:
+                    time.sleep(delay)
+                if time.time() - start >= args.seconds:
+                    break
+            elapsed = time.time() - start
+            print(f"offered {args.rate:,.0f} records/s: posted {sent:,} records in {elapsed:.1f} s")
+            status, body = http.request("GET", "/metrics")
+            for line in body.decode().splitlines():
+                if line.startswith("#"):
+                    continue
+                if ('stage="materialize"' in line and ("_sum" in line or "_count" in line)) or "user_cache" in line:
+                    print("  " + line)
+            for name, cpu in sorted(thread_cpu(proc.pid).items(), key=lambda x: -x[1]):
+                if cpu >= 0.05:
+                    print(f"  cpu {name:<16} {cpu:6.2f} s")
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
