@@ -107,8 +107,9 @@ impl Store {
                 c.set_max_write_buffer_number(o.max_write_buffers * 2);
             }
             if name == CF_USERS {
-                // Large, often rewritten values (a user's timeline) go
-                // to blob files: compaction then moves keys, not the values.
+                // A user's value is small (the timeline is stored per event)
+                // unless it holds many profiles; large ones go to blob files:
+                // compaction then moves keys, not the values.
                 c.set_enable_blob_files(true);
                 c.set_min_blob_size(2048);
                 c.set_blob_compression_type(rocksdb::DBCompressionType::Lz4);
