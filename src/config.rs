@@ -89,7 +89,7 @@ pub struct StorageConfig {
     pub sync_writes: bool,
     /// Embedded mode: snapshots kept per partition of the local
     /// `context.snapshots` log (older ones are deleted; the latest snapshot
-    /// of every user is always kept in the state).
+    /// of every user can always be rebuilt from the state: `GET /context`).
     pub snapshot_log_retention: i64,
 }
 

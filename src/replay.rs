@@ -172,8 +172,9 @@ pub fn rebuild_embedded(
     } else {
         log
     };
-    // Drop the materialized state; the last published snapshots (CF snap) are
-    // kept so versions continue where consumers saw them.
+    // Drop the materialized state; the marks of the last published snapshots
+    // (CF snap: version, content hash) are kept so versions continue where
+    // consumers saw them.
     store.clear_cfs(&keys::REBUILT_CFS)?;
     if !from_inputs {
         store.clear_cfs(&[CF_IDENT])?;
@@ -304,7 +305,7 @@ pub fn settle_partition(
 }
 
 /// After a rebuild of an embedded data dir: versions continue from the
-/// snapshots kept in the state (the rebuild does not drop them).
+/// marks of the last snapshots published (the rebuild does not drop them).
 pub fn settle_snapshots(config: &Config, log: &EmbeddedLog) -> Result<u64, PipelineError> {
     let store = log.store();
     on_partition_workers(config.partitions, |parts| {

@@ -787,7 +787,8 @@ fn go_live(
         .map_err(PipelineError::from)
     })?;
     // The highest version on the topic wins; its content is known when this
-    // instance published it itself (kept in the state), else it is re-sent.
+    // instance published it itself (its mark, with the content hash, is kept
+    // in the state), else it is re-sent.
     let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
         let local = store.get_mark(p, uid)?;
         Ok(match (published_versions.get(uid), local) {
