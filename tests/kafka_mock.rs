@@ -33,7 +33,12 @@ fn broker_faults_pause_processing_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     let mut f = std::fs::File::create(&cfg).unwrap();
-    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"10000\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
+    // max.poll.interval.ms: a stage waits for the broker to acknowledge what
+    // it produced before it polls again; with the outage and the produce
+    // errors injected below that wait has exceeded 10 s in CI, and the
+    // consumer then left its group (librdkafka MAXPOLL). 60 s keeps the test
+    // about faults on the produce path; production keeps librdkafka's 300 s.
+    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"60000\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let brokers = mock.bootstrap_servers();
     let s = Server::start_at(
