@@ -279,9 +279,8 @@ impl Materializer {
                     .collect();
             }
             let len = store.put_user(&mut batch, p, &mut t.state.state);
-            let shown: usize = t.state.shown_bodies.values().map(Vec::len).sum();
             t.state.resume();
-            self.cache.put(p, t.state, len + shown / 4);
+            self.cache.put(p, t.state, len);
         }
         if self.opts.publish {
             for p in settings_changed {
