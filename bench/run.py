@@ -1002,16 +1002,23 @@ def main():
         if kafka and not have_pt:
             rows.append({"scenario": "Kafka scenarios (c, d, e)", "error": f"no passthrough binary at {args.passthrough} (it loads the inputs)"})
             kafka = []
-        if "d" in kafka:
+
+        def repeated(label, scenario):
+            """Runs a Kafka scenario args.repeat times (stops if unavailable); the median row."""
             reps = []
             for rep in range(args.repeat):
-                log(f"(d) Quix peer, run {rep + 1}/{args.repeat}")
-                rs, load = scenario_quix(args, wl, logdir, work, rep)
+                log(f"{label}, run {rep + 1}/{args.repeat}")
+                rs, load = scenario(args, wl, logdir, work, rep)
                 reps += rs
                 if load:
                     load_rows.append(load)
                 log(f"    {rs[-1].get('records_per_s') or 0:,.0f} records/s {rs[-1].get('error') or ''}")
-            quix = median_row(reps)
+                if rs[-1].get("unavailable"):
+                    break
+            return median_row(reps)
+
+        if "d" in kafka:
+            quix = repeated("(d) Quix peer", scenario_quix)
             rows.append(quix)
             if not (embedded and embedded.get("snapshots")) and quix.get("snapshots"):
                 snap_avg = quix["snapshot_bytes"] / quix["snapshots"]
@@ -1027,17 +1034,7 @@ def main():
                     log(f"    {x['scenario']}: {x.get('records_per_s') or 0:,.0f} records/s {x.get('error') or ''}")
             rows += [median_row(x) for x in (co, pt) if x]
         if "e" in kafka:
-            reps = []
-            for rep in range(args.repeat):
-                log(f"(e) contextd Kafka mode, run {rep + 1}/{args.repeat}")
-                rs, load = scenario_contextd_kafka(args, wl, logdir, work, rep)
-                reps += rs
-                if load:
-                    load_rows.append(load)
-                log(f"    {rs[-1].get('records_per_s') or 0:,.0f} records/s {rs[-1].get('error') or ''}")
-                if rs[-1].get("unavailable"):
-                    break
-            rows.append(median_row(reps))
+            rows.append(repeated("(e) contextd Kafka mode", scenario_contextd_kafka))
         if load_rows:
             load_rows = [median_row(load_rows)]
     finally:
