@@ -108,6 +108,20 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    g.bench_function("snapshot_next_reusing_encoded_events", |b| {
+        // The materializer's case: the events of the user's last snapshot
+        // are kept encoded; the hash is cleared so a snapshot is made.
+        let mut st = full.clone();
+        let mut shown = snapshot::EncodedEvents::new();
+        snapshot::next_snapshot(&mut st, &settings, 50, 1, &mut shown, &()).unwrap();
+        b.iter(|| {
+            st.snapshot_hash.clear();
+            black_box(
+                snapshot::next_snapshot(&mut st, &settings, 50, 2, &mut shown, &())
+                    .map(|s| s.len()),
+            )
+        })
+    });
     g.bench_function("user_state_decode_encode_1000_events", |b| {
         let bytes = full.encode_to_vec();
         b.iter(|| {

@@ -282,19 +282,17 @@ pub fn settle_partition(
                 .max()
                 .unwrap_or(0)
                 .max(st.snapshot_updated_at_ns);
-            if mat
-                .snapshot_if_changed(
-                    store,
-                    &mut batch,
-                    &mut out,
-                    p,
-                    &settings,
-                    &mut st,
-                    latest,
-                    &[],
-                )
-                .is_some()
-            {
+            if mat.snapshot_if_changed(
+                store,
+                &mut batch,
+                &mut out,
+                p,
+                &settings,
+                &mut st,
+                latest,
+                &std::collections::HashMap::new(),
+                &mut Default::default(),
+            ) {
                 count += 1;
             }
             store.put_user(&mut batch, p, &mut st);

@@ -167,54 +167,178 @@ pub fn content_hash(content: &ContextSnapshot) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
-/// The same hash as `content_hash(&build(..))`, without building the
-/// snapshot: stored events never change once their id is held, so the shown
-/// events are identified by (id, created_at).
-pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(state.user_id.as_bytes());
-    for e in state
+/// What a snapshot of `state` shows: the shown events, newest first, and
+/// the shown profiles, encoded (`SnapshotProfile`).
+fn shown_parts<'a>(
+    state: &'a UserState,
+    settings: &Settings,
+    max_events: usize,
+) -> (Vec<&'a StoredEvent>, Vec<Vec<u8>>) {
+    let events = state
         .timeline
         .iter()
         .rev()
         .filter(|e| event_shown(settings, &e.source, &e.r#type))
         .take(max_events)
-    {
+        .collect();
+    let profiles = state
+        .profiles
+        .iter()
+        .filter(|p| profile_shown(settings, &p.source, &p.r#type))
+        .map(|p| snap_profile(p).encode_to_vec())
+        .collect();
+    (events, profiles)
+}
+
+/// `content_hash` of the snapshot these parts make: stored events never
+/// change once their id is held, so they are identified by (id, created_at).
+fn parts_hash(user_id: &str, events: &[&StoredEvent], profiles: &[Vec<u8>]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(user_id.as_bytes());
+    for e in events {
         h.update([0, b'e']);
         h.update(e.id.as_bytes());
         h.update(e.created_at_ns.to_be_bytes());
     }
-    for p in state
-        .profiles
-        .iter()
-        .filter(|p| profile_shown(settings, &p.source, &p.r#type))
-    {
+    for p in profiles {
         h.update([0, b'p']);
-        h.update(snap_profile(p).encode_to_vec());
+        h.update(p);
     }
     h.finalize().to_vec()
 }
 
+/// The same hash as `content_hash(&build(..))`, without building the
+/// snapshot.
+pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
+    let (events, profiles) = shown_parts(state, settings, max_events);
+    parts_hash(&state.user_id, &events, &profiles)
+}
+
+/// The wire form of snapshot events shown last time, kept between
+/// snapshots (event id -> encoded `SnapshotEvent`): an event is encoded once
+/// and its bytes are copied into every snapshot that shows it. An id's
+/// content never changes while the id is held.
+pub type EncodedEvents = std::collections::HashMap<String, Vec<u8>>;
+
+/// One snapshot event encoded as `snap_event(e, properties).encode_to_vec()`
+/// would, without copying its strings first.
+pub fn encode_event(e: &StoredEvent, properties: &[u8]) -> Vec<u8> {
+    use prost::encoding::{message, string};
+    let created = time::to_timestamp(e.created_at_ns);
+    let received = time::to_timestamp(e.received_at_ns);
+    let len =
+        e.id.len() + e.source.len() + e.r#type.len() + e.description.len() + properties.len() + 64;
+    let mut buf = Vec::with_capacity(len);
+    if !e.id.is_empty() {
+        string::encode(1, &e.id, &mut buf);
+    }
+    if !e.source.is_empty() {
+        string::encode(2, &e.source, &mut buf);
+    }
+    if !e.r#type.is_empty() {
+        string::encode(3, &e.r#type, &mut buf);
+    }
+    if !e.description.is_empty() {
+        string::encode(4, &e.description, &mut buf);
+    }
+    if !properties.is_empty() {
+        put_bytes(5, properties, &mut buf);
+    }
+    message::encode(6, &created, &mut buf);
+    message::encode(7, &received, &mut buf);
+    buf
+}
+
+/// A `ContextSnapshot` in protobuf form from its parts, the profiles and
+/// events already encoded: the same bytes as `build(..)` with version and
+/// updated_at set, then `encode_to_vec()`.
+pub fn encode_snapshot(
+    user_id: &str,
+    version: u64,
+    updated_at_ns: i64,
+    profiles: &[Vec<u8>],
+    events: &[&[u8]],
+) -> Vec<u8> {
+    use prost::encoding::{message, uint64};
+    let len: usize = events.iter().map(|e| e.len() + 4).sum::<usize>()
+        + profiles.iter().map(|p| p.len() + 4).sum::<usize>()
+        + user_id.len()
+        + 32;
+    let mut buf = Vec::with_capacity(len);
+    if !user_id.is_empty() {
+        put_bytes(1, user_id.as_bytes(), &mut buf);
+    }
+    if version != 0 {
+        uint64::encode(2, &version, &mut buf);
+    }
+    message::encode(3, &time::to_timestamp(updated_at_ns), &mut buf);
+    for p in profiles {
+        put_bytes(4, p, &mut buf);
+    }
+    for e in events {
+        put_bytes(5, e, &mut buf);
+    }
+    buf
+}
+
+/// A length-delimited field (string, bytes or an encoded message).
+fn put_bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
+    use prost::encoding::{encode_key, encode_varint, WireType};
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(value.len() as u64, buf);
+    buf.extend_from_slice(value);
+}
+
 /// If the visible content changed since the last snapshot published, bumps
-/// the state's version and returns the new snapshot.
+/// the state's version and returns the new snapshot, encoded (protobuf).
+/// `shown`: the encoded events of the last snapshot (reused, then replaced
+/// by this snapshot's); the properties of the others come from `bodies`.
 pub fn next_snapshot(
     state: &mut UserState,
     settings: &Settings,
     max_events: usize,
     at_ns: i64,
+    shown: &mut EncodedEvents,
     bodies: &impl Bodies,
-) -> Option<ContextSnapshotBytes> {
-    let hash = visible_hash(state, settings, max_events);
+) -> Option<Vec<u8>> {
+    let (events, profiles) = shown_parts(state, settings, max_events);
+    let hash = parts_hash(&state.user_id, &events, &profiles);
     if hash == state.snapshot_hash {
         return None;
     }
-    let mut snap = build(state, settings, max_events, bodies);
-    debug_assert_eq!(content_hash(&decode(&snap)), hash);
+    let missing: Vec<&StoredEvent> = events
+        .iter()
+        .copied()
+        .filter(|e| e.properties.is_empty() && !shown.contains_key(&e.id))
+        .collect();
+    let mut fetched = bodies.properties_many(&missing).into_iter();
+    let encoded: Vec<(&str, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            let bytes = match shown.remove(&e.id) {
+                Some(b) => b,
+                None if e.properties.is_empty() => {
+                    encode_event(e, &fetched.next().unwrap_or_default())
+                }
+                None => encode_event(e, &e.properties),
+            };
+            (e.id.as_str(), bytes)
+        })
+        .collect();
+    let version = state.snapshot_version + 1;
+    let parts: Vec<&[u8]> = encoded.iter().map(|(_, b)| b.as_slice()).collect();
+    let snap = encode_snapshot(&state.user_id, version, at_ns, &profiles, &parts);
+    debug_assert_eq!(
+        content_hash(&ContextSnapshot::decode(&snap[..]).expect("own encoding")),
+        hash
+    );
+    *shown = encoded
+        .into_iter()
+        .map(|(id, b)| (id.to_string(), b))
+        .collect();
     state.snapshot_hash = hash;
-    state.snapshot_version += 1;
+    state.snapshot_version = version;
     state.snapshot_updated_at_ns = at_ns;
-    snap.version = state.snapshot_version;
-    snap.updated_at = Some(time::to_timestamp(at_ns));
     Some(snap)
 }
 
@@ -364,31 +488,93 @@ mod tests {
         );
     }
 
+    fn next(s: &mut UserState, on: &Settings, at: i64) -> Option<ContextSnapshot> {
+        let mut shown = EncodedEvents::new();
+        next_snapshot(s, on, 50, at, &mut shown, &())
+            .map(|b| ContextSnapshot::decode(&b[..]).unwrap())
+    }
+
     #[test]
     fn versions_start_at_one_and_grow_only_on_change() {
         let mut s = state();
         let on = settings(true, true, true);
-        let first = next_snapshot(&mut s, &on, 50, 10, &()).unwrap();
+        let first = next(&mut s, &on, 10).unwrap();
         assert_eq!(first.version, 1);
         assert!(
-            next_snapshot(&mut s, &on, 50, 11, &()).is_none(),
+            next(&mut s, &on, 11).is_none(),
             "same content, no new version"
         );
         s.timeline.push(event("f", "zendesk", "hidden", 9));
         assert!(
-            next_snapshot(&mut s, &on, 50, 12, &()).is_none(),
+            next(&mut s, &on, 12).is_none(),
             "hidden change, no new version"
         );
         s.timeline.push(event("g", "shop", "order", 9));
-        assert_eq!(next_snapshot(&mut s, &on, 50, 13, &()).unwrap().version, 2);
-        let snap = next_snapshot(&mut s, &settings(false, false, false), 50, 14, &()).unwrap();
+        assert_eq!(next(&mut s, &on, 13).unwrap().version, 2);
+        let snap = next(&mut s, &settings(false, false, false), 14).unwrap();
         assert_eq!((snap.version, snap.events.len()), (3, 0));
-        let back = next_snapshot(&mut s, &on, 50, 15, &()).unwrap();
+        let back = next(&mut s, &on, 15).unwrap();
         assert_eq!(
             back.events.len(),
             5,
             "hidden data is kept, showing brings it back"
         );
-        assert_eq!(to_json(&decode(&back))["version"], 4);
+        assert_eq!(to_json(&back)["version"], 4);
+    }
+
+    /// Bodies kept outside the timeline, answered from a map.
+    struct MapBodies(std::collections::HashMap<String, Vec<u8>>);
+
+    impl Bodies for MapBodies {
+        fn properties(&self, e: &StoredEvent) -> Vec<u8> {
+            self.0.get(&e.id).cloned().unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn encoded_snapshots_are_the_bytes_build_encodes() {
+        let mut s = state();
+        s.user_id = "email:jane@example.com".into();
+        let props = |k: &str| {
+            let mut st = prost_types::Struct::default();
+            st.fields.insert(
+                k.into(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(k.repeat(3))),
+                },
+            );
+            st.encode_to_vec()
+        };
+        // Some properties inline, some in the body store, one empty.
+        s.timeline[0].properties = props("inline");
+        s.timeline[1].description = "Order #1001".into();
+        s.timeline[2].received_at_ns = 1_700_000_000_123_456_789;
+        let bodies = MapBodies(
+            [
+                ("c".to_string(), props("c")),
+                ("d".to_string(), props("dd")),
+            ]
+            .into_iter()
+            .collect(),
+        );
+        s.profiles[1].name = Some("Jane".into());
+        s.profiles[1].identifiers = vec![Identifier {
+            r#type: "email".into(),
+            value: "jane@example.com".into(),
+        }];
+        let on = settings(true, true, true);
+        let mut shown = EncodedEvents::new();
+        for (round, max) in [(1u64, 50usize), (2, 2), (3, 50)] {
+            // Each round shows a different set, so a new snapshot is due;
+            // the events kept from the round before are reused.
+            s.snapshot_hash.clear();
+            let got =
+                next_snapshot(&mut s, &on, max, 77 + round as i64, &mut shown, &bodies).unwrap();
+            let mut want = build(&s, &on, max, &bodies);
+            want.version = round;
+            want.updated_at = Some(time::to_timestamp(77 + round as i64));
+            assert_eq!(got, want.encode_to_vec(), "round {round}");
+            assert_eq!(shown.len(), want.events.len());
+        }
     }
 }

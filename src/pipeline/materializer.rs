@@ -11,7 +11,7 @@ use super::deadletter::dead_letter;
 use super::{PipelineError, SnapshotFormat, Topics};
 use crate::ingest::{ErrorCode, Rejection};
 use crate::log::{LogRecord, OutRecord};
-use crate::model::{record, ContextSnapshotBytes, Record, Settings, SnapshotMark};
+use crate::model::{record, ContextSnapshot, Record, Settings, SnapshotMark};
 use crate::snapshot;
 use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
 use crate::state::cache::UserCache;
@@ -92,15 +92,6 @@ impl Materializer {
         );
         self.settings.insert(p, s.clone());
         Ok(s)
-    }
-
-    pub fn encode_snapshot(&self, s: &ContextSnapshotBytes) -> Vec<u8> {
-        match self.opts.format {
-            SnapshotFormat::Protobuf => s.encode_to_vec(),
-            SnapshotFormat::Json => {
-                serde_json::to_vec(&snapshot::to_json(&snapshot::decode(s))).expect("json")
-            }
-        }
     }
 
     /// Processes records of the records log (any partitions, in offset order
@@ -260,7 +251,7 @@ impl Materializer {
             } else {
                 state.snapshot_updated_at_ns
             };
-            if let Some(snap) = self.snapshot_if_changed(
+            if self.snapshot_if_changed(
                 store,
                 &mut batch,
                 &mut out,
@@ -268,15 +259,10 @@ impl Materializer {
                 &settings,
                 state,
                 at,
-                &[&new_bodies, &t.state.shown_bodies],
+                &new_bodies,
+                &mut t.state.shown_events,
             ) {
                 published += 1;
-                // The next snapshot of this user reuses these properties.
-                t.state.shown_bodies = snap
-                    .events
-                    .into_iter()
-                    .map(|e| (e.id, e.properties))
-                    .collect();
             }
             let len = store.put_user(&mut batch, p, &mut t.state.state);
             t.state.resume();
@@ -304,9 +290,10 @@ impl Materializer {
         })
     }
 
-    /// Publishes a new snapshot of `state` if its visible context changed since
-    /// the last one, and returns it. `pending`: properties known in memory
-    /// (this batch's new events, the last snapshot's), looked up first.
+    /// Publishes a new snapshot of `state` if its visible context changed
+    /// since the last one; true if it did. `pending`: properties of events
+    /// not in the store yet (this batch's); `shown`: the last snapshot's
+    /// encoded events, replaced by this one's.
     #[allow(clippy::too_many_arguments)]
     pub fn snapshot_if_changed(
         &self,
@@ -317,61 +304,66 @@ impl Materializer {
         settings: &Settings,
         state: &mut crate::model::UserState,
         at_ns: i64,
-        pending: &[&HashMap<String, Vec<u8>>],
-    ) -> Option<ContextSnapshotBytes> {
+        pending: &HashMap<String, Vec<u8>>,
+        shown: &mut snapshot::EncodedEvents,
+    ) -> bool {
         let uid = state.user_id.clone();
         let bodies = StoreBodies {
             store,
             partition: p,
             user_id: &uid,
-            pending,
+            pending: &[pending],
         };
-        match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, &bodies) {
+        match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, shown, &bodies)
+        {
             Some(snap) => {
-                self.publish(store, batch, out, p, &snap, &state.snapshot_hash);
-                Some(snap)
+                self.publish(store, batch, out, p, state, snap);
+                true
             }
-            None => None,
+            None => false,
         }
     }
 
     /// Marks the user's latest snapshot (version, content hash) in the state
-    /// and queues the snapshot for the snapshots topic. The snapshot itself is
-    /// not stored twice: `Store::context` rebuilds it from the state.
+    /// and queues the snapshot (`encoded`: protobuf) for the snapshots topic.
+    /// The snapshot itself is not stored twice: `Store::context` rebuilds it
+    /// from the state.
     pub fn publish(
         &self,
         store: &Store,
         batch: &mut WriteBatch,
         out: &mut Vec<OutRecord>,
         p: u32,
-        snap: &ContextSnapshotBytes,
-        content_hash: &[u8],
+        state: &crate::model::UserState,
+        encoded: Vec<u8>,
     ) {
+        let updated_at = crate::model::time::to_timestamp(state.snapshot_updated_at_ns);
         store.put_mark(
             batch,
             p,
             &SnapshotMark {
-                user_id: snap.user_id.clone(),
-                version: snap.version,
-                updated_at: snap.updated_at,
-                content_hash: content_hash.to_vec(),
+                user_id: state.user_id.clone(),
+                version: state.snapshot_version,
+                updated_at: Some(updated_at),
+                content_hash: state.snapshot_hash.clone(),
             },
         );
-        {
-            let value = match self.opts.format {
-                SnapshotFormat::Protobuf => snap.encode_to_vec(),
-                SnapshotFormat::Json => self.encode_snapshot(snap),
-            };
-            metrics::counter!("contextd_snapshots_published_total").increment(1);
-            metrics::counter!("contextd_snapshot_bytes_total").increment(value.len() as u64);
-            out.push(OutRecord {
-                topic: self.topics.snapshots.clone(),
-                partition: Some(p as i32),
-                key: Some(snap.user_id.as_bytes().to_vec()),
-                value,
-                timestamp_ms: crate::model::time::from_timestamp(&snap.updated_at) / 1_000_000,
-            });
-        }
+        let value = match self.opts.format {
+            SnapshotFormat::Protobuf => encoded,
+            SnapshotFormat::Json => {
+                let snap = ContextSnapshot::decode(&encoded[..]).expect("own encoding");
+                serde_json::to_vec(&snapshot::to_json(&snap)).expect("json")
+            }
+        };
+        metrics::counter!("contextd_snapshots_published_total").increment(1);
+        metrics::counter!("contextd_snapshot_bytes_total").increment(value.len() as u64);
+        out.push(OutRecord {
+            topic: self.topics.snapshots.clone(),
+            partition: Some(p as i32),
+            key: Some(state.user_id.as_bytes().to_vec()),
+            value,
+            timestamp_ms: state.snapshot_updated_at_ns / 1_000_000,
+        });
     }
 
     /// The admin API shows the latest settings any partition applied.
@@ -431,10 +423,17 @@ impl Materializer {
                 if in_batch.contains(st.user_id.as_str()) {
                     continue;
                 }
-                if self
-                    .snapshot_if_changed(store, batch, out, p, &settings, &mut st, at, &[])
-                    .is_some()
-                {
+                if self.snapshot_if_changed(
+                    store,
+                    batch,
+                    out,
+                    p,
+                    &settings,
+                    &mut st,
+                    at,
+                    &HashMap::new(),
+                    &mut Default::default(),
+                ) {
                     *published += 1;
                     store.put_user(batch, p, &mut st);
                 }

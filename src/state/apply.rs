@@ -93,10 +93,10 @@ pub struct Working {
     pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
     /// Ids of events trimmed by this batch whose properties are in the store.
     pub dropped_bodies: Vec<String>,
-    /// Properties of the events the last snapshot showed (memory only, while
-    /// the user is cached): the next snapshot reuses them instead of reading
-    /// them back. An id's properties never change while the id is held.
-    pub shown_bodies: std::collections::HashMap<String, Vec<u8>>,
+    /// The events the last snapshot showed, encoded (memory only, while the
+    /// user is cached): the next snapshot copies them instead of reading
+    /// their properties back and encoding them again.
+    pub shown_events: crate::snapshot::EncodedEvents,
     /// Timeline changes of this batch, in order (stored one key per event).
     pub timeline_ops: Vec<TimelineOp>,
 }
@@ -120,7 +120,7 @@ impl Working {
             ids,
             new_bodies: Default::default(),
             dropped_bodies: Vec::new(),
-            shown_bodies: Default::default(),
+            shown_events: Default::default(),
             timeline_ops: Vec::new(),
         }
     }
