@@ -120,3 +120,93 @@ fn broker_faults_pause_processing_without_loss_or_duplicates() {
         .sum();
     assert_eq!(n, 60);
 }
+
+/// A broker outage longer than `max.poll.interval.ms` while a stage waits
+/// for the acknowledgements of a batch: the stages keep their consumers in
+/// the group (or rejoin) and every acknowledged event is applied once.
+#[test]
+fn an_outage_longer_than_max_poll_interval_loses_nothing() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    for (t, n) in TOPICS {
+        mock.create_topic(t, n, 1).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    let mut f = std::fs::File::create(&cfg).unwrap();
+    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"7000\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let brokers = mock.bootstrap_servers();
+    let s = Server::start_at(
+        &dir.path().join("d"),
+        &addr,
+        &[
+            "--brokers",
+            &brokers,
+            "--partitions",
+            "2",
+            "--group-id",
+            "g-maxpoll",
+            "--config",
+            cfg.to_str().unwrap(),
+        ],
+    );
+    let (st, _) = s.put("/api/admin/visibility", &json!({"zendesk_events": true, "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}]}));
+    assert_eq!(st, 202);
+    let post = |s: &Server, i: usize| {
+        let body = json!({"id": format!("x{i}"), "user_id": format!("xu{}", i % 4), "type": "article_viewed", "created_at": format!("2026-11-20T11:00:{:02}Z", i % 60)});
+        for _ in 0..300 {
+            if let Ok((202, _)) = s.post_raw("/api/v2/zendesk/events", &body.to_string()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("event {i} never acknowledged");
+    };
+    for i in 0..20 {
+        post(&s, i);
+    }
+    std::thread::scope(|scope| {
+        // Writes keep coming while the broker goes away for twice the
+        // poll interval: batches are in flight in both stages.
+        let writer = scope.spawn(|| {
+            for i in 20..40 {
+                post(&s, i);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        mock.broker_down(1).unwrap();
+        std::thread::sleep(Duration::from_secs(15));
+        mock.broker_up(1).unwrap();
+        writer.join().unwrap();
+    });
+    for i in 40..48 {
+        post(&s, i);
+    }
+    for u in 0..4 {
+        let user = format!("xu{u}");
+        let mut want: Vec<String> = (0..48)
+            .filter(|i| i % 4 == u)
+            .map(|i| format!("x{i}"))
+            .collect();
+        want.sort();
+        let events = s.wait_for(120, "every acknowledged event applied", |s| {
+            let ev = s.all_events(&user)?;
+            (ev.len() >= want.len()).then_some(ev)
+        });
+        let mut ids: Vec<String> = events
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        assert_eq!(ids, want, "timeline of {user}");
+    }
+    let (_, types) = s.get("/api/admin/event_types");
+    let n: u64 = types["event_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t: &Value| t["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(n, 48, "each record applied once");
+}
