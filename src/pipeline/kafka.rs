@@ -458,14 +458,63 @@ impl ConsumerContext for MatContext {
 
 static OUTBOX_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// First byte of an outbox entry in the binary form (older entries are
+/// JSON objects, so they start with `{`).
+const OUTBOX_BINARY: u8 = 0;
+
+/// An outbox entry: `0`, topic length (u16) and topic, partition (i32, -1:
+/// none), key length (i32, -1: none) and key, timestamp (i64 ms), value.
+/// Big-endian; the value is copied once, as is.
 fn encode_out(r: &OutRecord) -> Vec<u8> {
-    serde_json::to_vec(
-        &json!({"t": r.topic, "p": r.partition, "k": r.key, "v": r.value, "ts": r.timestamp_ms}),
-    )
-    .expect("json")
+    let key_len = r.key.as_ref().map_or(0, Vec::len);
+    let mut v = Vec::with_capacity(1 + 2 + r.topic.len() + 4 + 4 + key_len + 8 + r.value.len());
+    v.push(OUTBOX_BINARY);
+    v.extend_from_slice(&(r.topic.len() as u16).to_be_bytes());
+    v.extend_from_slice(r.topic.as_bytes());
+    v.extend_from_slice(&r.partition.unwrap_or(-1).to_be_bytes());
+    match &r.key {
+        Some(k) => {
+            v.extend_from_slice(&(k.len() as i32).to_be_bytes());
+            v.extend_from_slice(k);
+        }
+        None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+    v.extend_from_slice(&r.timestamp_ms.to_be_bytes());
+    v.extend_from_slice(&r.value);
+    v
 }
 
 fn decode_out(v: &[u8]) -> Option<OutRecord> {
+    if v.first() != Some(&OUTBOX_BINARY) {
+        return decode_out_json(v);
+    }
+    let mut at: usize = 1;
+    let mut take = |n: usize| -> Option<&[u8]> {
+        let s = v.get(at..at.checked_add(n)?)?;
+        at += n;
+        Some(s)
+    };
+    let tlen = u16::from_be_bytes(take(2)?.try_into().ok()?) as usize;
+    let topic = std::str::from_utf8(take(tlen)?).ok()?.to_string();
+    let partition = i32::from_be_bytes(take(4)?.try_into().ok()?);
+    let klen = i32::from_be_bytes(take(4)?.try_into().ok()?);
+    let key = if klen < 0 {
+        None
+    } else {
+        Some(take(klen as usize)?.to_vec())
+    };
+    let timestamp_ms = i64::from_be_bytes(take(8)?.try_into().ok()?);
+    Some(OutRecord {
+        topic,
+        partition: (partition >= 0).then_some(partition),
+        key,
+        value: v.get(at..)?.to_vec(),
+        timestamp_ms,
+    })
+}
+
+/// Outbox entries written by versions before the binary form.
+fn decode_out_json(v: &[u8]) -> Option<OutRecord> {
     let j: serde_json::Value = serde_json::from_slice(v).ok()?;
     Some(OutRecord {
         topic: j["t"].as_str()?.to_string(),
@@ -867,4 +916,53 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     producer.flush();
     store.flush()?;
     Ok((replayed, published))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(partition: Option<i32>, key: Option<&[u8]>, value: &[u8]) -> OutRecord {
+        OutRecord {
+            topic: "context.snapshots".into(),
+            partition,
+            key: key.map(<[u8]>::to_vec),
+            value: value.to_vec(),
+            timestamp_ms: 1_764_000_000_123,
+        }
+    }
+
+    fn same(a: &OutRecord, b: &OutRecord) -> bool {
+        (&a.topic, a.partition, &a.key, &a.value, a.timestamp_ms)
+            == (&b.topic, b.partition, &b.key, &b.value, b.timestamp_ms)
+    }
+
+    #[test]
+    fn outbox_entries_round_trip() {
+        for r in [
+            rec(Some(3), Some(b"user-1"), b"\x0a\x06user-1\x10\x07"),
+            rec(None, None, b""),
+            rec(Some(0), Some(b""), &[0u8; 4096]),
+        ] {
+            let got = decode_out(&encode_out(&r)).expect("decodes");
+            assert!(same(&got, &r));
+        }
+        let enc = encode_out(&rec(Some(1), Some(b"k"), b"value"));
+        for cut in 1..enc.len() - 5 {
+            assert!(
+                decode_out(&enc[..cut]).is_none(),
+                "truncated at {cut}: no record"
+            );
+        }
+    }
+
+    #[test]
+    fn outbox_entries_of_earlier_versions_still_decode() {
+        let r = rec(Some(2), Some(b"u"), b"\x01\x02");
+        let old = serde_json::to_vec(
+            &json!({"t": r.topic, "p": r.partition, "k": r.key, "v": r.value, "ts": r.timestamp_ms}),
+        )
+        .unwrap();
+        assert!(same(&decode_out(&old).expect("decodes"), &r));
+    }
 }

@@ -303,11 +303,11 @@ fn apply_event(
             .partition_point(|e| event_order(e) < event_order(&event));
         w.timeline.insert(pos, event.clone());
     }
-    w.timeline_ops.push(TimelineOp::Put(event.clone()));
     w.ids.insert(event.id.clone());
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
+    w.timeline_ops.push(TimelineOp::Put(event));
     let max = limits.max_events_per_user.max(1);
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {
