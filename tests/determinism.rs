@@ -206,6 +206,43 @@ fn run(
     (digest(store).unwrap(), snaps)
 }
 
+/// The materializer keeps the events of a user's last snapshot encoded; an
+/// event id trimmed from the timeline and sent again (new content) in the
+/// same batch must be encoded anew, not taken from that cache.
+#[test]
+fn an_event_trimmed_and_sent_again_in_one_batch_shows_its_new_content() {
+    let shown = |id, at| Rec::Zendesk {
+        user: 0,
+        ty: 0,
+        id: Some(id),
+        at,
+    };
+    let hidden = |id, at| Rec::Zendesk {
+        user: 0,
+        ty: 2,
+        id: Some(id),
+        at,
+    };
+    // Shows Zendesk article_viewed only; ev0 is the oldest of 8 events.
+    let mut recs = vec![Rec::Settings { mask: 1 }, shown(0, 1)];
+    recs.extend((1..8).map(|i| hidden(i, 1 + i as u16)));
+    // Batches: the settings; the 8 events (ev0 shown, kept encoded); then
+    // ev9 trims ev0 and ev0 comes again, newer, with new properties.
+    recs.extend([hidden(9, 20), shown(0, 30)]);
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let (da, sa) = run(a.path(), &recs, &[100_000], &[]);
+    let (db, sb) = run(b.path(), &recs, &[1, 8, 2], &[]);
+    assert_eq!(da, db);
+    assert_eq!(sa, sb);
+    let events = &sb["z0"].events;
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        contextd::model::time::from_timestamp(&events[0].created_at),
+        contextd::model::time::from_timestamp(&sa["z0"].events[0].created_at)
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 24, .. ProptestConfig::default() })]
 
