@@ -24,8 +24,16 @@ const TOPICS: [(&str, i32); 9] = [
     ("context.members", 1),
 ];
 
-#[test]
-fn broker_faults_pause_processing_without_loss_or_duplicates() {
+/// A mock cluster with contextd's topics, and contextd on it (Kafka mode,
+/// 2 partitions) showing Zendesk `article_viewed` events.
+fn start(
+    max_poll_interval_ms: u32,
+    group: &str,
+) -> (
+    MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+    tempfile::TempDir,
+    Server,
+) {
     let mock = MockCluster::new(1).expect("mock cluster");
     for (t, n) in TOPICS {
         mock.create_topic(t, n, 1).unwrap();
@@ -33,12 +41,7 @@ fn broker_faults_pause_processing_without_loss_or_duplicates() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     let mut f = std::fs::File::create(&cfg).unwrap();
-    // max.poll.interval.ms: a stage waits for the broker to acknowledge what
-    // it produced before it polls again; with the outage and the produce
-    // errors injected below that wait has exceeded 10 s in CI, and the
-    // consumer then left its group (librdkafka MAXPOLL). 60 s keeps the test
-    // about faults on the produce path; production keeps librdkafka's 300 s.
-    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"60000\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
+    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"{max_poll_interval_ms}\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let brokers = mock.bootstrap_servers();
     let s = Server::start_at(
@@ -50,144 +53,37 @@ fn broker_faults_pause_processing_without_loss_or_duplicates() {
             "--partitions",
             "2",
             "--group-id",
-            "g-mock",
+            group,
             "--config",
             cfg.to_str().unwrap(),
         ],
     );
     let (st, _) = s.put("/api/admin/visibility", &json!({"zendesk_events": true, "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}]}));
     assert_eq!(st, 202);
-    let post = |i: usize| {
-        let body = json!({"id": format!("m{i}"), "user_id": format!("mu{}", i % 5), "type": "article_viewed", "created_at": format!("2026-11-20T10:00:{:02}Z", i % 60)});
-        // Writes are retried by the client until the broker acknowledged them (202).
-        for _ in 0..100 {
-            if let Ok((202, _)) = s.post_raw("/api/v2/zendesk/events", &body.to_string()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("event {i} never acknowledged");
-    };
-    for i in 0..30 {
-        post(i);
-    }
-    // Transient produce errors: the pipeline retries, nothing is lost.
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 6],
-    );
-    for i in 30..45 {
-        post(i);
-    }
-    // The broker goes down for a while and comes back.
-    mock.broker_down(1).unwrap();
-    std::thread::sleep(Duration::from_secs(3));
-    mock.broker_up(1).unwrap();
-    for i in 45..60 {
-        post(i);
-    }
-    for u in 0..5 {
-        let user = format!("mu{u}");
-        let want: Vec<String> = (0..60)
-            .filter(|i| i % 5 == u)
-            .map(|i| format!("m{i}"))
-            .collect();
-        let events = s.wait_for(120, "every acknowledged event applied", |s| {
-            let ev = s.all_events(&user)?;
-            (ev.len() >= want.len()).then_some(ev)
-        });
-        let mut ids: Vec<String> = events
-            .iter()
-            .map(|e| e["id"].as_str().unwrap().to_string())
-            .collect();
-        ids.sort();
-        let mut w = want.clone();
-        w.sort();
-        assert_eq!(ids, w, "timeline of {user}");
-        let ctx = s.wait_for(60, "snapshot caught up", |s| {
-            let (st, c) = s.get(&format!("/api/v2/users/{}/context", enc(&user)));
-            (st == 200 && c["events"].as_array().map(|a| a.len()) == Some(12)).then_some(c)
-        });
-        assert_eq!(ctx["events"][0]["type"], "article_viewed");
-    }
-    // Each record applied once: the catalog counts stored events exactly.
-    let (_, types) = s.get("/api/admin/event_types");
-    let n: u64 = types["event_types"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t: &Value| t["count"].as_u64().unwrap())
-        .sum();
-    assert_eq!(n, 60);
+    (mock, dir, s)
 }
 
-/// A broker outage longer than `max.poll.interval.ms` while a stage waits
-/// for the acknowledgements of a batch: the stages keep their consumers in
-/// the group (or rejoin) and every acknowledged event is applied once.
-#[test]
-fn an_outage_longer_than_max_poll_interval_loses_nothing() {
-    let mock = MockCluster::new(1).expect("mock cluster");
-    for (t, n) in TOPICS {
-        mock.create_topic(t, n, 1).unwrap();
-    }
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = dir.path().join("c.toml");
-    let mut f = std::fs::File::create(&cfg).unwrap();
-    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"7000\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
-    let addr = format!("127.0.0.1:{}", free_port());
-    let brokers = mock.bootstrap_servers();
-    let s = Server::start_at(
-        &dir.path().join("d"),
-        &addr,
-        &[
-            "--brokers",
-            &brokers,
-            "--partitions",
-            "2",
-            "--group-id",
-            "g-maxpoll",
-            "--config",
-            cfg.to_str().unwrap(),
-        ],
-    );
-    let (st, _) = s.put("/api/admin/visibility", &json!({"zendesk_events": true, "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}]}));
-    assert_eq!(st, 202);
-    let post = |s: &Server, i: usize| {
-        let body = json!({"id": format!("x{i}"), "user_id": format!("xu{}", i % 4), "type": "article_viewed", "created_at": format!("2026-11-20T11:00:{:02}Z", i % 60)});
-        for _ in 0..300 {
-            if let Ok((202, _)) = s.post_raw("/api/v2/zendesk/events", &body.to_string()) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
+/// Posts event `{prefix}{i}` of user `{prefix}u{i % users}`, retried until
+/// the broker acknowledged it (202).
+fn post(s: &Server, prefix: &str, users: usize, i: usize) {
+    let body = json!({"id": format!("{prefix}{i}"), "user_id": format!("{prefix}u{}", i % users), "type": "article_viewed", "created_at": format!("2026-11-20T10:00:{:02}Z", i % 60)});
+    for _ in 0..300 {
+        if let Ok((202, _)) = s.post_raw("/api/v2/zendesk/events", &body.to_string()) {
+            return;
         }
-        panic!("event {i} never acknowledged");
-    };
-    for i in 0..20 {
-        post(&s, i);
+        std::thread::sleep(Duration::from_millis(200));
     }
-    std::thread::scope(|scope| {
-        // Writes keep coming while the broker goes away for twice the
-        // poll interval: batches are in flight in both stages.
-        let writer = scope.spawn(|| {
-            for i in 20..40 {
-                post(&s, i);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-        std::thread::sleep(Duration::from_millis(700));
-        mock.broker_down(1).unwrap();
-        std::thread::sleep(Duration::from_secs(15));
-        mock.broker_up(1).unwrap();
-        writer.join().unwrap();
-    });
-    for i in 40..48 {
-        post(&s, i);
-    }
-    for u in 0..4 {
-        let user = format!("xu{u}");
-        let mut want: Vec<String> = (0..48)
-            .filter(|i| i % 4 == u)
-            .map(|i| format!("x{i}"))
+    panic!("event {i} never acknowledged");
+}
+
+/// Every user's timeline holds exactly its `n` events (all posted), and the
+/// catalog counted each once.
+fn assert_each_applied_once(s: &Server, prefix: &str, users: usize, n: usize) {
+    for u in 0..users {
+        let user = format!("{prefix}u{u}");
+        let mut want: Vec<String> = (0..n)
+            .filter(|i| i % users == u)
+            .map(|i| format!("{prefix}{i}"))
             .collect();
         want.sort();
         let events = s.wait_for(120, "every acknowledged event applied", |s| {
@@ -202,11 +98,79 @@ fn an_outage_longer_than_max_poll_interval_loses_nothing() {
         assert_eq!(ids, want, "timeline of {user}");
     }
     let (_, types) = s.get("/api/admin/event_types");
-    let n: u64 = types["event_types"]
+    let counted: u64 = types["event_types"]
         .as_array()
         .unwrap()
         .iter()
         .map(|t: &Value| t["count"].as_u64().unwrap())
         .sum();
-    assert_eq!(n, 48, "each record applied once");
+    assert_eq!(counted, n as u64, "each record applied once");
+}
+
+#[test]
+fn broker_faults_pause_processing_without_loss_or_duplicates() {
+    // max.poll.interval.ms: a stage waits for the broker to acknowledge what
+    // it produced before it polls again; with the outage and the produce
+    // errors injected below that wait has exceeded 10 s in CI, and the
+    // consumer then left its group (librdkafka MAXPOLL). 60 s keeps this test
+    // about faults on the produce path (the next test is about MAXPOLL);
+    // production keeps librdkafka's 300 s.
+    let (mock, _dir, s) = start(60_000, "g-mock");
+    for i in 0..30 {
+        post(&s, "m", 5, i);
+    }
+    // Transient produce errors: the pipeline retries, nothing is lost.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 6],
+    );
+    for i in 30..45 {
+        post(&s, "m", 5, i);
+    }
+    // The broker goes down for a while and comes back.
+    mock.broker_down(1).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    mock.broker_up(1).unwrap();
+    for i in 45..60 {
+        post(&s, "m", 5, i);
+    }
+    assert_each_applied_once(&s, "m", 5, 60);
+    for u in 0..5 {
+        let ctx = s.wait_for(60, "snapshot caught up", |s| {
+            let (st, c) = s.get(&format!("/api/v2/users/{}/context", enc(&format!("mu{u}"))));
+            (st == 200 && c["events"].as_array().map(|a| a.len()) == Some(12)).then_some(c)
+        });
+        assert_eq!(ctx["events"][0]["type"], "article_viewed");
+    }
+}
+
+/// A broker outage longer than `max.poll.interval.ms` while a stage waits
+/// for the acknowledgements of a batch: librdkafka takes the consumer out
+/// of its group (MAXPOLL); the stages rejoin, the materializer restores its
+/// partitions, and every acknowledged event is applied once.
+#[test]
+fn an_outage_longer_than_max_poll_interval_loses_nothing() {
+    let (mock, _dir, s) = start(7_000, "g-maxpoll");
+    for i in 0..20 {
+        post(&s, "x", 4, i);
+    }
+    std::thread::scope(|scope| {
+        // Writes keep coming while the broker goes away for twice the
+        // poll interval: batches are in flight in both stages.
+        let writer = scope.spawn(|| {
+            for i in 20..40 {
+                post(&s, "x", 4, i);
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(700));
+        mock.broker_down(1).unwrap();
+        std::thread::sleep(Duration::from_secs(15));
+        mock.broker_up(1).unwrap();
+        writer.join().unwrap();
+    });
+    for i in 40..48 {
+        post(&s, "x", 4, i);
+    }
+    assert_each_applied_once(&s, "x", 4, 48);
 }
