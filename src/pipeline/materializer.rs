@@ -13,7 +13,7 @@ use crate::ingest::{ErrorCode, Rejection};
 use crate::log::{LogRecord, OutRecord};
 use crate::model::{record, ContextSnapshot, Record, Settings, SnapshotMark};
 use crate::snapshot;
-use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome, TimelineOp};
+use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
 use crate::state::cache::UserCache;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::store::StoreBodies;
@@ -226,16 +226,6 @@ impl Materializer {
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         for ((p, _), mut t) in touched {
             let changes = t.state.end_batch();
-            // An id stored or dropped by this batch may name other content
-            // than the last snapshot showed (dropped, then sent again): its
-            // kept encoding goes.
-            for op in &changes.timeline_ops {
-                let id = match op {
-                    TimelineOp::Put(e) => &e.id,
-                    TimelineOp::Delete(_, id) => id,
-                };
-                t.state.shown_events.remove(id);
-            }
             let new_bodies = changes.new_bodies;
             let state = &mut t.state.state;
             // Only what changed is written: the events stored and dropped,

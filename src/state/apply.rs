@@ -95,7 +95,8 @@ pub struct Working {
     pub dropped_bodies: Vec<String>,
     /// The events the last snapshot showed, encoded (memory only, while the
     /// user is cached): the next snapshot copies them instead of reading
-    /// their properties back and encoding them again.
+    /// their properties back and encoding them again. Only ids the timeline
+    /// holds: dropping or storing an id removes its entry.
     pub shown_events: crate::snapshot::EncodedEvents,
     /// Timeline changes of this batch, in order (stored one key per event).
     pub timeline_ops: Vec<TimelineOp>,
@@ -304,6 +305,8 @@ fn apply_event(
         w.timeline.insert(pos, event.clone());
     }
     w.ids.insert(event.id.clone());
+    // An id dropped and sent again (new content): not the encoding kept.
+    w.shown_events.remove(&event.id);
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
@@ -312,6 +315,7 @@ fn apply_event(
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {
             w.ids.remove(&old.id);
+            w.shown_events.remove(&old.id);
             w.timeline_ops
                 .push(TimelineOp::Delete(old.created_at_ns, old.id.clone()));
             if w.new_bodies.remove(&old.id).is_none() && old.properties.is_empty() {
