@@ -290,7 +290,7 @@ pub fn settle_partition(
                 &settings,
                 &mut st,
                 latest,
-                &std::collections::HashMap::new(),
+                None,
                 &mut Default::default(),
             ) {
                 count += 1;

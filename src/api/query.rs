@@ -144,7 +144,7 @@ pub async fn events(
         store: &app.store,
         partition: app.partition_of(&u.user_id),
         user_id: &u.user_id,
-        pending: &[],
+        pending: None,
     };
     let has_more = matching.next().is_some();
     let after_cursor = if has_more {

@@ -259,7 +259,7 @@ impl Materializer {
                 &settings,
                 state,
                 at,
-                &new_bodies,
+                Some(&new_bodies),
                 &mut t.state.shown_events,
             ) {
                 published += 1;
@@ -304,7 +304,7 @@ impl Materializer {
         settings: &Settings,
         state: &mut crate::model::UserState,
         at_ns: i64,
-        pending: &HashMap<String, Vec<u8>>,
+        pending: Option<&HashMap<String, Vec<u8>>>,
         shown: &mut snapshot::EncodedEvents,
     ) -> bool {
         let uid = state.user_id.clone();
@@ -312,7 +312,7 @@ impl Materializer {
             store,
             partition: p,
             user_id: &uid,
-            pending: &[pending],
+            pending,
         };
         match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, shown, &bodies)
         {
@@ -431,7 +431,7 @@ impl Materializer {
                     &settings,
                     &mut st,
                     at,
-                    &HashMap::new(),
+                    None,
                     &mut Default::default(),
                 ) {
                     *published += 1;

@@ -96,7 +96,8 @@ pub struct Working {
     /// The events the last snapshot showed, encoded (memory only, while the
     /// user is cached): the next snapshot copies them instead of reading
     /// their properties back and encoding them again. Only ids the timeline
-    /// holds: dropping or storing an id removes its entry.
+    /// holds: dropping an id removes its entry (an id dropped and sent again
+    /// may carry other content).
     pub shown_events: crate::snapshot::EncodedEvents,
     /// Timeline changes of this batch, in order (stored one key per event).
     pub timeline_ops: Vec<TimelineOp>,
@@ -305,8 +306,6 @@ fn apply_event(
         w.timeline.insert(pos, event.clone());
     }
     w.ids.insert(event.id.clone());
-    // An id dropped and sent again (new content): not the encoding kept.
-    w.shown_events.remove(&event.id);
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }

@@ -45,7 +45,7 @@ impl UserCache {
     }
 
     /// Keeps a user's state (`encoded_len`: its size in the store; the
-    /// properties kept with it count as they are).
+    /// encoded snapshot events kept with it count as they are).
     pub fn put(&mut self, p: u32, working: Working, encoded_len: usize) {
         let shown: usize = working.shown_events.values().map(Vec::len).sum();
         let bytes = encoded_len.saturating_mul(MEMORY_PER_ENCODED_BYTE) + shown;

@@ -21,7 +21,7 @@ fn user_hash(store: &Store, p: u32, s: &UserState) -> [u8; 32] {
         store,
         partition: p,
         user_id: &s.user_id,
-        pending: &[],
+        pending: None,
     };
     let mut h = Sha256::new();
     h.update(s.user_id.as_bytes());

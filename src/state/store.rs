@@ -518,7 +518,7 @@ pub struct StoreBodies<'a> {
     pub store: &'a Store,
     pub partition: u32,
     pub user_id: &'a str,
-    pub pending: &'a [&'a std::collections::HashMap<String, Vec<u8>>],
+    pub pending: Option<&'a std::collections::HashMap<String, Vec<u8>>>,
 }
 
 /// Reads many bodies in one multi-get (sorted keys of one user: one pass
@@ -560,7 +560,7 @@ impl crate::snapshot::Bodies for StoreBodies<'_> {
     }
 
     fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
-        let pending = |e: &StoredEvent| self.pending.iter().find_map(|m| m.get(&e.id));
+        let pending = |e: &StoredEvent| self.pending.and_then(|m| m.get(&e.id));
         let stored: Vec<&StoredEvent> = events
             .iter()
             .copied()
