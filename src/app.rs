@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::ingest::Limits;
-use crate::log::embedded::EmbeddedLog;
+use crate::log::embedded::{EmbeddedLog, LogOptions};
 use crate::log::kafka::KafkaProducer;
 use crate::log::OutRecord;
 use crate::pipeline::embedded::{run_materializer, run_router, DriverOptions, Readiness, Stages};
@@ -110,7 +110,14 @@ pub fn limits(c: &Config) -> Limits {
 pub fn open_embedded(c: &Config) -> Result<Arc<EmbeddedLog>, PipelineError> {
     let store = Store::open(&c.data_dir, &c.store_options())?;
     store.check_partitions(c.partitions)?;
-    Ok(Arc::new(EmbeddedLog::open(store, &embedded_topics(c))?))
+    let opts = LogOptions {
+        segment_bytes: c.storage.log_segment_mb.max(1) << 20,
+    };
+    Ok(Arc::new(EmbeddedLog::open_with(
+        store,
+        &embedded_topics(c),
+        opts,
+    )?))
 }
 
 /// The embedded pipeline: both stages on their own threads.

@@ -91,6 +91,9 @@ pub struct StorageConfig {
     /// `context.snapshots` log (older ones are deleted; the latest snapshot
     /// of every user can always be rebuilt from the state: `GET /context`).
     pub snapshot_log_retention: i64,
+    /// Embedded mode: size of one segment file of a local topic partition,
+    /// MiB (retention deletes whole segments).
+    pub log_segment_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -158,6 +161,7 @@ impl Default for StorageConfig {
             user_cache_mb: 128,
             sync_writes: false,
             snapshot_log_retention: 100_000,
+            log_segment_mb: 64,
         }
     }
 }

@@ -18,11 +18,12 @@
 //!
 //! - Pure core: [`ingest`], [`identity`], [`state::apply`], [`snapshot`]; no
 //!   I/O, no clock: time comes from log timestamps, so replays are deterministic.
-//! - Shell: [`log`] (embedded topics in RocksDB, Kafka via rdkafka), [`state::store`],
+//! - Shell: [`log`] (embedded topics as segment files, Kafka via rdkafka), [`state::store`],
 //!   [`pipeline`] (the two stages, written once), [`api`] (axum), [`app`] (wiring),
 //!   [`replay`] (rebuild), [`telemetry`], [`config`].
-//! - Each stage commits its state change, the records it appends and the
-//!   positions it consumed in one RocksDB `WriteBatch`.
+//! - Each stage commits its state change, the ends of the records it appended
+//!   (embedded mode; the entries are in segment files) and the positions it
+//!   consumed in one RocksDB `WriteBatch`.
 
 pub mod api;
 pub mod app;

@@ -7,7 +7,7 @@
 //! end every user's snapshot is settled against the last one published, so
 //! versions continue where they were and only changed contexts are re-sent.
 
-use crate::app::{self, embedded_topics};
+use crate::app;
 use crate::config::Config;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::LogRecord;
@@ -15,10 +15,9 @@ use crate::pipeline::embedded::RouterStep;
 use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
-use crate::state::keys::{self, CF_IDENT, CF_LOG, CF_META};
+use crate::state::keys::{self, CF_IDENT, CF_META};
 use crate::state::Store;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -43,15 +42,6 @@ fn bar(len: u64, what: &str, show: bool) -> ProgressBar {
     );
     pb.set_message(what.to_string());
     pb
-}
-
-fn delete_topic(store: &Store, topic: &str) -> Result<(), PipelineError> {
-    let mut start = topic.as_bytes().to_vec();
-    start.push(0);
-    let mut end = topic.as_bytes().to_vec();
-    end.push(1);
-    store.db().delete_range_cf(store.cf(CF_LOG), start, end)?;
-    Ok(())
 }
 
 /// Reads partitions `parts` of a topic in chunks (round-robin over them).
@@ -138,14 +128,12 @@ pub fn rebuild_embedded(
     let mut routed = 0u64;
     let log = if from_inputs {
         let t = &config.topics;
-        delete_topic(&store, &t.records)?;
-        delete_topic(&store, &t.dlq)?;
+        log.clear_topic(&t.records)?;
+        log.clear_topic(&t.dlq)?;
         store.clear_cfs(&[CF_IDENT])?;
         let mut batch = rocksdb::WriteBatch::default();
         store.delete_prefix(&mut batch, CF_META, b"pos/router/");
         store.write(batch)?;
-        drop(log);
-        let log = Arc::new(EmbeddedLog::open(store.clone(), &embedded_topics(config))?);
         let router = Router::new(
             config.topics.clone(),
             config.partitions,

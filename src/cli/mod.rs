@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use contextd::app::EmbeddedRuntime;
 use contextd::config::{Config, LogFormat, Overrides};
+use contextd::log::embedded::{restore_checkpoint, CHECKPOINT_FOLDER};
 use contextd::pipeline::SnapshotFormat;
 use contextd::{api, replay, state, telemetry};
 use std::path::PathBuf;
@@ -308,16 +309,21 @@ fn digest(config: Config) -> Result<()> {
 }
 
 fn checkpoint_create(config: Config, dir: &std::path::Path) -> Result<()> {
-    let store = open_store(&config)?;
     if dir.exists() {
         bail!(
             "{} already exists; choose a new directory for the checkpoint",
             dir.display()
         );
     }
-    rocksdb::checkpoint::Checkpoint::new(store.db())
+    // The embedded topics are part of the data: their committed ends are in
+    // the store, so the store's checkpoint and the topics' copy agree.
+    let log = contextd::app::open_embedded(&config)
+        .context("is contextd still running on this data dir? stop it first")?;
+    rocksdb::checkpoint::Checkpoint::new(log.store().db())
         .and_then(|c| c.create_checkpoint(dir))
         .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))?;
+    log.checkpoint(&dir.join(CHECKPOINT_FOLDER))
+        .with_context(|| format!("cannot copy the embedded topics into {}", dir.display()))?;
     println!(
         "checkpoint of {} written to {}",
         config.data_dir.display(),
@@ -343,9 +349,14 @@ fn checkpoint_restore(config: Config, dir: &std::path::Path) -> Result<()> {
     std::fs::create_dir_all(&state_dir)?;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
+        if entry.file_name() == CHECKPOINT_FOLDER {
+            continue;
+        }
         std::fs::copy(entry.path(), state_dir.join(entry.file_name()))
             .with_context(|| format!("cannot copy {}", entry.path().display()))?;
     }
+    restore_checkpoint(&dir.join(CHECKPOINT_FOLDER), &config.data_dir)
+        .context("cannot restore the embedded topics")?;
     let store = open_store(&config)?;
     store.check_partitions(config.partitions)?;
     println!(

@@ -1,97 +1,170 @@
-//! Embedded mode's topics: durable local logs in the state store's `log`
-//! column family, keyed by topic, partition and offset, with log timestamps.
-//! Appends that must be atomic with a state change go into that change's
-//! `WriteBatch` (`commit`), so embedded mode is exactly-once end to end.
+//! Embedded mode's topics: durable local logs, one folder per topic
+//! partition under `<data_dir>/log/`, each a sequence of append-only segment
+//! files (`segment.rs`), as Kafka keeps them.
+//!
+//! Atomicity with the state: a commit writes its entries to the segment
+//! files first, then one RocksDB `WriteBatch` holding the state change and
+//! each written partition's new end (next offset, active segment, its
+//! length). Readers only see offsets below the committed end; on open every
+//! partition is cut back to its stored end, so entries of a batch whose
+//! state write never happened are gone, as if never appended. Embedded
+//! mode is exactly-once end to end.
+//!
+//! Data dirs of versions that kept these topics in the store's `log`
+//! column family are moved into segment files on first open.
 
+use super::segment::{self, encode_entry, Segment};
 use super::{LogError, LogRecord, OutRecord};
-use crate::state::keys::{partition_for, CF_LOG};
+use crate::state::keys::{partition_for, CF_LOG, CF_META};
 use crate::state::Store;
-use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
+use rocksdb::{Direction, IteratorMode, WriteBatch};
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::Duration;
 
-fn prefix(topic: &str, partition: i32) -> Vec<u8> {
-    let mut k = Vec::with_capacity(topic.len() + 5);
+/// Knobs of the embedded log.
+#[derive(Debug, Clone, Copy)]
+pub struct LogOptions {
+    /// A partition starts a new segment file once its active one holds this
+    /// many bytes; retention deletes whole segments.
+    pub segment_bytes: u64,
+}
+
+impl Default for LogOptions {
+    fn default() -> Self {
+        LogOptions {
+            segment_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The key of a partition's committed end in `CF_META`.
+fn end_key(topic: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + topic.len() + 5);
+    k.extend_from_slice(b"logend/");
     k.extend_from_slice(topic.as_bytes());
     k.push(0);
     k.extend_from_slice(&(partition as u32).to_be_bytes());
     k
 }
 
-fn entry_key(topic: &str, partition: i32, offset: i64) -> Vec<u8> {
-    let mut k = prefix(topic, partition);
-    k.extend_from_slice(&(offset as u64).to_be_bytes());
-    k
+/// A partition's committed end: the next offset, the active segment's base
+/// offset, and how many of its bytes are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct End {
+    next: i64,
+    base: i64,
+    len: u64,
 }
 
-fn encode_entry(ts_ms: i64, key: Option<&[u8]>, value: &[u8]) -> Vec<u8> {
-    let klen = key.map(|k| k.len()).unwrap_or(0);
-    let mut v = Vec::with_capacity(12 + klen + value.len());
-    v.extend_from_slice(&ts_ms.to_be_bytes());
-    match key {
-        Some(k) => {
-            v.extend_from_slice(&(k.len() as i32).to_be_bytes());
-            v.extend_from_slice(k);
-        }
-        None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+impl End {
+    fn encode(&self) -> [u8; 24] {
+        let mut v = [0; 24];
+        v[..8].copy_from_slice(&self.next.to_be_bytes());
+        v[8..16].copy_from_slice(&self.base.to_be_bytes());
+        v[16..].copy_from_slice(&self.len.to_be_bytes());
+        v
     }
-    v.extend_from_slice(value);
-    v
+
+    fn decode(v: &[u8]) -> Option<End> {
+        Some(End {
+            next: i64::from_be_bytes(v.get(..8)?.try_into().ok()?),
+            base: i64::from_be_bytes(v.get(8..16)?.try_into().ok()?),
+            len: u64::from_be_bytes(v.get(16..24)?.try_into().ok()?),
+        })
+    }
 }
 
-fn decode_entry(v: &[u8]) -> Option<(i64, Option<Vec<u8>>, Vec<u8>)> {
-    let ts = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
-    let klen = i32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
-    let (key, rest) = if klen < 0 {
-        (None, &v[12..])
-    } else {
-        let end = 12 + klen as usize;
-        (Some(v.get(12..end)?.to_vec()), v.get(end..)?)
-    };
-    Some((ts, key, rest.to_vec()))
+/// A topic name as a folder name: Kafka's topic characters kept, any other
+/// byte as `%XX`.
+fn folder_name(topic: &str) -> String {
+    let mut s = String::with_capacity(topic.len());
+    for b in topic.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-' {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
 }
+
+struct Partition {
+    dir: PathBuf,
+    /// The next offset readers may read: everything below is committed.
+    committed: AtomicI64,
+    /// Segments by base offset; the last one is appended to.
+    segments: RwLock<Vec<Arc<Segment>>>,
+}
+
+struct Topic {
+    name: String,
+    partitions: Vec<Partition>,
+}
+
+/// The writer's view of a partition (guarded by `EmbeddedLog::writer`).
+type Tails = Vec<Vec<End>>;
 
 /// The embedded topics of one data dir.
 pub struct EmbeddedLog {
     store: Store,
-    /// topic -> next offset per partition. Guarded by one mutex held across
-    /// offset assignment and the write, so readers never see a gap.
-    ends: Mutex<HashMap<String, Vec<i64>>>,
+    opts: LogOptions,
+    topics: Vec<Topic>,
+    by_name: HashMap<String, usize>,
+    /// Committed end per topic and partition, as the writer sees it. Held
+    /// across offset assignment, the file writes and the state commit, so
+    /// offsets are committed in order and readers never see a gap.
+    writer: Mutex<Tails>,
     /// Bumped after every append; readers wait on it.
     generation: Mutex<u64>,
     appended: Condvar,
 }
 
 impl EmbeddedLog {
-    /// Opens the topics (name, partition count), finding each partition's end.
+    /// Opens the topics (name, partition count) with default options.
     pub fn open(store: Store, topics: &[(String, u32)]) -> Result<EmbeddedLog, LogError> {
-        let mut ends = HashMap::new();
-        for (topic, n) in topics {
-            let mut v = Vec::new();
+        EmbeddedLog::open_with(store, topics, LogOptions::default())
+    }
+
+    /// Opens the topics, cutting every partition back to its committed end.
+    pub fn open_with(
+        store: Store,
+        topics: &[(String, u32)],
+        opts: LogOptions,
+    ) -> Result<EmbeddedLog, LogError> {
+        let root = store.data_dir().join("log");
+        migrate_from_store(&store, &root, topics, opts)?;
+        let mut list = Vec::new();
+        let mut tails = Vec::new();
+        let mut by_name = HashMap::new();
+        for (name, n) in topics {
+            let mut partitions = Vec::new();
+            let mut ends = Vec::new();
             for p in 0..*n as i32 {
-                let mut upper = prefix(topic, p);
-                upper.extend_from_slice(&[0xff; 9]);
-                let mut it = store.db().iterator_cf(
-                    store.cf(CF_LOG),
-                    IteratorMode::From(&upper, Direction::Reverse),
-                );
-                let next = match it.next().transpose()? {
-                    Some((k, _))
-                        if k.starts_with(&prefix(topic, p))
-                            && k.len() == prefix(topic, p).len() + 8 =>
-                    {
-                        u64::from_be_bytes(k[k.len() - 8..].try_into().expect("8 bytes")) as i64 + 1
-                    }
-                    _ => 0,
-                };
-                v.push(next);
+                let dir = root.join(folder_name(name)).join(p.to_string());
+                let (segments, end) = recover(&store, &dir, name, p)?;
+                partitions.push(Partition {
+                    dir,
+                    committed: AtomicI64::new(end.next),
+                    segments: RwLock::new(segments),
+                });
+                ends.push(end);
             }
-            ends.insert(topic.clone(), v);
+            by_name.insert(name.clone(), list.len());
+            list.push(Topic {
+                name: name.clone(),
+                partitions,
+            });
+            tails.push(ends);
         }
         Ok(EmbeddedLog {
             store,
-            ends: Mutex::new(ends),
+            opts,
+            topics: list,
+            by_name,
+            writer: Mutex::new(tails),
             generation: Mutex::new(0),
             appended: Condvar::new(),
         })
@@ -101,22 +174,50 @@ impl EmbeddedLog {
         &self.store
     }
 
+    fn topic(&self, name: &str) -> Result<(usize, &Topic), LogError> {
+        self.by_name
+            .get(name)
+            .map(|i| (*i, &self.topics[*i]))
+            .ok_or_else(|| LogError::UnknownTopic(name.to_string()))
+    }
+
+    fn partition(&self, name: &str, partition: i32) -> Result<&Partition, LogError> {
+        let (_, t) = self.topic(name)?;
+        usize::try_from(partition)
+            .ok()
+            .and_then(|p| t.partitions.get(p))
+            .ok_or_else(|| LogError::UnknownTopic(format!("{name}[{partition}]")))
+    }
+
     pub fn partitions(&self, topic: &str) -> Option<u32> {
-        self.ends
-            .lock()
-            .expect("log lock")
-            .get(topic)
-            .map(|v| v.len() as u32)
+        self.topic(topic)
+            .ok()
+            .map(|(_, t)| t.partitions.len() as u32)
     }
 
     /// The next offset of every partition of `topic`.
     pub fn end_offsets(&self, topic: &str) -> Vec<i64> {
-        self.ends
-            .lock()
-            .expect("log lock")
-            .get(topic)
-            .cloned()
+        self.topic(topic)
+            .map(|(_, t)| {
+                t.partitions
+                    .iter()
+                    .map(|p| p.committed.load(Ordering::Acquire))
+                    .collect()
+            })
             .unwrap_or_default()
+    }
+
+    /// Bytes in the segment files of every topic.
+    pub fn disk_bytes(&self) -> u64 {
+        let mut total = 0;
+        for t in &self.topics {
+            for p in &t.partitions {
+                for s in p.segments.read().expect("segments lock").iter() {
+                    total += s.file_len().unwrap_or(0);
+                }
+            }
+        }
+        total
     }
 
     /// Appends `records` and writes `batch` atomically. Returns (partition, offset) of each record.
@@ -125,44 +226,90 @@ impl EmbeddedLog {
         mut batch: WriteBatch,
         records: &[OutRecord],
     ) -> Result<Vec<(i32, i64)>, LogError> {
-        let cf = self.store.cf(CF_LOG);
-        let mut ends = self.ends.lock().expect("log lock");
+        let mut tails = self.writer.lock().expect("log writer lock");
         let mut assigned = Vec::with_capacity(records.len());
-        let mut next: HashMap<&str, Vec<i64>> = HashMap::new();
+        // (topic, partition) -> index into `pending`: the framed entries and
+        // the next offset of each partition this commit writes.
+        let mut slot: HashMap<(usize, i32), usize> = HashMap::new();
+        let mut pending: Vec<(usize, i32, Vec<u8>, i64)> = Vec::new();
         for r in records {
-            let cur = match next.get_mut(r.topic.as_str()) {
-                Some(v) => v,
-                None => {
-                    let v = ends
-                        .get(&r.topic)
-                        .cloned()
-                        .ok_or_else(|| LogError::UnknownTopic(r.topic.clone()))?;
-                    next.entry(r.topic.as_str()).or_insert(v)
-                }
-            };
-            let n = cur.len() as u32;
+            let (ti, t) = self.topic(&r.topic)?;
+            let n = t.partitions.len() as u32;
             let p = match (r.partition, &r.key) {
                 (Some(p), _) => p,
                 (None, Some(k)) => partition_for(k, n) as i32,
                 (None, None) => 0,
             };
-            let slot = cur
-                .get_mut(p as usize)
-                .ok_or_else(|| LogError::UnknownTopic(format!("{}[{p}]", r.topic)))?;
-            let off = *slot;
-            *slot += 1;
-            batch.put_cf(
-                cf,
-                entry_key(&r.topic, p, off),
-                encode_entry(r.timestamp_ms, r.key.as_deref(), &r.value),
-            );
-            assigned.push((p, off));
+            if p < 0 || p as u32 >= n {
+                return Err(LogError::UnknownTopic(format!("{}[{p}]", r.topic)));
+            }
+            let i = *slot.entry((ti, p)).or_insert_with(|| {
+                pending.push((ti, p, Vec::new(), tails[ti][p as usize].next));
+                pending.len() - 1
+            });
+            let (_, _, buf, next) = &mut pending[i];
+            encode_entry(buf, *next, r.timestamp_ms, r.key.as_deref(), &r.value);
+            assigned.push((p, *next));
+            *next += 1;
         }
-        self.store.write(batch)?;
-        for (t, v) in next {
-            ends.insert(t.to_string(), v);
+        // Write the files; what was written is cut off again if anything fails.
+        let mut written: Vec<(usize, i32, Arc<Segment>, u64, End)> = Vec::new();
+        let undo = |written: &[(usize, i32, Arc<Segment>, u64, End)]| {
+            for (_, _, seg, old_len, _) in written {
+                if let Err(e) = seg.truncate(*old_len) {
+                    tracing::error!(error = %e, "cannot drop an uncommitted log write");
+                }
+            }
+        };
+        for (ti, p, buf, next) in &pending {
+            let res = self
+                .active_segment(*ti, *p, &mut tails[*ti][*p as usize])
+                .and_then(|seg| {
+                    let old = tails[*ti][*p as usize];
+                    seg.append(buf).inspect_err(|_| {
+                        let _ = seg.truncate(old.len);
+                    })?;
+                    Ok((seg, old))
+                });
+            match res {
+                Ok((seg, old)) => {
+                    let end = End {
+                        next: *next,
+                        base: seg.base,
+                        len: old.len + buf.len() as u64,
+                    };
+                    batch.put_cf(
+                        self.store.cf(CF_META),
+                        end_key(&self.topics[*ti].name, *p),
+                        end.encode(),
+                    );
+                    written.push((*ti, *p, seg, old.len, end));
+                }
+                Err(e) => {
+                    undo(&written);
+                    return Err(e);
+                }
+            }
         }
-        drop(ends);
+        if self.store.sync_writes() {
+            for (_, _, seg, _, _) in &written {
+                if let Err(e) = seg.sync() {
+                    undo(&written);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.store.write(batch) {
+            undo(&written);
+            return Err(e.into());
+        }
+        for (ti, p, _, _, end) in &written {
+            tails[*ti][*p as usize] = *end;
+            self.topics[*ti].partitions[*p as usize]
+                .committed
+                .store(end.next, Ordering::Release);
+        }
+        drop(tails);
         if !records.is_empty() {
             *self.generation.lock().expect("gen lock") += 1;
             self.appended.notify_all();
@@ -170,12 +317,41 @@ impl EmbeddedLog {
         Ok(assigned)
     }
 
+    /// The segment the next write of a partition goes to: the last one, or
+    /// a new one when it is full (or there is none). A new segment becomes
+    /// the writer's tail at once (empty); it is committed with the first
+    /// batch written to it.
+    fn active_segment(&self, ti: usize, p: i32, tail: &mut End) -> Result<Arc<Segment>, LogError> {
+        let part = &self.topics[ti].partitions[p as usize];
+        let mut segs = part.segments.write().expect("segments lock");
+        if let Some(last) = segs.last() {
+            // (A segment rolled by a commit that failed is the tail already, empty.)
+            if last.base == tail.base && tail.len < self.opts.segment_bytes {
+                return Ok(last.clone());
+            }
+        }
+        std::fs::create_dir_all(&part.dir).map_err(|e| LogError::io("create", &part.dir, e))?;
+        let seg = Arc::new(Segment::open(&part.dir, tail.next)?);
+        seg.truncate(0)?;
+        if self.store.sync_writes() {
+            sync_dir(&part.dir)?;
+        }
+        segs.push(seg.clone());
+        *tail = End {
+            next: tail.next,
+            base: tail.next,
+            len: 0,
+        };
+        Ok(seg)
+    }
+
     /// Appends records (no state change), durable when this returns.
     pub fn append(&self, records: &[OutRecord]) -> Result<Vec<(i32, i64)>, LogError> {
         self.commit(WriteBatch::default(), records)
     }
 
-    /// Reads up to `max` records of one partition from `from`.
+    /// Reads up to `max` records of one partition from `from` (from the
+    /// partition's first retained offset if `from` is below it).
     pub fn read(
         &self,
         topic: &str,
@@ -183,42 +359,30 @@ impl EmbeddedLog {
         from: i64,
         max: usize,
     ) -> Result<Vec<LogRecord>, LogError> {
-        let end = {
-            let ends = self.ends.lock().expect("log lock");
-            let v = ends
-                .get(topic)
-                .ok_or_else(|| LogError::UnknownTopic(topic.to_string()))?;
-            *v.get(partition as usize).unwrap_or(&0)
-        };
+        let part = self.partition(topic, partition)?;
+        let end = part.committed.load(Ordering::Acquire);
         if from >= end || max == 0 {
             return Ok(Vec::new());
         }
-        let pre = prefix(topic, partition);
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(entry_key(topic, partition, end));
-        let start = entry_key(topic, partition, from.max(0));
-        let mut out = Vec::with_capacity(max.min((end - from) as usize));
-        for item in self.store.db().iterator_cf_opt(
-            self.store.cf(CF_LOG),
-            ro,
-            IteratorMode::From(&start, Direction::Forward),
-        ) {
-            let (k, v) = item?;
-            if !k.starts_with(&pre) || out.len() >= max {
-                break;
+        let segs: Vec<Arc<Segment>> = part.segments.read().expect("segments lock").clone();
+        let Some(first) = segs.first() else {
+            return Ok(Vec::new());
+        };
+        let mut from = from.max(first.base);
+        let mut i = segs.partition_point(|s| s.base <= from).saturating_sub(1);
+        let mut out = Vec::with_capacity(max.min((end - from).max(0) as usize));
+        while from < end && out.len() < max && i < segs.len() {
+            let last = segs
+                .get(i + 1)
+                .map(|s| s.base - 1)
+                .unwrap_or(i64::MAX)
+                .min(end - 1);
+            if from <= last {
+                let room = max - out.len();
+                segs[i].read(topic, partition, from, last, room, &mut out)?;
             }
-            let offset = u64::from_be_bytes(k[pre.len()..].try_into().unwrap_or([0; 8])) as i64;
-            let Some((ts, key, value)) = decode_entry(&v) else {
-                continue;
-            };
-            out.push(LogRecord {
-                topic: topic.to_string(),
-                partition,
-                offset,
-                timestamp_ms: ts,
-                key,
-                value,
-            });
+            from = last + 1;
+            i += 1;
         }
         Ok(out)
     }
@@ -244,16 +408,364 @@ impl EmbeddedLog {
         self.appended.notify_all();
     }
 
-    /// Deletes a topic's records below `before` in each partition (retention).
+    /// Retention: deletes the segments of a partition whose records all lie
+    /// below `before` (the active segment is always kept, so slightly more
+    /// than asked may remain, as in Kafka).
     pub fn truncate(&self, topic: &str, partition: i32, before: i64) -> Result<(), LogError> {
-        let cf = self.store.cf(CF_LOG);
-        self.store.db().delete_range_cf(
-            cf,
-            entry_key(topic, partition, 0),
-            entry_key(topic, partition, before),
-        )?;
+        let part = self.partition(topic, partition)?;
+        let mut segs = part.segments.write().expect("segments lock");
+        while segs.len() > 1 && segs[1].base <= before {
+            let s = segs.remove(0);
+            remove_file(s.path())?;
+        }
         Ok(())
     }
+
+    /// Deletes every record of a topic; offsets start at 0 again (rebuild).
+    pub fn clear_topic(&self, topic: &str) -> Result<(), LogError> {
+        let (ti, t) = self.topic(topic)?;
+        let mut tails = self.writer.lock().expect("log writer lock");
+        let mut batch = WriteBatch::default();
+        for p in 0..t.partitions.len() as i32 {
+            batch.delete_cf(self.store.cf(CF_META), end_key(topic, p));
+        }
+        // Ends first: a crash before the files are gone leaves files without
+        // an end, which the next open deletes.
+        self.store.write(batch)?;
+        for (p, part) in t.partitions.iter().enumerate() {
+            let mut segs = part.segments.write().expect("segments lock");
+            for s in segs.drain(..) {
+                remove_file(s.path())?;
+            }
+            part.committed.store(0, Ordering::Release);
+            tails[ti][p] = End::default();
+        }
+        Ok(())
+    }
+}
+
+/// Where a checkpoint keeps the embedded topics (beside the store's files).
+pub const CHECKPOINT_FOLDER: &str = "embedded-log";
+
+impl EmbeddedLog {
+    /// Writes the committed part of every topic into `dst` (a folder of the
+    /// same layout as `<data_dir>/log`) for a checkpoint taken with nothing
+    /// writing: full segments are hard-linked (they never change again),
+    /// the active one is copied up to its committed end.
+    pub fn checkpoint(&self, dst: &Path) -> Result<(), LogError> {
+        let tails = self.writer.lock().expect("log writer lock");
+        for (ti, t) in self.topics.iter().enumerate() {
+            for (p, part) in t.partitions.iter().enumerate() {
+                let segs = part.segments.read().expect("segments lock");
+                if segs.is_empty() {
+                    continue;
+                }
+                let to = dst.join(folder_name(&t.name)).join(p.to_string());
+                std::fs::create_dir_all(&to).map_err(|e| LogError::io("create", &to, e))?;
+                for (i, seg) in segs.iter().enumerate() {
+                    let target = to.join(segment::file_name(seg.base));
+                    if i + 1 < segs.len() {
+                        link_or_copy(seg.path(), &target)?;
+                    } else {
+                        copy_prefix(seg.path(), &target, tails[ti][p].len)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the embedded topics of `data_dir` with those of a checkpoint
+/// folder (`src`, as written by `EmbeddedLog::checkpoint`; none for a
+/// checkpoint of a data dir without embedded topics). The last segment of
+/// each partition is copied (it is appended to again), the others are
+/// hard-linked where possible.
+pub fn restore_checkpoint(src: &Path, data_dir: &Path) -> Result<(), LogError> {
+    let root = data_dir.join("log");
+    if root.exists() {
+        std::fs::remove_dir_all(&root).map_err(|e| LogError::io("delete", &root, e))?;
+    }
+    if !src.exists() {
+        return Ok(());
+    }
+    let dirs = |d: &Path| -> Result<Vec<PathBuf>, LogError> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(d).map_err(|e| LogError::io("list", d, e))? {
+            let e = e.map_err(|e| LogError::io("list", d, e))?;
+            if e.path().is_dir() {
+                v.push(e.path());
+            }
+        }
+        Ok(v)
+    };
+    for topic in dirs(src)? {
+        for part in dirs(&topic)? {
+            let to = root
+                .join(topic.file_name().expect("named"))
+                .join(part.file_name().expect("named"));
+            std::fs::create_dir_all(&to).map_err(|e| LogError::io("create", &to, e))?;
+            let bases = list_segments(&part)?;
+            for (i, base) in bases.iter().enumerate() {
+                let from = part.join(segment::file_name(*base));
+                let target = to.join(segment::file_name(*base));
+                if i + 1 < bases.len() {
+                    link_or_copy(&from, &target)?;
+                } else {
+                    std::fs::copy(&from, &target).map_err(|e| LogError::io("copy", &from, e))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), LogError> {
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to)
+        .map(|_| ())
+        .map_err(|e| LogError::io("copy", from, e))
+}
+
+fn copy_prefix(from: &Path, to: &Path, len: u64) -> Result<(), LogError> {
+    use std::io::Read;
+    let src = std::fs::File::open(from).map_err(|e| LogError::io("open", from, e))?;
+    let mut dst = std::fs::File::create(to).map_err(|e| LogError::io("create", to, e))?;
+    let copied =
+        std::io::copy(&mut src.take(len), &mut dst).map_err(|e| LogError::io("copy", from, e))?;
+    if copied != len {
+        return Err(LogError::Corrupt(format!(
+            "{} holds {copied} bytes but {len} were committed; the data dir is damaged",
+            from.display()
+        )));
+    }
+    dst.sync_all().map_err(|e| LogError::io("fsync", to, e))
+}
+
+fn remove_file(path: &Path) -> Result<(), LogError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(LogError::io("delete", path, e)),
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LogError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| LogError::io("fsync", dir, e))
+}
+
+/// The segment files in `dir`, by base offset.
+fn list_segments(dir: &Path) -> Result<Vec<i64>, LogError> {
+    let mut bases = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(bases),
+        Err(e) => return Err(LogError::io("list", dir, e)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(|e| LogError::io("list", dir, e))?;
+        if let Some(base) = entry
+            .file_name()
+            .to_str()
+            .and_then(segment::parse_file_name)
+        {
+            bases.push(base);
+        }
+    }
+    bases.sort_unstable();
+    Ok(bases)
+}
+
+/// Opens a partition's segments and cuts them back to the committed end.
+fn recover(
+    store: &Store,
+    dir: &Path,
+    topic: &str,
+    p: i32,
+) -> Result<(Vec<Arc<Segment>>, End), LogError> {
+    let bases = list_segments(dir)?;
+    let end = match store.get_raw(CF_META, &end_key(topic, p))? {
+        Some(v) => End::decode(&v).ok_or_else(|| {
+            LogError::Corrupt(format!("the stored end of {topic}[{p}] is unreadable"))
+        })?,
+        None => End::default(),
+    };
+    let mut segments = Vec::new();
+    for base in bases {
+        let path = dir.join(segment::file_name(base));
+        if base > end.base || (end.next == 0 && end.len == 0) {
+            // Written by a batch whose commit never happened.
+            tracing::info!(path = %path.display(), "dropping an uncommitted log segment");
+            remove_file(&path)?;
+            continue;
+        }
+        let seg = Segment::open(dir, base)?;
+        if base == end.base {
+            let len = seg.file_len()?;
+            if len < end.len {
+                return Err(LogError::Corrupt(format!(
+                    "{} holds {len} bytes but {} were committed; the data dir is damaged (restore it, or delete the topic's files and rebuild)",
+                    path.display(),
+                    end.len
+                )));
+            }
+            if len > end.len {
+                tracing::info!(path = %path.display(), dropped = len - end.len, "dropping uncommitted log bytes");
+                seg.truncate(end.len)?;
+            }
+        }
+        segments.push(Arc::new(seg));
+    }
+    if end.len > 0 && segments.last().map(|s| s.base) != Some(end.base) {
+        return Err(LogError::Corrupt(format!(
+            "the active segment of {topic}[{p}] ({}) is missing; the data dir is damaged",
+            dir.join(segment::file_name(end.base)).display()
+        )));
+    }
+    Ok((segments, end))
+}
+
+/// Moves topics kept by earlier versions in the store's `log` column family
+/// (keys: topic, 0, partition, offset; values: timestamp, key length, key,
+/// value) into segment files: every partition's files are written, then one
+/// batch stores their ends and deletes the old entries. A crash before that
+/// batch leaves files without ends (deleted on the next open) and the old
+/// entries in place, so the move starts over.
+fn migrate_from_store(
+    store: &Store,
+    root: &Path,
+    topics: &[(String, u32)],
+    opts: LogOptions,
+) -> Result<(), LogError> {
+    let cf = store.cf(CF_LOG);
+    if store
+        .db()
+        .iterator_cf(cf, IteratorMode::Start)
+        .next()
+        .transpose()?
+        .is_none()
+    {
+        return Ok(());
+    }
+    let mut batch = WriteBatch::default();
+    let mut moved = 0u64;
+    let mut segments = Vec::new();
+    for (topic, n) in topics {
+        for p in 0..*n as i32 {
+            let mut prefix = topic.as_bytes().to_vec();
+            prefix.push(0);
+            prefix.extend_from_slice(&(p as u32).to_be_bytes());
+            let mut entries = store
+                .db()
+                .iterator_cf(cf, IteratorMode::From(&prefix, Direction::Forward))
+                .map_while(|item| match item {
+                    Ok((k, v)) if k.starts_with(&prefix) && k.len() == prefix.len() + 8 => {
+                        let offset =
+                            u64::from_be_bytes(k[prefix.len()..].try_into().expect("8")) as i64;
+                        Some(Ok((offset, v)))
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .peekable();
+            if entries.peek().is_none() {
+                continue;
+            }
+            if store.get_raw(CF_META, &end_key(topic, p))?.is_some() {
+                return Err(LogError::Corrupt(format!(
+                    "{topic}[{p}] has both segment files and entries in the state store's log; the data dir is damaged"
+                )));
+            }
+            if moved == 0 {
+                tracing::info!(
+                    "moving the embedded topics from the state store into segment files"
+                );
+            }
+            let dir = root.join(folder_name(topic)).join(p.to_string());
+            // Left by a move that crashed before its commit.
+            for base in list_segments(&dir)? {
+                remove_file(&dir.join(segment::file_name(base)))?;
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| LogError::io("create", &dir, e))?;
+            let mut end = End::default();
+            let mut seg: Option<Segment> = None;
+            let mut buf = Vec::new();
+            for item in entries {
+                let (offset, v) = item?;
+                let (ts, key, value) = decode_old_entry(&v).ok_or_else(|| {
+                    LogError::Corrupt(format!(
+                        "unreadable entry {topic}[{p}]@{offset} in the state store's log"
+                    ))
+                })?;
+                if seg.is_some() && offset != end.next {
+                    return Err(LogError::Corrupt(format!(
+                        "{topic}[{p}] jumps from offset {} to {offset} in the state store's log",
+                        end.next
+                    )));
+                }
+                if seg.is_none() || end.len >= opts.segment_bytes {
+                    if let Some(s) = &seg {
+                        s.append(&buf)?;
+                        buf.clear();
+                        segments.push(s.path().to_path_buf());
+                    }
+                    seg = Some(Segment::open(&dir, offset)?);
+                    end = End {
+                        next: offset,
+                        base: offset,
+                        len: 0,
+                    };
+                }
+                let before = buf.len();
+                encode_entry(&mut buf, offset, ts, key, value);
+                end.len += (buf.len() - before) as u64;
+                end.next = offset + 1;
+                if buf.len() >= 8 << 20 {
+                    seg.as_ref().expect("opened above").append(&buf)?;
+                    buf.clear();
+                }
+                moved += 1;
+            }
+            let seg = seg.expect("at least one entry");
+            seg.append(&buf)?;
+            segments.push(seg.path().to_path_buf());
+            batch.put_cf(store.cf(CF_META), end_key(topic, p), end.encode());
+            let mut upper = prefix.clone();
+            upper.extend_from_slice(&[0xff; 9]);
+            batch.delete_range_cf(cf, &prefix[..], &upper[..]);
+        }
+    }
+    if moved == 0 {
+        return Ok(());
+    }
+    for path in &segments {
+        std::fs::File::open(path)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| LogError::io("fsync", path, e))?;
+    }
+    store.write(batch)?;
+    store
+        .db()
+        .compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+    tracing::info!(records = moved, "embedded topics moved into segment files");
+    Ok(())
+}
+
+/// An entry of the old `log` column family: (timestamp, key, value).
+type OldEntry<'a> = (i64, Option<&'a [u8]>, &'a [u8]);
+
+fn decode_old_entry(v: &[u8]) -> Option<OldEntry<'_>> {
+    let ts = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let klen = i32::from_be_bytes(v.get(8..12)?.try_into().ok()?);
+    if klen < 0 {
+        return Some((ts, None, &v[12..]));
+    }
+    let end = 12 + klen as usize;
+    Some((ts, Some(v.get(12..end)?), v.get(end..)?))
 }
 
 #[cfg(test)]
@@ -300,5 +812,254 @@ mod tests {
         assert_eq!(recs[0].timestamp_ms, 7);
         assert_eq!(log.read("in", 0, 1, 10).unwrap().len(), 1);
         assert_eq!(log.append(&[out("in", None, "c")]).unwrap(), vec![(0, 2)]);
+    }
+
+    fn open(dir: &Path, topics: &[(String, u32)], segment_bytes: u64) -> EmbeddedLog {
+        let store = Store::open(dir, &StoreOptions::default()).unwrap();
+        EmbeddedLog::open_with(store, topics, LogOptions { segment_bytes }).unwrap()
+    }
+
+    fn values(log: &EmbeddedLog, topic: &str, p: i32, from: i64) -> Vec<(i64, String)> {
+        log.read(topic, p, from, 10_000)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.offset, String::from_utf8(r.value).unwrap()))
+            .collect()
+    }
+
+    fn segment_files(dir: &Path, topic: &str, p: i32) -> Vec<i64> {
+        list_segments(&dir.join("log").join(folder_name(topic)).join(p.to_string())).unwrap()
+    }
+
+    #[test]
+    fn segments_roll_reads_cross_them_and_retention_drops_whole_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = vec![("t".to_string(), 1)];
+        let log = open(dir.path(), &topics, 1000);
+        for i in 0..100 {
+            log.append(&[out("t", None, &format!("value-{i:03}-{}", "x".repeat(40)))])
+                .unwrap();
+        }
+        let files = segment_files(dir.path(), "t", 0);
+        assert!(files.len() > 5, "{files:?}");
+        let all = values(&log, "t", 0, 0);
+        assert_eq!(all.len(), 100);
+        assert!(all
+            .iter()
+            .enumerate()
+            .all(|(i, (o, v))| *o == i as i64 && v.starts_with(&format!("value-{i:03}-"))));
+        // Small reads from anywhere, across segment boundaries.
+        for from in [0, 13, 17, 18, 50, 99] {
+            let got = log.read("t", 0, from, 3).unwrap();
+            let want: Vec<i64> = (from..(from + 3).min(100)).collect();
+            assert_eq!(got.iter().map(|r| r.offset).collect::<Vec<_>>(), want);
+        }
+        log.truncate("t", 0, 60).unwrap();
+        let left = segment_files(dir.path(), "t", 0);
+        assert!(left[0] <= 60 && left.len() < files.len(), "{left:?}");
+        let rest = values(&log, "t", 0, 0);
+        assert_eq!(rest.first().unwrap().0, left[0]);
+        assert_eq!(rest.last().unwrap().0, 99);
+        drop(log);
+        let log = open(dir.path(), &topics, 1000);
+        assert_eq!(log.end_offsets("t"), vec![100]);
+        assert_eq!(values(&log, "t", 0, 0), rest);
+        assert_eq!(
+            log.append(&[out("t", None, "next")]).unwrap(),
+            vec![(0, 100)]
+        );
+    }
+
+    #[test]
+    fn bytes_of_a_batch_that_never_committed_are_dropped_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = vec![("t".to_string(), 2)];
+        let log = open(dir.path(), &topics, 1 << 20);
+        log.append(&[out("t", Some("a"), "one"), out("t", Some("a"), "two")])
+            .unwrap();
+        let p = partition_for(b"a", 2) as i32;
+        drop(log);
+        // As if a commit wrote its entries and crashed before the state
+        // write: more bytes in the active segment, and a new segment.
+        let pdir = dir.path().join("log/t").join(p.to_string());
+        let mut torn = Vec::new();
+        encode_entry(&mut torn, 2, 7, None, b"lost");
+        torn.truncate(torn.len() - 2);
+        let seg = Segment::open(&pdir, 0).unwrap();
+        seg.append(&torn).unwrap();
+        Segment::open(&pdir, 3).unwrap().append(b"garbage").unwrap();
+        let other = dir.path().join("log/t").join((1 - p).to_string());
+        std::fs::create_dir_all(&other).unwrap();
+        Segment::open(&other, 0)
+            .unwrap()
+            .append(b"garbage")
+            .unwrap();
+
+        let log = open(dir.path(), &topics, 1 << 20);
+        assert_eq!(segment_files(dir.path(), "t", p), vec![0]);
+        assert_eq!(segment_files(dir.path(), "t", 1 - p), Vec::<i64>::new());
+        assert_eq!(log.end_offsets("t")[p as usize], 2);
+        assert_eq!(
+            log.append(&[out("t", Some("a"), "three")]).unwrap(),
+            vec![(p, 2)]
+        );
+        assert_eq!(
+            values(&log, "t", p, 0),
+            vec![(0, "one".into()), (1, "two".into()), (2, "three".into())]
+        );
+        assert_eq!(log.append(&[out("t", Some("b"), "x")]).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_segment_shorter_than_committed_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = vec![("t".to_string(), 1)];
+        let log = open(dir.path(), &topics, 1 << 20);
+        log.append(&[out("t", None, "one"), out("t", None, "two")])
+            .unwrap();
+        drop(log);
+        let seg = Segment::open(&dir.path().join("log/t/0"), 0).unwrap();
+        seg.truncate(10).unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let err = EmbeddedLog::open(store, &topics).err().unwrap();
+        assert!(err.to_string().contains("damaged"), "{err}");
+    }
+
+    #[test]
+    fn cleared_topics_start_again_at_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = vec![("t".to_string(), 1), ("u".to_string(), 1)];
+        let log = open(dir.path(), &topics, 100);
+        for i in 0..20 {
+            log.append(&[out("t", None, &format!("t{i}")), out("u", None, "u")])
+                .unwrap();
+        }
+        log.clear_topic("t").unwrap();
+        assert_eq!(log.end_offsets("t"), vec![0]);
+        assert!(log.read("t", 0, 0, 10).unwrap().is_empty());
+        assert_eq!(segment_files(dir.path(), "t", 0), Vec::<i64>::new());
+        assert_eq!(
+            log.append(&[out("t", None, "again")]).unwrap(),
+            vec![(0, 0)]
+        );
+        drop(log);
+        let log = open(dir.path(), &topics, 100);
+        assert_eq!(values(&log, "t", 0, 0), vec![(0, "again".into())]);
+        assert_eq!(log.end_offsets("u"), vec![20]);
+    }
+
+    /// The layout of earlier versions: entries in the `log` column family.
+    fn put_old(store: &Store, topic: &str, p: i32, offset: i64, key: Option<&[u8]>, value: &[u8]) {
+        let mut k = topic.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&(p as u32).to_be_bytes());
+        k.extend_from_slice(&(offset as u64).to_be_bytes());
+        let mut v = (offset * 10).to_be_bytes().to_vec();
+        match key {
+            Some(key) => {
+                v.extend_from_slice(&(key.len() as i32).to_be_bytes());
+                v.extend_from_slice(key);
+            }
+            None => v.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+        v.extend_from_slice(value);
+        store.db().put_cf(store.cf(CF_LOG), k, v).unwrap();
+    }
+
+    #[test]
+    fn topics_of_earlier_versions_move_into_segments_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let topics = vec![("in".to_string(), 1), ("rec".to_string(), 2)];
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            for o in 0..30 {
+                put_old(&store, "in", 0, o, None, format!("in-{o}").as_bytes());
+            }
+            // Retention had dropped the start of this partition.
+            for o in 5..9 {
+                put_old(
+                    &store,
+                    "rec",
+                    1,
+                    o,
+                    Some(b"user"),
+                    format!("rec-{o}").as_bytes(),
+                );
+            }
+            // A topic no longer configured stays where it is.
+            put_old(&store, "gone", 0, 0, None, b"old");
+        }
+        for _ in 0..2 {
+            let log = open(dir.path(), &topics, 200);
+            assert_eq!(log.end_offsets("in"), vec![30]);
+            assert_eq!(log.end_offsets("rec"), vec![0, 9]);
+            let ins = log.read("in", 0, 0, 100).unwrap();
+            assert_eq!(ins.len(), 30);
+            assert_eq!(ins[29].value, b"in-29");
+            assert_eq!(ins[29].timestamp_ms, 290);
+            assert_eq!(ins[29].key, None);
+            let recs = log.read("rec", 1, 0, 100).unwrap();
+            assert_eq!(
+                recs.iter().map(|r| r.offset).collect::<Vec<_>>(),
+                vec![5, 6, 7, 8]
+            );
+            assert_eq!(recs[0].key.as_deref(), Some(&b"user"[..]));
+            assert!(segment_files(dir.path(), "in", 0).len() > 1);
+            let store = log.store();
+            let left: Vec<_> = store
+                .db()
+                .iterator_cf(store.cf(CF_LOG), IteratorMode::Start)
+                .map(|kv| kv.unwrap().0.to_vec())
+                .collect();
+            assert_eq!(left.len(), 1);
+            assert!(left[0].starts_with(b"gone\0"));
+            log.append(&[out("in", None, "new")]).unwrap();
+            drop(log);
+            // The second round: nothing moved again, the new entry kept.
+            let log = open(dir.path(), &topics, 200);
+            assert_eq!(log.read("in", 0, 30, 10).unwrap()[0].value, b"new");
+            log.clear_topic("in").unwrap();
+            for o in 0..30 {
+                put_old(log.store(), "in", 0, o, None, format!("in-{o}").as_bytes());
+            }
+        }
+    }
+
+    #[test]
+    fn checkpoints_hold_the_committed_topics_and_share_nothing_that_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let live = dir.path().join("live");
+        let topics = vec![("t".to_string(), 1)];
+        let log = open(&live, &topics, 300);
+        for i in 0..40 {
+            log.append(&[out("t", None, &format!("v{i}-{}", "y".repeat(30)))])
+                .unwrap();
+        }
+        let cp = dir.path().join("cp");
+        rocksdb::checkpoint::Checkpoint::new(log.store().db())
+            .unwrap()
+            .create_checkpoint(&cp)
+            .unwrap();
+        log.checkpoint(&cp.join(CHECKPOINT_FOLDER)).unwrap();
+        let want = values(&log, "t", 0, 0);
+        // The live log goes on after the checkpoint.
+        for i in 40..50 {
+            log.append(&[out("t", None, &format!("v{i}"))]).unwrap();
+        }
+        let restored = dir.path().join("restored");
+        std::fs::create_dir_all(restored.join("state")).unwrap();
+        for e in std::fs::read_dir(&cp).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != CHECKPOINT_FOLDER {
+                std::fs::copy(e.path(), restored.join("state").join(e.file_name())).unwrap();
+            }
+        }
+        restore_checkpoint(&cp.join(CHECKPOINT_FOLDER), &restored).unwrap();
+        let back = open(&restored, &topics, 300);
+        assert_eq!(values(&back, "t", 0, 0), want);
+        back.append(&[out("t", None, "restored-only")]).unwrap();
+        assert_eq!(values(&log, "t", 0, 40)[0].1, "v40");
+        assert_eq!(values(&back, "t", 0, 40)[0].1, "restored-only");
+        assert_eq!(log.end_offsets("t"), vec![50]);
     }
 }

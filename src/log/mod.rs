@@ -1,10 +1,12 @@
 //! Logs: the topics contextd reads and writes. Two implementations behind
-//! the same types: `embedded` (durable local topics in the state store) and
+//! the same types: `embedded` (durable local topics: segment files whose
+//! committed ends are kept in the state store) and
 //! `kafka` (rdkafka). The pipeline is written once against `LogRecord` and
 //! `OutRecord`.
 
 pub mod embedded;
 pub mod kafka;
+pub mod segment;
 
 /// One record read from a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,12 +39,31 @@ pub enum LogError {
     Store(#[from] crate::state::StoreError),
     #[error("kafka: {0}")]
     Kafka(String),
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    /// A log file does not hold what the state store says was committed.
+    #[error("{0}")]
+    Corrupt(String),
     /// The client can no longer be used (e.g. an idempotent producer's fatal
     /// error): retrying cannot help; the process stops so it is restarted.
     #[error(
         "fatal kafka client error: {0}; restart contextd (state and the outbox make this safe)"
     )]
     KafkaFatal(String),
+}
+
+impl LogError {
+    pub fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> LogError {
+        LogError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
 }
 
 impl From<rocksdb::Error> for LogError {

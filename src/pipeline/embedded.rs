@@ -344,6 +344,7 @@ pub fn run_materializer(
                 }
             }
             metrics::gauge!("contextd_state_bytes").set(store.approximate_size() as f64);
+            metrics::gauge!("contextd_log_bytes").set(log.disk_bytes() as f64);
             metrics::gauge!("contextd_users").set(store.user_count_estimate() as f64);
             last_size_check = Instant::now();
         }

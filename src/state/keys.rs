@@ -2,6 +2,8 @@
 //! records-log partition (u32 big endian), so one partition's state is one
 //! contiguous key range: dropping or restoring a partition is a range operation.
 
+/// Embedded topics of earlier versions (now segment files under
+/// `<data_dir>/log`); kept so their data dirs open and move over.
 pub const CF_LOG: &str = "log";
 pub const CF_META: &str = "meta";
 pub const CF_USERS: &str = "users";

@@ -1,5 +1,5 @@
 //! The RocksDB store: one database per data dir, column families for the
-//! embedded log, materialized state, identities and positions. Every stage
+//! materialized state, identities, positions and the embedded topics' ends. Every stage
 //! commits its state change and the offsets it consumed in one `WriteBatch`.
 
 use super::apply::{merge_catalog, CatalogDelta, TypeKind};
@@ -60,6 +60,8 @@ impl Default for StoreOptions {
 pub struct Store {
     db: Arc<DB>,
     sync_writes: bool,
+    /// The data dir (the store lives in its `state` folder).
+    dir: PathBuf,
 }
 
 fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, StoreError> {
@@ -97,23 +99,6 @@ impl Store {
                 rocksdb::DBCompressionType::Lz4,
                 rocksdb::DBCompressionType::Lz4,
             ]);
-            if name == CF_LOG {
-                // Append-only topics: universal compaction rewrites each entry
-                // a few times instead of once per level.
-                c.set_compaction_style(rocksdb::DBCompactionStyle::Universal);
-                // Entries are never overwritten: merging sorted runs only
-                // bounds how many files a read visits. Waiting for 16 of them
-                // (default 4) cut compaction CPU by 3x at a steady load
-                // (bench/halfload.py); the write slowdown/stop triggers move
-                // up with it so they never fire first.
-                c.set_level_zero_file_num_compaction_trigger(16);
-                c.set_level_zero_slowdown_writes_trigger(48);
-                c.set_level_zero_stop_writes_trigger(64);
-                // Most bytes written go here: room for more memtables waiting
-                // for a flush, so a slow flush does not stop every writer
-                // (the total stays capped by the db-wide write buffer size).
-                c.set_max_write_buffer_number(o.max_write_buffers * 2);
-            }
             if name == CF_USERS {
                 // A user's value is small (the timeline is stored per event)
                 // unless it holds many profiles; large ones go to blob files:
@@ -142,7 +127,18 @@ impl Store {
         Ok(Store {
             db: Arc::new(db),
             sync_writes: o.sync_writes,
+            dir: dir.to_path_buf(),
         })
+    }
+
+    /// The data dir this store was opened in.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether commits are fsynced (`storage.sync_writes`).
+    pub fn sync_writes(&self) -> bool {
+        self.sync_writes
     }
 
     pub fn db(&self) -> &Arc<DB> {

@@ -1,0 +1,347 @@
+//! One segment file of an embedded topic partition: entries appended back
+//! to back, each framed and checksummed, as in a Kafka log segment.
+//!
+//! Entry: `len: u32` (of the body), `crc32: u32` (of the body), then the
+//! body: `offset: i64`, `timestamp_ms: i64`, `key_len: i32` (-1 = no key),
+//! key, value. All integers big endian. A segment is named after the offset
+//! of its first entry; offsets inside it are contiguous.
+//!
+//! Which bytes are committed is not known here: the partition's end offset
+//! is stored in the state store with the batch that wrote them, and readers
+//! never read past it (see `embedded.rs`).
+
+use super::{LogError, LogRecord};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+const HEADER: usize = 8;
+/// offset + timestamp + key length.
+const BODY_FIXED: usize = 20;
+/// Bytes read per `pread` when scanning.
+const CHUNK: usize = 256 << 10;
+/// A sparse index point is kept every this many entries.
+const INDEX_EVERY: i64 = 64;
+
+/// Appends one framed entry to `buf`.
+pub fn encode_entry(buf: &mut Vec<u8>, offset: i64, ts_ms: i64, key: Option<&[u8]>, value: &[u8]) {
+    let klen = key.map(|k| k.len()).unwrap_or(0);
+    let body_len = BODY_FIXED + klen + value.len();
+    let start = buf.len();
+    buf.reserve(HEADER + body_len);
+    buf.extend_from_slice(&(body_len as u32).to_be_bytes());
+    buf.extend_from_slice(&[0; 4]);
+    buf.extend_from_slice(&offset.to_be_bytes());
+    buf.extend_from_slice(&ts_ms.to_be_bytes());
+    match key {
+        Some(k) => {
+            buf.extend_from_slice(&(k.len() as i32).to_be_bytes());
+            buf.extend_from_slice(k);
+        }
+        None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
+    }
+    buf.extend_from_slice(value);
+    let crc = crc32fast::hash(&buf[start + HEADER..]);
+    buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// The file name of the segment starting at `base`.
+pub fn file_name(base: i64) -> String {
+    format!("{base:020}.log")
+}
+
+/// The base offset of a segment file name, if it is one.
+pub fn parse_file_name(name: &str) -> Option<i64> {
+    let digits = name.strip_suffix(".log")?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+pub struct Segment {
+    /// Offset of the first entry.
+    pub base: i64,
+    path: PathBuf,
+    file: File,
+    /// Sparse index, offset -> byte position of that entry, filled in by
+    /// reads as they pass (readers mostly continue where they stopped).
+    index: Mutex<BTreeMap<i64, u64>>,
+}
+
+impl Segment {
+    /// Opens (creating if missing) the segment starting at `base` in `dir`.
+    pub fn open(dir: &Path, base: i64) -> Result<Segment, LogError> {
+        let path = dir.join(file_name(base));
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| LogError::io("open", &path, e))?;
+        Ok(Segment {
+            base,
+            path,
+            file,
+            index: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes in the file (committed or not).
+    pub fn file_len(&self) -> Result<u64, LogError> {
+        Ok(self
+            .file
+            .metadata()
+            .map_err(|e| LogError::io("stat", &self.path, e))?
+            .len())
+    }
+
+    /// Appends already framed entries.
+    pub fn append(&self, bytes: &[u8]) -> Result<(), LogError> {
+        (&self.file)
+            .write_all(bytes)
+            .map_err(|e| LogError::io("write", &self.path, e))
+    }
+
+    /// Cuts the file to `len` bytes (drops what an uncommitted batch wrote).
+    pub fn truncate(&self, len: u64) -> Result<(), LogError> {
+        self.file
+            .set_len(len)
+            .map_err(|e| LogError::io("truncate", &self.path, e))?;
+        self.index
+            .lock()
+            .expect("index lock")
+            .retain(|_, pos| *pos < len);
+        Ok(())
+    }
+
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.file
+            .sync_data()
+            .map_err(|e| LogError::io("fsync", &self.path, e))
+    }
+
+    /// Reads entries `from..=last` (all committed), at most `max`, into `out`.
+    pub fn read(
+        &self,
+        topic: &str,
+        partition: i32,
+        from: i64,
+        last: i64,
+        max: usize,
+        out: &mut Vec<LogRecord>,
+    ) -> Result<(), LogError> {
+        let (mut offset, mut pos) = self
+            .index
+            .lock()
+            .expect("index lock")
+            .range(..=from)
+            .next_back()
+            .map(|(o, p)| (*o, *p))
+            .unwrap_or((self.base, 0));
+        let mut reader = ChunkReader::new(&self.file, pos);
+        let mut points = Vec::new();
+        let wanted = out.len() + max;
+        while offset <= last && out.len() < wanted {
+            let header = reader.take(HEADER).map_err(|e| self.io(e))?;
+            let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
+            let crc = u32::from_be_bytes(header[4..8].try_into().expect("4"));
+            if len < BODY_FIXED {
+                return Err(self.corrupt(pos, "entry shorter than its header"));
+            }
+            let body = reader.take(len).map_err(|e| self.io(e))?;
+            if crc32fast::hash(body) != crc {
+                return Err(self.corrupt(pos, "checksum mismatch"));
+            }
+            let at = i64::from_be_bytes(body[..8].try_into().expect("8"));
+            if at != offset {
+                return Err(self.corrupt(pos, "offsets out of sequence"));
+            }
+            if (offset - self.base) % INDEX_EVERY == 0 {
+                points.push((offset, pos));
+            }
+            if offset >= from {
+                let ts = i64::from_be_bytes(body[8..16].try_into().expect("8"));
+                let klen = i32::from_be_bytes(body[16..20].try_into().expect("4"));
+                let (key, value) = if klen < 0 {
+                    (None, &body[BODY_FIXED..])
+                } else {
+                    let end = BODY_FIXED + klen as usize;
+                    if end > body.len() {
+                        return Err(self.corrupt(pos, "key longer than the entry"));
+                    }
+                    (Some(body[BODY_FIXED..end].to_vec()), &body[end..])
+                };
+                out.push(LogRecord {
+                    topic: topic.to_string(),
+                    partition,
+                    offset,
+                    timestamp_ms: ts,
+                    key,
+                    value: value.to_vec(),
+                });
+            }
+            pos += (HEADER + len) as u64;
+            offset += 1;
+        }
+        if !points.is_empty() {
+            self.index.lock().expect("index lock").extend(points);
+        }
+        Ok(())
+    }
+
+    /// Byte length of the entries `base..next` (scans from the nearest index point).
+    pub fn position_of(&self, next: i64) -> Result<u64, LogError> {
+        let (mut offset, mut pos) = self
+            .index
+            .lock()
+            .expect("index lock")
+            .range(..=next)
+            .next_back()
+            .map(|(o, p)| (*o, *p))
+            .unwrap_or((self.base, 0));
+        let mut reader = ChunkReader::new(&self.file, pos);
+        while offset < next {
+            let header = reader.take(HEADER).map_err(|e| self.io(e))?;
+            let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
+            reader.take(len).map_err(|e| self.io(e))?;
+            pos += (HEADER + len) as u64;
+            offset += 1;
+        }
+        Ok(pos)
+    }
+
+    fn io(&self, e: std::io::Error) -> LogError {
+        LogError::io("read", &self.path, e)
+    }
+
+    fn corrupt(&self, pos: u64, what: &str) -> LogError {
+        LogError::Corrupt(format!(
+            "{} at byte {pos}: {what}; the data dir is damaged (restore it, or delete the topic's files and rebuild)",
+            self.path.display()
+        ))
+    }
+}
+
+/// Sequential reads of a file in large `pread`s.
+struct ChunkReader<'a> {
+    file: &'a File,
+    buf: Vec<u8>,
+    /// File position of `buf[0]`.
+    at: u64,
+    cursor: usize,
+}
+
+impl<'a> ChunkReader<'a> {
+    fn new(file: &'a File, at: u64) -> ChunkReader<'a> {
+        ChunkReader {
+            file,
+            buf: Vec::new(),
+            at,
+            cursor: 0,
+        }
+    }
+
+    /// The next `n` bytes; an error if the file ends before them.
+    fn take(&mut self, n: usize) -> std::io::Result<&[u8]> {
+        if self.cursor + n > self.buf.len() {
+            self.at += self.cursor as u64;
+            self.buf.drain(..self.cursor);
+            self.cursor = 0;
+            let have = self.buf.len();
+            let want = (n - have.min(n)).max(CHUNK);
+            self.buf.resize(have + want, 0);
+            let mut filled = have;
+            while filled < have + want {
+                match self
+                    .file
+                    .read_at(&mut self.buf[filled..], self.at + filled as u64)
+                {
+                    Ok(0) => break,
+                    Ok(k) => filled += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            self.buf.truncate(filled);
+            if filled < n {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the segment ends inside a committed entry",
+                ));
+            }
+        }
+        let s = &self.buf[self.cursor..self.cursor + n];
+        self.cursor += n;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_and_corruption_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let seg = Segment::open(dir.path(), 10).unwrap();
+        let mut buf = Vec::new();
+        for i in 0..200i64 {
+            let key = (i % 3 != 0).then(|| format!("k{i}").into_bytes());
+            encode_entry(
+                &mut buf,
+                10 + i,
+                i * 7,
+                key.as_deref(),
+                &vec![i as u8; i as usize * 50],
+            );
+        }
+        seg.append(&buf).unwrap();
+        let mut out = Vec::new();
+        seg.read("t", 2, 10, 209, 1000, &mut out).unwrap();
+        assert_eq!(out.len(), 200);
+        assert_eq!(out[5].offset, 15);
+        assert_eq!(out[5].key.as_deref(), Some(&b"k5"[..]));
+        assert_eq!(out[6].key, None);
+        assert_eq!(out[199].value.len(), 199 * 50);
+        assert_eq!(out[7].timestamp_ms, 49);
+        // From the middle (through the index the first read left), bounded.
+        let mut out = Vec::new();
+        seg.read("t", 2, 150, 209, 3, &mut out).unwrap();
+        assert_eq!(
+            out.iter().map(|r| r.offset).collect::<Vec<_>>(),
+            vec![150, 151, 152]
+        );
+        let pos = seg.position_of(150).unwrap();
+        assert_eq!(seg.position_of(210).unwrap(), buf.len() as u64);
+        // Truncated to 150 entries: reading past them fails, before them works.
+        seg.truncate(pos).unwrap();
+        let mut out = Vec::new();
+        assert!(seg.read("t", 2, 140, 150, 100, &mut out).is_err());
+        let mut out = Vec::new();
+        seg.read("t", 2, 140, 149, 100, &mut out).unwrap();
+        assert_eq!(out.len(), 10);
+        // A flipped byte is reported, not returned.
+        let f = OpenOptions::new().write(true).open(seg.path()).unwrap();
+        f.write_at(&[0xAB], 100).unwrap();
+        let fresh = Segment::open(dir.path(), 10).unwrap();
+        let mut out = Vec::new();
+        let err = fresh.read("t", 2, 10, 149, 100, &mut out).unwrap_err();
+        assert!(err.to_string().contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn file_names_sort_by_offset() {
+        assert_eq!(file_name(42), "00000000000000000042.log");
+        assert_eq!(parse_file_name(&file_name(42)), Some(42));
+        assert_eq!(parse_file_name("42.log"), None);
+        assert_eq!(parse_file_name("00000000000000000042.tmp"), None);
+    }
+}
