@@ -100,6 +100,18 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
     }
 }
 
+/// Threads of the embedded materializing stage (`pipeline.materializer_threads`;
+/// 0: one per core), at most one per partition.
+pub fn materializer_threads(c: &Config) -> u32 {
+    let want = match c.pipeline.materializer_threads {
+        0 => std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        n => n,
+    };
+    (want as u32).clamp(1, c.partitions.max(1))
+}
+
 pub fn limits(c: &Config) -> Limits {
     Limits {
         max_record_bytes: c.max_record_bytes,
@@ -120,7 +132,8 @@ pub fn open_embedded(c: &Config) -> Result<Arc<EmbeddedLog>, PipelineError> {
     )?))
 }
 
-/// The embedded pipeline: both stages on their own threads.
+/// The embedded pipeline: the routing stage on its thread, the materializing
+/// stage on `materializer_threads` threads over disjoint partition shares.
 pub struct EmbeddedRuntime {
     pub app: Arc<App>,
     pub log: Arc<EmbeddedLog>,
@@ -140,7 +153,6 @@ impl EmbeddedRuntime {
             idle_wait: Duration::from_millis(config.pipeline.idle_wait_ms.max(1)),
         };
         let router = Router::new(config.topics.clone(), config.partitions, limits(&config));
-        let mat = Materializer::new(config.topics.clone(), materializer_options(&config, true));
         let spawn = |name: &str, f: Box<dyn FnOnce() -> Result<(), PipelineError> + Send>| {
             std::thread::Builder::new()
                 .name(name.into())
@@ -165,20 +177,37 @@ impl EmbeddedRuntime {
                 }),
             )?
         };
-        let h2 = {
+        let threads = materializer_threads(&config);
+        ready
+            .materializers_behind
+            .store(threads as usize, Ordering::Release);
+        let mut handles = vec![h1];
+        for i in 0..threads {
+            let parts: Vec<u32> = (0..config.partitions)
+                .filter(|p| p % threads == i)
+                .collect();
+            // The user cache's budget is shared by the threads.
+            let mut mopts = materializer_options(&config, true);
+            mopts.user_cache_bytes /= threads as usize;
+            let mat = Materializer::new(config.topics.clone(), mopts);
             let (log, ready, stop) = (log.clone(), ready.clone(), stop.clone());
-            spawn(
-                "materializer",
+            let name = if threads == 1 {
+                "materializer".to_string()
+            } else {
+                format!("materializer-{i}")
+            };
+            handles.push(spawn(
+                &name,
                 Box::new(move || {
-                    let r = run_materializer(log, mat, opts, ready.clone(), stop);
+                    let r = run_materializer(log, mat, parts, opts, ready.clone(), stop);
                     if let Err(e) = &r {
                         tracing::error!(error = %e, "materializing stage failed");
                         ready.failed.store(true, Ordering::Release);
                     }
                     r
                 }),
-            )?
-        };
+            )?);
+        }
         let app = Arc::new(App {
             limits: limits(&config),
             store: log.store().clone(),
@@ -191,9 +220,7 @@ impl EmbeddedRuntime {
             app,
             log,
             stop,
-            stages: Some(Stages {
-                handles: vec![h1, h2],
-            }),
+            stages: Some(Stages { handles }),
         })
     }
 

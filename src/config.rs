@@ -73,6 +73,10 @@ pub struct PipelineConfig {
     /// Shortest time between two batches of the materializing stage, in
     /// milliseconds: a burst for one user within it becomes one snapshot.
     pub linger_ms: u64,
+    /// Embedded mode: threads of the materializing stage, each over its
+    /// share of the records partitions; 0 = one per core (at most one per
+    /// partition).
+    pub materializer_threads: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -149,6 +153,7 @@ impl Default for PipelineConfig {
             batch_records: 4096,
             idle_wait_ms: 200,
             linger_ms: 20,
+            materializer_threads: 0,
         }
     }
 }

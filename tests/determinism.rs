@@ -107,12 +107,15 @@ fn open(dir: &Path, c: &Config) -> EmbeddedLog {
     .unwrap()
 }
 
-/// Runs the stream: `splits` gives batch sizes, `restarts` the batch indices after which the process "restarts".
+/// Runs the stream: `splits` gives batch sizes, `restarts` the batch indices
+/// after which the process "restarts", `shares` how many materializing
+/// stages split the records partitions between them (as threads do).
 fn run(
     dir: &Path,
     recs: &[Rec],
     splits: &[usize],
     restarts: &[usize],
+    shares: u32,
 ) -> (String, BTreeMap<String, ContextSnapshot>) {
     let mut c = Config {
         partitions: 3,
@@ -138,22 +141,34 @@ fn run(
         Router::new(c.topics.clone(), c.partitions, limits(&c)),
     )
     .unwrap();
-    let mut mat = MaterializerStep::new(
-        &log,
-        Materializer::new(c.topics.clone(), materializer_options(&c, true)),
-    )
-    .unwrap();
+    let stages = |log: &EmbeddedLog| -> Vec<MaterializerStep> {
+        (0..shares)
+            .map(|i| {
+                let parts: Vec<u32> = (0..c.partitions).filter(|p| p % shares == i).collect();
+                MaterializerStep::for_partitions(
+                    log,
+                    Materializer::new(c.topics.clone(), materializer_options(&c, true)),
+                    &parts,
+                )
+                .unwrap()
+            })
+            .collect()
+    };
+    let mut mats = stages(&log);
     loop {
         let n = *split.next().unwrap();
         let routed = router.step(&log, n).unwrap();
-        let (applied, _) = mat.step(&log, n).unwrap();
+        let mut applied = 0;
+        for mat in mats.iter_mut() {
+            applied += mat.step(&log, n).unwrap().0;
+        }
         batch_no += 1;
         if routed == 0 && applied == 0 {
             break;
         }
         if restarts.contains(&batch_no) {
             drop(router);
-            drop(mat);
+            drop(mats);
             drop(log);
             log = open(dir, &c);
             router = RouterStep::new(
@@ -161,11 +176,7 @@ fn run(
                 Router::new(c.topics.clone(), c.partitions, limits(&c)),
             )
             .unwrap();
-            mat = MaterializerStep::new(
-                &log,
-                Materializer::new(c.topics.clone(), materializer_options(&c, true)),
-            )
-            .unwrap();
+            mats = stages(&log);
         }
     }
     let store = log.store();
@@ -231,8 +242,8 @@ fn an_event_trimmed_and_sent_again_in_one_batch_shows_its_new_content() {
     recs.extend([hidden(9, 20), shown(0, 30)]);
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    let (da, sa) = run(a.path(), &recs, &[100_000], &[]);
-    let (db, sb) = run(b.path(), &recs, &[1, 8, 2], &[]);
+    let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1);
+    let (db, sb) = run(b.path(), &recs, &[1, 8, 2], &[], 2);
     assert_eq!(da, db);
     assert_eq!(sa, sb);
     let events = &sb["z0"].events;
@@ -251,11 +262,12 @@ proptest! {
         recs in proptest::collection::vec(arb_rec(), 1..120),
         splits in proptest::collection::vec(1usize..40, 1..6),
         restarts in proptest::collection::vec(1usize..30, 0..4),
+        shares in 1u32..4,
     ) {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let (da, sa) = run(a.path(), &recs, &[100_000], &[]);
-        let (db, sb) = run(b.path(), &recs, &splits, &restarts);
+        let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1);
+        let (db, sb) = run(b.path(), &recs, &splits, &restarts, shares);
         prop_assert_eq!(da, db);
         prop_assert_eq!(sa.len(), sb.len());
         for (u, s) in &sa {

@@ -13,7 +13,7 @@ use crate::model::Identifier;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::Store;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -38,6 +38,9 @@ impl IdentityLookup for StoreLookup<'_> {
 pub struct Readiness {
     pub router: AtomicBool,
     pub materializer: AtomicBool,
+    /// Embedded mode: materializing threads not caught up yet (the last
+    /// one to catch up sets `materializer`).
+    pub materializers_behind: AtomicUsize,
     /// A stage stopped with an error: `/healthz` fails.
     pub failed: AtomicBool,
 }
@@ -83,36 +86,44 @@ impl Stages {
     }
 }
 
-/// Reads up to `max` records from each partition of `topics` at `positions`.
+/// Reads up to `max` records from each partition of `parts` at `positions`.
 fn read_all(
     log: &EmbeddedLog,
-    topics: &[(String, u32)],
+    parts: &[(String, i32)],
     positions: &HashMap<(String, i32), i64>,
     max: usize,
 ) -> Result<Vec<LogRecord>, PipelineError> {
     let mut out = Vec::new();
-    for (t, n) in topics {
-        for p in 0..*n as i32 {
-            let from = positions.get(&(t.clone(), p)).copied().unwrap_or(0);
-            out.extend(log.read(t, p, from, max)?);
-        }
+    for key in parts {
+        let from = positions.get(key).copied().unwrap_or(0);
+        out.extend(log.read(&key.0, key.1, from, max)?);
     }
     Ok(out)
 }
 
 fn caught_up(
     log: &EmbeddedLog,
-    topics: &[(String, u32)],
+    parts: &[(String, i32)],
     positions: &HashMap<(String, i32), i64>,
     target: Option<&HashMap<(String, i32), i64>>,
 ) -> bool {
-    topics.iter().all(|(t, _)| {
-        log.end_offsets(t).iter().enumerate().all(|(p, end)| {
-            let key = (t.clone(), p as i32);
-            let want = target.and_then(|m| m.get(&key).copied()).unwrap_or(*end);
-            positions.get(&key).copied().unwrap_or(0) >= want
-        })
+    parts.iter().all(|key| {
+        let end = log
+            .end_offsets(&key.0)
+            .get(key.1 as usize)
+            .copied()
+            .unwrap_or(0);
+        let want = target.and_then(|m| m.get(key).copied()).unwrap_or(end);
+        positions.get(key).copied().unwrap_or(0) >= want
     })
+}
+
+/// Every partition of `topics`.
+fn all_parts(topics: &[(String, u32)]) -> Vec<(String, i32)> {
+    topics
+        .iter()
+        .flat_map(|(t, n)| (0..*n as i32).map(move |p| (t.clone(), p)))
+        .collect()
 }
 
 fn ends(log: &EmbeddedLog, topics: &[(String, u32)]) -> HashMap<(String, i32), i64> {
@@ -216,7 +227,7 @@ impl RouterStep {
     }
 
     pub fn caught_up_with(&self, log: &EmbeddedLog, target: &HashMap<(String, i32), i64>) -> bool {
-        caught_up(log, &self.topics, &self.positions, Some(target))
+        caught_up(log, &all_parts(&self.topics), &self.positions, Some(target))
     }
 
     pub fn ends(&self, log: &EmbeddedLog) -> HashMap<(String, i32), i64> {
@@ -224,35 +235,50 @@ impl RouterStep {
     }
 }
 
-/// The materializing stage over the embedded records log.
+/// The materializing stage over the embedded records log (all its
+/// partitions, or a share of them: state is partitioned, so stages over
+/// disjoint shares never touch the same user).
 pub struct MaterializerStep {
     mat: Materializer,
-    topics: Vec<(String, u32)>,
+    parts: Vec<(String, i32)>,
     positions: HashMap<(String, i32), i64>,
 }
 
 impl MaterializerStep {
+    /// Over every partition of the records log.
     pub fn new(log: &EmbeddedLog, mat: Materializer) -> Result<MaterializerStep, PipelineError> {
+        let n = log.partitions(&mat.topics.records).unwrap_or(1);
+        MaterializerStep::for_partitions(log, mat, &(0..n).collect::<Vec<_>>())
+    }
+
+    /// Over the records-log partitions `partitions`.
+    pub fn for_partitions(
+        log: &EmbeddedLog,
+        mat: Materializer,
+        partitions: &[u32],
+    ) -> Result<MaterializerStep, PipelineError> {
         let store = log.store();
         let topic = mat.topics.records.clone();
-        let topics = vec![(topic.clone(), log.partitions(&topic).unwrap_or(1))];
         let mut positions = HashMap::new();
-        for p in 0..topics[0].1 {
+        let mut parts = Vec::new();
+        for p in partitions {
+            let key = (topic.clone(), *p as i32);
             positions.insert(
-                (topic.clone(), p as i32),
-                store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0),
+                key.clone(),
+                store.get_i64(CF_PART, &keys::part_offset(*p))?.unwrap_or(0),
             );
+            parts.push(key);
         }
         Ok(MaterializerStep {
             mat,
-            topics,
+            parts,
             positions,
         })
     }
 
     /// Applies and commits one batch; returns the records processed and the snapshots published.
     pub fn step(&mut self, log: &EmbeddedLog, max: usize) -> Result<(usize, usize), PipelineError> {
-        let input = read_all(log, &self.topics, &self.positions, max)?;
+        let input = read_all(log, &self.parts, &self.positions, max)?;
         if input.is_empty() {
             return Ok((0, 0));
         }
@@ -269,7 +295,7 @@ impl MaterializerStep {
     }
 
     pub fn caught_up(&self, log: &EmbeddedLog) -> bool {
-        caught_up(log, &self.topics, &self.positions, None)
+        caught_up(log, &self.parts, &self.positions, None)
     }
 }
 
@@ -299,16 +325,19 @@ pub fn run_router(
     Ok(())
 }
 
-/// Runs the materializing stage until `stop`.
+/// Runs the materializing stage over records-log `partitions` until `stop`
+/// (one of `ready.materializers_behind` such threads).
 pub fn run_materializer(
     log: Arc<EmbeddedLog>,
     mat: Materializer,
+    partitions: Vec<u32>,
     opts: DriverOptions,
     ready: Arc<Readiness>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), PipelineError> {
     let store = log.store().clone();
-    let mut stage = MaterializerStep::new(&log, mat)?;
+    let mut stage = MaterializerStep::for_partitions(&log, mat, &partitions)?;
+    let mut caught_up = false;
     let mut last_size_check = Instant::now();
     let mut last_batch = Instant::now();
     while !stop.load(Ordering::Acquire) {
@@ -324,11 +353,11 @@ pub fn run_materializer(
             last_batch = started;
         }
         if n == 0 {
-            if !ready.materializer.load(Ordering::Acquire)
-                && ready.router.load(Ordering::Acquire)
-                && stage.caught_up(&log)
-            {
-                ready.materializer.store(true, Ordering::Release);
+            if !caught_up && ready.router.load(Ordering::Acquire) && stage.caught_up(&log) {
+                caught_up = true;
+                if ready.materializers_behind.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    ready.materializer.store(true, Ordering::Release);
+                }
             }
             log.wait(gen, opts.idle_wait);
             continue;
@@ -338,9 +367,11 @@ pub fn run_materializer(
         metrics::histogram!("contextd_batch_records", "stage" => "materialize").record(n as f64);
         if last_size_check.elapsed() > Duration::from_secs(10) {
             let topic = stage.mat.topics.snapshots.clone();
-            for (p, end) in log.end_offsets(&topic).into_iter().enumerate() {
+            let ends = log.end_offsets(&topic);
+            for p in &partitions {
+                let end = ends.get(*p as usize).copied().unwrap_or(0);
                 if end > opts.snapshot_retention {
-                    log.truncate(&topic, p as i32, end - opts.snapshot_retention)?;
+                    log.truncate(&topic, *p as i32, end - opts.snapshot_retention)?;
                 }
             }
             metrics::gauge!("contextd_state_bytes").set(store.approximate_size() as f64);

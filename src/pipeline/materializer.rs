@@ -188,7 +188,12 @@ impl Materializer {
             if let Some(record::Body::Settings(s)) = &r.body {
                 let s = snapshot::prepared(s.clone());
                 batch.put_cf(store.cf(CF_PART), keys::part_settings(p), s.encode_to_vec());
-                self.remember_latest_settings(store, &mut batch, r)?;
+                // Settings are broadcast to every partition: the copy of
+                // partition 0 is the one kept for the admin API (so stages
+                // over different partitions never race on it).
+                if p == 0 {
+                    self.remember_latest_settings(store, &mut batch, r)?;
+                }
                 self.settings.insert(p, s);
                 settings_changed.insert(p);
                 applied += 1;
