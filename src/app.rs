@@ -100,8 +100,8 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
     }
 }
 
-/// Threads of the embedded materializing stage (`pipeline.materializer_threads`;
-/// 0: one per core), at most one per partition.
+/// Threads of the materializing stage (`pipeline.materializer_threads`;
+/// 0: one per core), at most one per partition (and 64).
 pub fn materializer_threads(c: &Config) -> u32 {
     let want = match c.pipeline.materializer_threads {
         0 => std::thread::available_parallelism()
@@ -109,7 +109,7 @@ pub fn materializer_threads(c: &Config) -> u32 {
             .unwrap_or(1),
         n => n,
     };
-    (want as u32).clamp(1, c.partitions.max(1))
+    (want as u32).clamp(1, c.partitions.clamp(1, 64))
 }
 
 pub fn limits(c: &Config) -> Limits {
@@ -144,7 +144,8 @@ pub struct EmbeddedRuntime {
 impl EmbeddedRuntime {
     pub fn start(config: Config) -> Result<EmbeddedRuntime, PipelineError> {
         let log = open_embedded(&config)?;
-        let ready = Arc::new(Readiness::default());
+        let threads = materializer_threads(&config);
+        let ready = Arc::new(Readiness::new(threads));
         let stop = Arc::new(AtomicBool::new(false));
         let opts = DriverOptions {
             batch_records: config.pipeline.batch_records,
@@ -177,10 +178,6 @@ impl EmbeddedRuntime {
                 }),
             )?
         };
-        let threads = materializer_threads(&config);
-        ready
-            .materializers_behind
-            .store(threads as usize, Ordering::Release);
         let mut handles = vec![h1];
         for i in 0..threads {
             let parts: Vec<u32> = (0..config.partitions)
@@ -199,7 +196,7 @@ impl EmbeddedRuntime {
             handles.push(spawn(
                 &name,
                 Box::new(move || {
-                    let r = run_materializer(log, mat, parts, opts, ready.clone(), stop);
+                    let r = run_materializer(log, mat, i, parts, opts, ready.clone(), stop);
                     if let Err(e) = &r {
                         tracing::error!(error = %e, "materializing stage failed");
                         ready.failed.store(true, Ordering::Release);
@@ -256,7 +253,7 @@ impl KafkaRuntime {
         let store = Store::open(&config.data_dir, &config.store_options())?;
         store.check_partitions(config.partitions)?;
         let producer = KafkaProducer::new(&config)?;
-        let ready = Arc::new(Readiness::default());
+        let ready = Arc::new(Readiness::new(1));
         let stop = Arc::new(AtomicBool::new(false));
         let followed = Arc::new(AtomicBool::new(false));
         let me = config

@@ -13,7 +13,7 @@ use crate::model::Identifier;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::Store;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -37,17 +37,43 @@ impl IdentityLookup for StoreLookup<'_> {
 #[derive(Default)]
 pub struct Readiness {
     pub router: AtomicBool,
-    pub materializer: AtomicBool,
-    /// Embedded mode: materializing threads not caught up yet (the last
-    /// one to catch up sets `materializer`).
-    pub materializers_behind: AtomicUsize,
+    /// One bit per materializing thread that is not ready: embedded mode,
+    /// not caught up yet; Kafka mode, not every assigned partition restored.
+    pub materializers_unready: AtomicU64,
     /// A stage stopped with an error: `/healthz` fails.
     pub failed: AtomicBool,
 }
 
 impl Readiness {
+    /// For `materializers` materializing threads (at most 64), none ready.
+    pub fn new(materializers: u32) -> Readiness {
+        Readiness {
+            materializers_unready: AtomicU64::new(bits(materializers.clamp(1, 64))),
+            ..Default::default()
+        }
+    }
+
     pub fn ready(&self) -> bool {
-        self.router.load(Ordering::Acquire) && self.materializer.load(Ordering::Acquire)
+        self.router.load(Ordering::Acquire)
+            && self.materializers_unready.load(Ordering::Acquire) == 0
+    }
+
+    /// Materializing thread `i` is ready or not.
+    pub fn set_materializer(&self, i: u32, ready: bool) {
+        let bit = 1u64 << (i % 64);
+        if ready {
+            self.materializers_unready.fetch_and(!bit, Ordering::AcqRel);
+        } else {
+            self.materializers_unready.fetch_or(bit, Ordering::AcqRel);
+        }
+    }
+}
+
+fn bits(n: u32) -> u64 {
+    if n >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << n) - 1
     }
 }
 
@@ -326,10 +352,12 @@ pub fn run_router(
 }
 
 /// Runs the materializing stage over records-log `partitions` until `stop`
-/// (one of `ready.materializers_behind` such threads).
+/// (thread `index` of `Readiness::new`'s count).
+#[allow(clippy::too_many_arguments)]
 pub fn run_materializer(
     log: Arc<EmbeddedLog>,
     mat: Materializer,
+    index: u32,
     partitions: Vec<u32>,
     opts: DriverOptions,
     ready: Arc<Readiness>,
@@ -355,9 +383,7 @@ pub fn run_materializer(
         if n == 0 {
             if !caught_up && ready.router.load(Ordering::Acquire) && stage.caught_up(&log) {
                 caught_up = true;
-                if ready.materializers_behind.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    ready.materializer.store(true, Ordering::Release);
-                }
+                ready.set_materializer(index, true);
             }
             log.wait(gen, opts.idle_wait);
             continue;

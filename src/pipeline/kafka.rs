@@ -592,7 +592,61 @@ struct PartState {
     target: i64,
 }
 
-/// The materializing stage (group `{group_id}-materializer`).
+/// Records of one batch for one worker of the materializing stage.
+#[derive(Default)]
+struct Share {
+    /// Of partitions being restored (no snapshots published).
+    restoring: Vec<LogRecord>,
+    /// Of live partitions.
+    live: Vec<LogRecord>,
+}
+
+impl Share {
+    fn is_empty(&self) -> bool {
+        self.restoring.is_empty() && self.live.is_empty()
+    }
+}
+
+/// One worker of the materializing stage: its partitions' materializers.
+struct Worker {
+    live: Materializer,
+    restore: Materializer,
+}
+
+impl Worker {
+    fn forget(&mut self, p: u32) {
+        self.live.forget(p);
+        self.restore.forget(p);
+    }
+
+    /// Applies and commits a share of a batch (restoring partitions first).
+    fn materialize(
+        &mut self,
+        store: &Store,
+        producer: &KafkaProducer,
+        share: &Share,
+        stop: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        let t0 = Instant::now();
+        if !share.restoring.is_empty() {
+            let m = self.restore.process(store, &share.restoring)?;
+            commit_with_outbox(store, producer, m.batch, &m.out, stop)
+                .inspect_err(|_| self.restore.forget_all())?;
+        }
+        if !share.live.is_empty() {
+            let m = self.live.process(store, &share.live)?;
+            commit_with_outbox(store, producer, m.batch, &m.out, stop)
+                .inspect_err(|_| self.live.forget_all())?;
+            metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
+                .record(t0.elapsed().as_secs_f64());
+        }
+        Ok(())
+    }
+}
+
+/// The materializing stage (group `{group_id}-materializer`): one consumer,
+/// each batch applied by `pipeline.materializer_threads` workers over
+/// disjoint partitions in parallel.
 #[allow(clippy::too_many_arguments)]
 pub fn run_materializer(
     c: Config,
@@ -617,12 +671,24 @@ pub fn run_materializer(
             .create_with_context(ctx)
             .map_err(kerr)?;
     consumer.subscribe(&[&topic]).map_err(kerr)?;
-    let mut live_mat =
-        Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
-    let mut restore_mat = Materializer::new(
-        c.topics.clone(),
-        crate::app::materializer_options(&c, false),
-    );
+    // Work of a batch is split by partition over `threads` workers, each
+    // with its own materializers (state is partitioned: workers never touch
+    // the same user); one consumer keeps the group membership simple.
+    let threads = crate::app::materializer_threads(&c) as usize;
+    let mut workers: Vec<Worker> = (0..threads)
+        .map(|_| {
+            let share = |publish| {
+                let mut o = crate::app::materializer_options(&c, publish);
+                o.user_cache_bytes /= threads;
+                Materializer::new(c.topics.clone(), o)
+            };
+            Worker {
+                live: share(true),
+                restore: share(false),
+            }
+        })
+        .collect();
+    let worker = |p: i32| p as usize % threads;
     let mut parts: BTreeMap<i32, PartState> = BTreeMap::new();
     let started = Instant::now();
     let mut had_assignment = false;
@@ -652,8 +718,7 @@ pub fn run_materializer(
                                 .map_err(kerr)
                         })?
                         .1;
-                        live_mat.forget(p as u32);
-                        restore_mat.forget(p as u32);
+                        workers[worker(p)].forget(p as u32);
                         parts.insert(
                             p,
                             PartState {
@@ -666,32 +731,63 @@ pub fn run_materializer(
                 Rebalanced::Revoked(ps) => {
                     for p in ps {
                         parts.remove(&p);
-                        live_mat.forget(p as u32);
-                        restore_mat.forget(p as u32);
+                        workers[worker(p)].forget(p as u32);
                         own.live.write().expect("lock").remove(&(p as u32));
                     }
                 }
             }
         }
-        let (restoring, live): (Vec<LogRecord>, Vec<LogRecord>) = batch
-            .into_iter()
-            .filter(|r| parts.contains_key(&r.partition))
-            .partition(|r| !parts[&r.partition].live);
-        let t0 = Instant::now();
-        if !restoring.is_empty() {
-            let m = restore_mat.process(&store, &restoring)?;
-            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)
-                .inspect_err(|_| restore_mat.forget_all())?;
+        let mut shares: Vec<Share> = (0..threads).map(|_| Share::default()).collect();
+        for r in batch {
+            let Some(state) = parts.get(&r.partition) else {
+                continue;
+            };
+            let share = &mut shares[worker(r.partition)];
+            if state.live {
+                share.live.push(r);
+            } else {
+                share.restoring.push(r);
+            }
         }
-        if !live.is_empty() {
-            let m = live_mat.process(&store, &live)?;
-            commit_with_outbox(&store, &producer, m.batch, &m.out, &stop)
-                .inspect_err(|_| live_mat.forget_all())?;
-            metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
-                .record(t0.elapsed().as_secs_f64());
+        let busy = shares.iter().filter(|s| !s.is_empty()).count();
+        if busy == 1 {
+            for (w, share) in workers.iter_mut().zip(&shares) {
+                if !share.is_empty() {
+                    w.materialize(&store, &producer, share, &stop)?;
+                }
+            }
+        } else if busy > 1 {
+            let results: Vec<Result<(), PipelineError>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = workers
+                    .iter_mut()
+                    .zip(&shares)
+                    .filter(|(_, share)| !share.is_empty())
+                    .map(|(w, share)| {
+                        let (store, producer, stop) = (&store, &producer, &stop);
+                        scope.spawn(move || w.materialize(store, producer, share, stop))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(PipelineError::Store(
+                                crate::state::StoreError::Incompatible(
+                                    "a materializing worker panicked".into(),
+                                ),
+                            ))
+                        })
+                    })
+                    .collect()
+            });
+            for r in results {
+                r?;
+            }
         }
-        for r in restoring.iter().chain(live.iter()) {
-            let _ = consumer.store_offset(&r.topic, r.partition, r.offset + 1);
+        for share in &shares {
+            for r in share.restoring.iter().chain(&share.live) {
+                let _ = consumer.store_offset(&r.topic, r.partition, r.offset + 1);
+            }
         }
         // Partitions whose restore reached the end seen at assignment go live.
         let due: Vec<i32> = parts
@@ -708,7 +804,8 @@ pub fn run_materializer(
             .map(|(p, _)| *p)
             .collect();
         for p in due {
-            let n = go_live(&c, &store, &producer, &mut live_mat, p as u32, &stop)?;
+            let w = &mut workers[worker(p)].live;
+            let n = go_live(&c, &store, &producer, w, p as u32, &stop)?;
             tracing::info!(
                 partition = p,
                 republished = n,
@@ -723,9 +820,9 @@ pub fn run_materializer(
             announce(&c, &producer, &own, &stop)?;
         }
         let all_live = parts.values().all(|s| s.live);
-        ready.materializer.store(
+        ready.set_materializer(
+            0,
             all_live && (had_assignment || started.elapsed() > Duration::from_secs(30)),
-            Ordering::Release,
         );
         for (p, s) in &parts {
             metrics::gauge!("contextd_partition_live", "partition" => p.to_string())
