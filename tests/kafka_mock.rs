@@ -1,14 +1,19 @@
 //! Fault injection with librdkafka's mock cluster (in this test process,
 //! reached by the real binary over TCP): request errors and a broker that
-//! goes down and comes back. Processing pauses and resumes without loss or
-//! duplicates. The real-broker tests are in kafka_broker.rs.
+//! goes down and comes back, produce requests rejected. Processing pauses
+//! and resumes without loss or duplicates. The real-broker tests are in kafka_broker.rs.
 
 mod common;
 
 use common::{enc, free_port, Server};
+use contextd::model::ContextSnapshot;
+use prost::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::Message as _;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -29,6 +34,7 @@ const TOPICS: [(&str, i32); 9] = [
 fn start(
     max_poll_interval_ms: u32,
     group: &str,
+    producer: &str,
 ) -> (
     MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
     tempfile::TempDir,
@@ -41,7 +47,7 @@ fn start(
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("c.toml");
     let mut f = std::fs::File::create(&cfg).unwrap();
-    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"{max_poll_interval_ms}\"\n\"fetch.wait.max.ms\" = \"10\"").unwrap();
+    writeln!(f, "[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n\"max.poll.interval.ms\" = \"{max_poll_interval_ms}\"\n\"fetch.wait.max.ms\" = \"10\"\n[kafka.producer]\n{producer}").unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let brokers = mock.bootstrap_servers();
     let s = Server::start_at(
@@ -115,7 +121,7 @@ fn broker_faults_pause_processing_without_loss_or_duplicates() {
     // consumer then left its group (librdkafka MAXPOLL). 60 s keeps this test
     // about faults on the produce path (the next test is about MAXPOLL);
     // production keeps librdkafka's 300 s.
-    let (mock, _dir, s) = start(60_000, "g-mock");
+    let (mock, _dir, s) = start(60_000, "g-mock", "");
     for i in 0..30 {
         post(&s, "m", 5, i);
     }
@@ -150,7 +156,7 @@ fn broker_faults_pause_processing_without_loss_or_duplicates() {
 /// partitions, and every acknowledged event is applied once.
 #[test]
 fn an_outage_longer_than_max_poll_interval_loses_nothing() {
-    let (mock, _dir, s) = start(7_000, "g-maxpoll");
+    let (mock, _dir, s) = start(7_000, "g-maxpoll", "");
     for i in 0..20 {
         post(&s, "x", 4, i);
     }
@@ -173,4 +179,81 @@ fn an_outage_longer_than_max_poll_interval_loses_nothing() {
         post(&s, "x", 4, i);
     }
     assert_each_applied_once(&s, "x", 4, 48);
+}
+
+/// Every snapshot on the snapshots topic: user -> versions in topic order.
+fn snapshots_on_topic(brokers: &str) -> BTreeMap<String, Vec<u64>> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "snapshot-reader")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..2 {
+        tpl.add_partition_offset("context.snapshots", p, rdkafka::Offset::Beginning)
+            .unwrap();
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut seen: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut idle = std::time::Instant::now();
+    while idle.elapsed() < Duration::from_secs(3) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(100)) {
+            let s = ContextSnapshot::decode(m.payload().unwrap_or_default()).unwrap();
+            seen.entry(s.user_id).or_default().push(s.version);
+            idle = std::time::Instant::now();
+        }
+    }
+    seen
+}
+
+/// Deliveries that fail while snapshot batches are in flight (the broker
+/// rejects produce requests for a while): the materializer sends them again
+/// in order, so on the (compacted) snapshots topic every user's last record
+/// is its newest version and no version is missing; every event is applied
+/// once.
+#[test]
+fn failed_deliveries_are_sent_again_in_order() {
+    // A long linger keeps several snapshot batches in flight at once.
+    let (mock, _dir, s) = start(60_000, "g-reject", "\"linger.ms\" = \"150\"");
+    for i in 0..20 {
+        post(&s, "t", 3, i);
+    }
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            for i in 20..80 {
+                post(&s, "t", 3, i);
+            }
+        });
+        // Non-retriable rejections: librdkafka fails those deliveries (the
+        // ingest API answers 503 and the test posts again; the stages send again).
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(200));
+            mock.request_errors(
+                RDKafkaApiKey::Produce,
+                &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 4],
+            );
+        }
+        writer.join().unwrap();
+    });
+    assert_each_applied_once(&s, "t", 3, 80);
+    let brokers = mock.bootstrap_servers();
+    for u in 0..3 {
+        let user = format!("tu{u}");
+        let (_, ctx) = s.get(&format!("/api/v2/users/{}/context", enc(&user)));
+        let newest = ctx["version"].as_u64().unwrap();
+        let versions = s.wait_for(60, "the newest snapshot on the topic", |_| {
+            let v = snapshots_on_topic(&brokers).remove(&user)?;
+            (v.last() == Some(&newest)).then_some(v)
+        });
+        let mut distinct = versions.clone();
+        distinct.sort_unstable();
+        distinct.dedup();
+        assert_eq!(
+            distinct,
+            (1..=newest).collect::<Vec<_>>(),
+            "every version of {user} published: {versions:?}"
+        );
+        assert_eq!(versions.iter().max(), Some(&newest), "{versions:?}");
+    }
 }

@@ -222,6 +222,15 @@ impl KafkaProducer {
         Ok(())
     }
 
+    /// Appends without waiting for the acks (`Acks` tells when they came).
+    pub fn send_all_nowait(&self, recs: &[OutRecord]) -> Result<Acks, LogError> {
+        Ok(Acks {
+            pending: self.futures(recs)?,
+            failed: None,
+            producer: self.inner.clone(),
+        })
+    }
+
     /// Appends and waits for every ack (blocking; for pipeline threads).
     pub fn send_all_blocking(&self, recs: &[OutRecord]) -> Result<(), LogError> {
         if recs.is_empty() {
@@ -245,6 +254,57 @@ impl KafkaProducer {
 
     pub fn flush(&self) {
         let _ = self.inner.flush(Duration::from_secs(10));
+    }
+}
+
+/// The acks of records sent by `send_all_nowait`.
+pub struct Acks {
+    pending: Vec<rdkafka::producer::DeliveryFuture>,
+    /// The first delivery that failed.
+    failed: Option<LogError>,
+    producer: FutureProducer,
+}
+
+impl Acks {
+    /// True once every record is acknowledged or failed; never blocks.
+    pub fn poll_done(&mut self) -> bool {
+        use futures::FutureExt;
+        let mut failed = None;
+        self.pending.retain_mut(|f| match f.now_or_never() {
+            None => true,
+            Some(Ok(Ok(_))) => false,
+            Some(Ok(Err((e, _)))) => {
+                failed.get_or_insert_with(|| kerr(e));
+                false
+            }
+            Some(Err(_)) => {
+                failed.get_or_insert_with(|| {
+                    LogError::Kafka("delivery cancelled (producer closed)".into())
+                });
+                false
+            }
+        });
+        if self.failed.is_none() {
+            self.failed = failed;
+        }
+        self.pending.is_empty()
+    }
+
+    /// Waits for every ack; the first failure, if any (fatal client errors
+    /// as `KafkaFatal`).
+    pub fn wait(&mut self) -> Result<(), LogError> {
+        let pending = std::mem::take(&mut self.pending);
+        let r = futures::executor::block_on(KafkaProducer::await_all(pending));
+        let r = match self.failed.take() {
+            Some(e) => Err(e),
+            None => r,
+        };
+        if r.is_err() {
+            if let Some((code, reason)) = self.producer.client().fatal_error() {
+                return Err(LogError::KafkaFatal(format!("{code:?}: {reason}")));
+            }
+        }
+        r
     }
 }
 

@@ -15,7 +15,11 @@
 //!   topic and only changed contexts are published. Revocation happens
 //!   inside `poll`, between batches, so the in-flight batch is finished.
 //!   Snapshots go through an outbox in the same `WriteBatch` as the state,
-//!   so a re-send after a crash carries the same version and content.
+//!   so a re-send after a crash carries the same version and content. A
+//!   batch is split by partition over `pipeline.materializer_threads`
+//!   workers; each sends its snapshots without waiting for the acks of its
+//!   earlier batches (up to `MAX_IN_FLIGHT`), and after a failed delivery
+//!   sends everything in flight again, in order.
 
 use super::embedded::{Readiness, StoreLookup};
 use super::materializer::Materializer;
@@ -24,7 +28,7 @@ use super::PipelineError;
 use crate::config::Config;
 use crate::ingest;
 use crate::log::kafka::{
-    consumer_config, read_until_idle, to_log_record, KafkaProducer, MEMBERS_TOPIC,
+    consumer_config, read_until_idle, to_log_record, Acks, KafkaProducer, MEMBERS_TOPIC,
 };
 use crate::log::{LogError, LogRecord, OutRecord};
 use crate::model::{record, ContextSnapshot, InputRef, Record, FORMAT_VERSION};
@@ -39,7 +43,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use rocksdb::{IteratorMode, WriteBatch};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -525,6 +529,18 @@ fn decode_out_json(v: &[u8]) -> Option<OutRecord> {
     })
 }
 
+/// Puts `out` into the outbox (in `batch`); returns the keys, in send order.
+fn put_outbox(store: &Store, batch: &mut WriteBatch, out: &[OutRecord]) -> Vec<[u8; 8]> {
+    let base = (crate::model::time::now_ms() as u64) << 20;
+    out.iter()
+        .map(|r| {
+            let k = (base + OUTBOX_SEQ.fetch_add(1, Ordering::Relaxed) % (1 << 20)).to_be_bytes();
+            batch.put_cf(store.cf(CF_OUTBOX), k, encode_out(r));
+            k
+        })
+        .collect()
+}
+
 /// Writes the state batch with the outgoing records as outbox entries, sends
 /// them, then clears the outbox: records are sent at least once, each
 /// re-send identical to the first.
@@ -535,13 +551,7 @@ fn commit_with_outbox(
     out: &[OutRecord],
     stop: &AtomicBool,
 ) -> Result<(), PipelineError> {
-    let mut keys_written = Vec::with_capacity(out.len());
-    let base = (crate::model::time::now_ms() as u64) << 20;
-    for r in out {
-        let k = (base + OUTBOX_SEQ.fetch_add(1, Ordering::Relaxed) % (1 << 20)).to_be_bytes();
-        batch.put_cf(store.cf(CF_OUTBOX), k, encode_out(r));
-        keys_written.push(k);
-    }
+    let keys_written = put_outbox(store, &mut batch, out);
     store.write(batch)?;
     retry(stop, "publish", || {
         producer.send_all_blocking(out).map_err(PipelineError::from)
@@ -607,16 +617,126 @@ impl Share {
     }
 }
 
-/// One worker of the materializing stage: its partitions' materializers.
+/// One worker of the materializing stage: its partitions' materializers,
+/// and what it sent that the broker has not acknowledged yet.
 struct Worker {
     live: Materializer,
     restore: Materializer,
+    /// Committed batches whose records are sent but not all acknowledged,
+    /// oldest first. Processing goes on meanwhile (at most `MAX_IN_FLIGHT`).
+    in_flight: VecDeque<InFlight>,
+    /// Outbox entries of acknowledged batches, deleted with the next commit.
+    acked: Vec<[u8; 8]>,
 }
 
+struct InFlight {
+    keys: Vec<[u8; 8]>,
+    out: Vec<OutRecord>,
+    acks: Acks,
+}
+
+/// Batches of one worker sent and not yet acknowledged before it waits.
+const MAX_IN_FLIGHT: usize = 4;
+
 impl Worker {
+    fn new(live: Materializer, restore: Materializer) -> Worker {
+        Worker {
+            live,
+            restore,
+            in_flight: VecDeque::new(),
+            acked: Vec::new(),
+        }
+    }
+
     fn forget(&mut self, p: u32) {
         self.live.forget(p);
         self.restore.forget(p);
+    }
+
+    /// Writes the state batch with the outgoing records as outbox entries
+    /// (and the deletion of entries acknowledged since the last commit),
+    /// then sends the records without waiting for their acks.
+    fn commit(
+        &mut self,
+        store: &Store,
+        producer: &KafkaProducer,
+        mut batch: WriteBatch,
+        out: Vec<OutRecord>,
+        stop: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        for k in self.acked.drain(..) {
+            batch.delete_cf(store.cf(CF_OUTBOX), k);
+        }
+        let keys = put_outbox(store, &mut batch, &out);
+        store.write(batch)?;
+        if out.is_empty() {
+            return Ok(());
+        }
+        let acks = retry(stop, "publish", || {
+            producer.send_all_nowait(&out).map_err(PipelineError::from)
+        })?;
+        self.in_flight.push_back(InFlight { keys, out, acks });
+        self.settle(producer, stop, MAX_IN_FLIGHT)
+    }
+
+    /// Retires acknowledged batches, waiting for the oldest while more than
+    /// `keep` are in flight. If a delivery failed, waits for every batch in
+    /// flight and sends them all again in order (retrying until the broker
+    /// acknowledges), so the last record per key is always the newest.
+    fn settle(
+        &mut self,
+        producer: &KafkaProducer,
+        stop: &AtomicBool,
+        keep: usize,
+    ) -> Result<(), PipelineError> {
+        loop {
+            let in_flight = self.in_flight.len();
+            let Some(front) = self.in_flight.front_mut() else {
+                break;
+            };
+            let done = front.acks.poll_done();
+            if !done && in_flight <= keep {
+                return Ok(());
+            }
+            match front.acks.wait() {
+                Ok(()) => {
+                    let f = self.in_flight.pop_front().expect("front");
+                    self.acked.extend(f.keys);
+                }
+                Err(e @ LogError::KafkaFatal(_)) => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "a snapshot delivery failed; sending the batches in flight again, in order");
+                    metrics::counter!("contextd_kafka_errors_total", "stage" => "publish")
+                        .increment(1);
+                    for f in self.in_flight.iter_mut() {
+                        let _ = f.acks.wait();
+                    }
+                    while let Some(f) = self.in_flight.pop_front() {
+                        retry(stop, "publish", || {
+                            producer
+                                .send_all_blocking(&f.out)
+                                .map_err(PipelineError::from)
+                        })?;
+                        self.acked.extend(f.keys);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until everything sent is acknowledged and deletes its outbox entries.
+    fn flush(
+        &mut self,
+        store: &Store,
+        producer: &KafkaProducer,
+        stop: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        self.settle(producer, stop, 0)?;
+        if !self.acked.is_empty() {
+            self.commit(store, producer, WriteBatch::default(), Vec::new(), stop)?;
+        }
+        Ok(())
     }
 
     /// Applies and commits a share of a batch (restoring partitions first).
@@ -630,12 +750,12 @@ impl Worker {
         let t0 = Instant::now();
         if !share.restoring.is_empty() {
             let m = self.restore.process(store, &share.restoring)?;
-            commit_with_outbox(store, producer, m.batch, &m.out, stop)
+            self.commit(store, producer, m.batch, m.out, stop)
                 .inspect_err(|_| self.restore.forget_all())?;
         }
         if !share.live.is_empty() {
             let m = self.live.process(store, &share.live)?;
-            commit_with_outbox(store, producer, m.batch, &m.out, stop)
+            self.commit(store, producer, m.batch, m.out, stop)
                 .inspect_err(|_| self.live.forget_all())?;
             metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
                 .record(t0.elapsed().as_secs_f64());
@@ -682,10 +802,7 @@ pub fn run_materializer(
                 o.user_cache_bytes /= threads;
                 Materializer::new(c.topics.clone(), o)
             };
-            Worker {
-                live: share(true),
-                restore: share(false),
-            }
+            Worker::new(share(true), share(false))
         })
         .collect();
     let worker = |p: i32| p as usize % threads;
@@ -705,6 +822,13 @@ pub fn run_materializer(
         )?;
         let events: Vec<Rebalanced> =
             std::mem::take(&mut *consumer.context().events.lock().expect("lock"));
+        if !events.is_empty() {
+            // What was sent for partitions that may move is acknowledged
+            // before another instance reads their snapshots.
+            for w in workers.iter_mut() {
+                w.flush(&store, &producer, &stop)?;
+            }
+        }
         let mut changed = false;
         for ev in events {
             changed = true;
@@ -832,6 +956,9 @@ pub fn run_materializer(
             last_lag = Instant::now();
             report_lag(&consumer, "materialize");
         }
+    }
+    for w in workers.iter_mut() {
+        w.flush(&store, &producer, &stop)?;
     }
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
     Ok(())
