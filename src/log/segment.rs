@@ -67,9 +67,34 @@ pub struct Segment {
     pub base: i64,
     path: PathBuf,
     file: File,
-    /// Sparse index, offset -> byte position of that entry, filled in by
-    /// reads as they pass (readers mostly continue where they stopped).
-    index: Mutex<BTreeMap<i64, u64>>,
+    /// Where reads may start without scanning from the segment's start.
+    index: Mutex<Index>,
+}
+
+/// Positions of entries in a segment, learnt by reads as they pass.
+#[derive(Default)]
+struct Index {
+    /// Sparse: every `INDEX_EVERY`-th offset -> byte position.
+    points: BTreeMap<i64, u64>,
+    /// Right after the last entry a read returned: a reader following the
+    /// tail continues there.
+    last: Option<(i64, u64)>,
+}
+
+impl Index {
+    /// The closest known (offset, position) at or before `offset`.
+    fn floor(&self, offset: i64, base: i64) -> (i64, u64) {
+        let point = self
+            .points
+            .range(..=offset)
+            .next_back()
+            .map(|(o, p)| (*o, *p))
+            .unwrap_or((base, 0));
+        match self.last {
+            Some(last) if last.0 <= offset && last.0 > point.0 => last,
+            _ => point,
+        }
+    }
 }
 
 impl Segment {
@@ -86,7 +111,7 @@ impl Segment {
             base,
             path,
             file,
-            index: Mutex::new(BTreeMap::new()),
+            index: Mutex::new(Index::default()),
         })
     }
 
@@ -115,10 +140,11 @@ impl Segment {
         self.file
             .set_len(len)
             .map_err(|e| LogError::io("truncate", &self.path, e))?;
-        self.index
-            .lock()
-            .expect("index lock")
-            .retain(|_, pos| *pos < len);
+        let mut index = self.index.lock().expect("index lock");
+        index.points.retain(|_, pos| *pos < len);
+        if index.last.is_some_and(|(_, pos)| pos > len) {
+            index.last = None;
+        }
         Ok(())
     }
 
@@ -142,10 +168,7 @@ impl Segment {
             .index
             .lock()
             .expect("index lock")
-            .range(..=from)
-            .next_back()
-            .map(|(o, p)| (*o, *p))
-            .unwrap_or((self.base, 0));
+            .floor(from, self.base);
         let mut reader = ChunkReader::new(&self.file, pos);
         let mut points = Vec::new();
         let wanted = out.len() + max;
@@ -191,8 +214,10 @@ impl Segment {
             pos += (HEADER + len) as u64;
             offset += 1;
         }
-        if !points.is_empty() {
-            self.index.lock().expect("index lock").extend(points);
+        let mut index = self.index.lock().expect("index lock");
+        index.points.extend(points);
+        if index.last.is_none_or(|(o, _)| o < offset) {
+            index.last = Some((offset, pos));
         }
         Ok(())
     }
@@ -203,10 +228,7 @@ impl Segment {
             .index
             .lock()
             .expect("index lock")
-            .range(..=next)
-            .next_back()
-            .map(|(o, p)| (*o, *p))
-            .unwrap_or((self.base, 0));
+            .floor(next, self.base);
         let mut reader = ChunkReader::new(&self.file, pos);
         while offset < next {
             let header = reader.take(HEADER).map_err(|e| self.io(e))?;
@@ -230,6 +252,15 @@ impl Segment {
     }
 }
 
+impl Drop for ChunkReader<'_> {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.buf);
+        if buf.capacity() <= 4 * CHUNK {
+            READ_BUFFER.with(|b| b.set(buf));
+        }
+    }
+}
+
 /// Sequential reads of a file in large `pread`s.
 struct ChunkReader<'a> {
     file: &'a File,
@@ -239,11 +270,19 @@ struct ChunkReader<'a> {
     cursor: usize,
 }
 
+thread_local! {
+    /// A reader's buffer, kept for the next read on the same thread (fresh
+    /// large allocations cost page faults on every batch).
+    static READ_BUFFER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
 impl<'a> ChunkReader<'a> {
     fn new(file: &'a File, at: u64) -> ChunkReader<'a> {
+        let mut buf = READ_BUFFER.with(|b| b.take());
+        buf.clear();
         ChunkReader {
             file,
-            buf: Vec::new(),
+            buf,
             at,
             cursor: 0,
         }
