@@ -399,6 +399,10 @@ struct MatContext {
     store: Store,
     topic: String,
     events: Mutex<Vec<Rebalanced>>,
+    /// Snapshots sent and not yet acknowledged are delivered before a
+    /// revoke returns, so the next owner of a partition reads them when it
+    /// synchronises versions.
+    producer: KafkaProducer,
 }
 
 impl ClientContext for MatContext {}
@@ -449,6 +453,7 @@ impl ConsumerContext for MatContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts, "records partitions revoked");
+                self.producer.flush();
                 self.events
                     .lock()
                     .expect("lock")
@@ -785,6 +790,7 @@ pub fn run_materializer(
         store: store.clone(),
         topic: topic.clone(),
         events: Mutex::new(Vec::new()),
+        producer: producer.clone(),
     };
     let consumer: BaseConsumer<MatContext> =
         consumer_config(&c, &format!("{}-materializer", c.group_id))
