@@ -6,7 +6,8 @@
 Starts `contextd run` on a fresh temp data dir, posts a generated workload
 (`contextd workload`, seed 43) through the HTTP ingest API at a fixed rate
 (a chunk every 50 ms), then prints the materializing stage's batch metrics,
-the user-cache counters and the CPU seconds of each contextd thread
+the user-cache counters, snapshots and snapshot bytes published and the
+CPU seconds of each contextd thread
 (/proc/PID/task/*/stat). Used for the "half load" figures in BENCHMARKS.md.
 """
 
@@ -85,6 +86,9 @@ def main():
                     continue
                 if ('stage="materialize"' in line and ("_sum" in line or "_count" in line)) or "user_cache" in line:
                     print("  " + line)
+                elif line.startswith(("contextd_snapshots_published_total", "contextd_snapshot_bytes_total")):
+                    total = float(line.split()[-1])
+                    print(f"  {line}  ({total / elapsed:,.0f}/s while posting)")
             for name, cpu in sorted(thread_cpu(proc.pid).items(), key=lambda x: -x[1]):
                 if cpu >= 0.05:
                     print(f"  cpu {name:<16} {cpu:6.2f} s")
