@@ -12,21 +12,48 @@ use crate::log::LogRecord;
 use crate::model::Identifier;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::Store;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// Committed identity links in the store.
-pub struct StoreLookup<'a>(pub &'a Store);
+/// Committed identity links in the store. The resolution rules are pure and
+/// see a missing link as "not linked"; a read that fails is remembered and
+/// `check` fails the batch with it, so an I/O error never creates a user.
+pub struct StoreLookup<'a> {
+    store: &'a Store,
+    failed: RefCell<Option<crate::state::StoreError>>,
+}
+
+impl<'a> StoreLookup<'a> {
+    pub fn new(store: &'a Store) -> StoreLookup<'a> {
+        StoreLookup {
+            store,
+            failed: RefCell::new(None),
+        }
+    }
+
+    /// The first lookup error, if any (the batch must not be committed).
+    pub fn check(self) -> Result<(), crate::state::StoreError> {
+        match self.failed.into_inner() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
 
 impl IdentityLookup for StoreLookup<'_> {
     fn linked_user(&self, id: &Identifier) -> Option<String> {
-        match self.0.linked_user(id) {
+        match self.store.linked_user(id) {
             Ok(u) => u,
             Err(e) => {
-                tracing::error!(error = %e, "identity lookup failed");
+                let mut failed = self.failed.borrow_mut();
+                if failed.is_none() {
+                    tracing::error!(error = %e, "identity lookup failed; the batch is not committed");
+                    *failed = Some(e);
+                }
                 None
             }
         }
@@ -203,7 +230,9 @@ impl RouterStep {
         if input.is_empty() {
             return Ok(0);
         }
-        let routed = self.router.route(&StoreLookup(store), &input);
+        let lookup = StoreLookup::new(store);
+        let routed = self.router.route(&lookup, &input);
+        lookup.check()?;
         let mut batch = rocksdb::WriteBatch::default();
         for l in &routed.links {
             if let Some(id) = &l.identifier {

@@ -205,7 +205,9 @@ pub fn run_router(
             continue;
         }
         let t0 = Instant::now();
-        let routed = router.route(&StoreLookup(&store), &batch);
+        let lookup = StoreLookup::new(&store);
+        let routed = router.route(&lookup, &batch);
+        lookup.check()?;
         let mut out = routed.out;
         for l in &routed.links {
             if let Some(id) = &l.identifier {
