@@ -73,12 +73,26 @@ fn for_each_chunk(
     }
 }
 
+/// Materializer options of one of `workers` replay workers: no publishing,
+/// and a share of the user-cache budget (as the live threads have; a
+/// bigger cache made the replay slower, by the page faults of filling it:
+/// BENCHMARKS.md, item 19).
+fn replay_options(
+    config: &Config,
+    workers: usize,
+) -> crate::pipeline::materializer::MaterializerOptions {
+    let mut o = app::materializer_options(config, false);
+    o.user_cache_bytes /= workers.max(1);
+    o
+}
+
 /// Runs `work` on up to one thread per core, each over its share of the
 /// partitions (state is partitioned, so they never touch the same users);
-/// returns the sum of what they return, or the first error.
+/// `work` gets its partitions and the number of workers; returns the sum of
+/// what they return, or the first error.
 fn on_partition_workers(
     partitions: u32,
-    work: impl Fn(&[u32]) -> Result<u64, PipelineError> + Sync,
+    work: impl Fn(&[u32], usize) -> Result<u64, PipelineError> + Sync,
 ) -> Result<u64, PipelineError> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -91,7 +105,7 @@ fn on_partition_workers(
                 let parts: Vec<u32> = (0..partitions)
                     .filter(|p| *p as usize % workers == w)
                     .collect();
-                s.spawn(move || work(&parts))
+                s.spawn(move || work(&parts, workers))
             })
             .collect();
         let mut total = 0;
@@ -174,11 +188,8 @@ pub fn rebuild_embedded(
     let total: i64 = log.end_offsets(&topic).iter().sum();
     let pb = bar(total as u64, "replay", progress);
     // Partitions replay in parallel, each with the live stage's own code.
-    let replayed = on_partition_workers(config.partitions, |parts| {
-        let mut mat = Materializer::new(
-            config.topics.clone(),
-            app::materializer_options(config, false),
-        );
+    let replayed = on_partition_workers(config.partitions, |parts, workers| {
+        let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
         let mut replayed = 0u64;
         for_each_chunk(
             &log,
@@ -294,11 +305,8 @@ pub fn settle_partition(
 /// marks of the last snapshots published (the rebuild does not drop them).
 pub fn settle_snapshots(config: &Config, log: &EmbeddedLog) -> Result<u64, PipelineError> {
     let store = log.store();
-    on_partition_workers(config.partitions, |parts| {
-        let mut mat = Materializer::new(
-            config.topics.clone(),
-            app::materializer_options(config, false),
-        );
+    on_partition_workers(config.partitions, |parts, workers| {
+        let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
         let mut republished = 0;
         for p in parts.iter().copied() {
             let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
