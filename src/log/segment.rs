@@ -172,12 +172,16 @@ impl Segment {
         let mut reader = ChunkReader::new(&self.file, pos);
         let mut points = Vec::new();
         let wanted = out.len() + max;
+        let file_len = self.file_len()?;
         while offset <= last && out.len() < wanted {
             let header = reader.take(HEADER).map_err(|e| self.io(e))?;
             let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
             let crc = u32::from_be_bytes(header[4..8].try_into().expect("4"));
             if len < BODY_FIXED {
                 return Err(self.corrupt(pos, "entry shorter than its header"));
+            }
+            if pos + (HEADER + len) as u64 > file_len {
+                return Err(self.corrupt(pos, "entry longer than the file"));
             }
             let body = reader.take(len).map_err(|e| self.io(e))?;
             if crc32fast::hash(body) != crc {
@@ -220,24 +224,6 @@ impl Segment {
             index.last = Some((offset, pos));
         }
         Ok(())
-    }
-
-    /// Byte length of the entries `base..next` (scans from the nearest index point).
-    pub fn position_of(&self, next: i64) -> Result<u64, LogError> {
-        let (mut offset, mut pos) = self
-            .index
-            .lock()
-            .expect("index lock")
-            .floor(next, self.base);
-        let mut reader = ChunkReader::new(&self.file, pos);
-        while offset < next {
-            let header = reader.take(HEADER).map_err(|e| self.io(e))?;
-            let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
-            reader.take(len).map_err(|e| self.io(e))?;
-            pos += (HEADER + len) as u64;
-            offset += 1;
-        }
-        Ok(pos)
     }
 
     fn io(&self, e: std::io::Error) -> LogError {
@@ -332,7 +318,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let seg = Segment::open(dir.path(), 10).unwrap();
         let mut buf = Vec::new();
+        let mut pos = 0;
         for i in 0..200i64 {
+            if i == 140 {
+                pos = buf.len() as u64;
+            }
             let key = (i % 3 != 0).then(|| format!("k{i}").into_bytes());
             encode_entry(
                 &mut buf,
@@ -358,9 +348,7 @@ mod tests {
             out.iter().map(|r| r.offset).collect::<Vec<_>>(),
             vec![150, 151, 152]
         );
-        let pos = seg.position_of(150).unwrap();
-        assert_eq!(seg.position_of(210).unwrap(), buf.len() as u64);
-        // Truncated to 150 entries: reading past them fails, before them works.
+        // Truncated to 140 entries (offsets 10..150): reading past them fails, before them works.
         seg.truncate(pos).unwrap();
         let mut out = Vec::new();
         assert!(seg.read("t", 2, 140, 150, 100, &mut out).is_err());
@@ -374,6 +362,12 @@ mod tests {
         let mut out = Vec::new();
         let err = fresh.read("t", 2, 10, 149, 100, &mut out).unwrap_err();
         assert!(err.to_string().contains("checksum"), "{err}");
+        // A damaged length is reported, not allocated.
+        let bad = Segment::open(dir.path(), 500).unwrap();
+        bad.append(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 1, 2, 3])
+            .unwrap();
+        let err = bad.read("t", 2, 500, 500, 1, &mut Vec::new()).unwrap_err();
+        assert!(err.to_string().contains("longer than the file"), "{err}");
     }
 
     #[test]
