@@ -73,9 +73,9 @@ pub struct PipelineConfig {
     /// Shortest time between two batches of the materializing stage, in
     /// milliseconds: a burst for one user within it becomes one snapshot.
     pub linger_ms: u64,
-    /// Embedded mode: threads of the materializing stage, each over its
-    /// share of the records partitions; 0 = one per core (at most one per
-    /// partition).
+    /// Threads of the materializing stage, each over its share of the
+    /// records partitions (Kafka mode: workers over each polled batch); 0 =
+    /// one per core (at most one per partition).
     pub materializer_threads: usize,
 }
 
