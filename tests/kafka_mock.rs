@@ -82,6 +82,28 @@ fn post(s: &Server, prefix: &str, users: usize, i: usize) {
     panic!("event {i} never acknowledged");
 }
 
+/// Posts events `range` (as `post`, `pause` apart) on another thread while
+/// `faults` runs, and waits for both.
+fn posting_while(
+    s: &Server,
+    prefix: &str,
+    users: usize,
+    range: std::ops::Range<usize>,
+    pause: Duration,
+    faults: impl FnOnce(),
+) {
+    std::thread::scope(|scope| {
+        let writer = scope.spawn(|| {
+            for i in range {
+                post(s, prefix, users, i);
+                std::thread::sleep(pause);
+            }
+        });
+        faults();
+        writer.join().unwrap();
+    });
+}
+
 /// Every user's timeline holds exactly its `n` events (all posted), and the
 /// catalog counted each once.
 fn assert_each_applied_once(s: &Server, prefix: &str, users: usize, n: usize) {
@@ -160,20 +182,13 @@ fn an_outage_longer_than_max_poll_interval_loses_nothing() {
     for i in 0..20 {
         post(&s, "x", 4, i);
     }
-    std::thread::scope(|scope| {
-        // Writes keep coming while the broker goes away for twice the
-        // poll interval: batches are in flight in both stages.
-        let writer = scope.spawn(|| {
-            for i in 20..40 {
-                post(&s, "x", 4, i);
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
+    // Writes keep coming while the broker goes away for twice the poll
+    // interval: batches are in flight in both stages.
+    posting_while(&s, "x", 4, 20..40, Duration::from_millis(100), || {
         std::thread::sleep(Duration::from_millis(700));
         mock.broker_down(1).unwrap();
         std::thread::sleep(Duration::from_secs(15));
         mock.broker_up(1).unwrap();
-        writer.join().unwrap();
     });
     for i in 40..48 {
         post(&s, "x", 4, i);
@@ -219,14 +234,9 @@ fn failed_deliveries_are_sent_again_in_order() {
     for i in 0..20 {
         post(&s, "t", 3, i);
     }
-    std::thread::scope(|scope| {
-        let writer = scope.spawn(|| {
-            for i in 20..80 {
-                post(&s, "t", 3, i);
-            }
-        });
-        // Non-retriable rejections: librdkafka fails those deliveries (the
-        // ingest API answers 503 and the test posts again; the stages send again).
+    // Non-retriable rejections: librdkafka fails those deliveries (the
+    // ingest API answers 503 and the test posts again; the stages send again).
+    posting_while(&s, "t", 3, 20..80, Duration::ZERO, || {
         for _ in 0..5 {
             std::thread::sleep(Duration::from_millis(200));
             mock.request_errors(
@@ -234,7 +244,6 @@ fn failed_deliveries_are_sent_again_in_order() {
                 &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 4],
             );
         }
-        writer.join().unwrap();
     });
     assert_each_applied_once(&s, "t", 3, 80);
     let brokers = mock.bootstrap_servers();
