@@ -172,7 +172,6 @@ impl Segment {
         let mut reader = ChunkReader::new(&self.file, pos);
         let mut points = Vec::new();
         let wanted = out.len() + max;
-        let file_len = self.file_len()?;
         while offset <= last && out.len() < wanted {
             let header = reader.take(HEADER).map_err(|e| self.io(e))?;
             let len = u32::from_be_bytes(header[..4].try_into().expect("4")) as usize;
@@ -180,7 +179,9 @@ impl Segment {
             if len < BODY_FIXED {
                 return Err(self.corrupt(pos, "entry shorter than its header"));
             }
-            if pos + (HEADER + len) as u64 > file_len {
+            // Only a length beyond one chunk could make `take` allocate much
+            // (shorter ones past the end fail there): stat only for those.
+            if len > CHUNK && pos + (HEADER + len) as u64 > self.file_len()? {
                 return Err(self.corrupt(pos, "entry longer than the file"));
             }
             let body = reader.take(len).map_err(|e| self.io(e))?;
