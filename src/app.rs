@@ -97,6 +97,7 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
         format: c.snapshot_format,
         publish,
         user_cache_bytes: c.storage.user_cache_mb << 20,
+        min_interval: std::time::Duration::from_millis(c.snapshot.min_interval_ms),
     }
 }
 

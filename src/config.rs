@@ -53,6 +53,10 @@ pub struct Config {
 pub struct SnapshotConfig {
     /// Most events a snapshot shows.
     pub max_events: usize,
+    /// Shortest time between two snapshots of one user, in milliseconds:
+    /// changes within it are held and published as one snapshot when it
+    /// ends (a user quiet for longer is published at once); 0 = every batch.
+    pub min_interval_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -135,7 +139,10 @@ impl Default for Config {
 
 impl Default for SnapshotConfig {
     fn default() -> Self {
-        SnapshotConfig { max_events: 50 }
+        SnapshotConfig {
+            max_events: 50,
+            min_interval_ms: 250,
+        }
     }
 }
 
@@ -228,6 +235,12 @@ impl Config {
             return Err(ConfigError(
                 "snapshot.max_events and timeline.max_events_per_user must be at least 1".into(),
             ));
+        }
+        if self.snapshot.min_interval_ms > 3_600_000 {
+            return Err(ConfigError(format!(
+                "snapshot.min_interval_ms must be at most 3600000 (one hour), got {}",
+                self.snapshot.min_interval_ms
+            )));
         }
         if self.pipeline.batch_records == 0 {
             return Err(ConfigError(

@@ -15,7 +15,7 @@ use crate::pipeline::embedded::RouterStep;
 use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
-use crate::state::keys::{self, CF_IDENT, CF_META};
+use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::Store;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::time::{Duration, Instant};
@@ -83,6 +83,8 @@ fn replay_options(
 ) -> crate::pipeline::materializer::MaterializerOptions {
     let mut o = app::materializer_options(config, false);
     o.user_cache_bytes /= workers.max(1);
+    // The settling after a replay publishes each changed user once.
+    o.min_interval = Duration::ZERO;
     o
 }
 
@@ -257,11 +259,14 @@ pub fn settle_partition(
     let settings = mat.settings(store, p)?;
     let mut count = 0;
     let mut after: Option<String> = None;
+    // Held snapshots are settled with the rest: every changed context is
+    // published below.
+    let mut batch = rocksdb::WriteBatch::default();
+    store.delete_prefix(&mut batch, CF_PART, &keys::part_held_prefix(p));
     loop {
         let page = store.users_page(p, after.as_deref(), 1024)?;
         let Some(last) = page.last() else { break };
         after = Some(last.user_id.clone());
-        let mut batch = rocksdb::WriteBatch::default();
         let mut out = Vec::new();
         for mut st in page {
             if let Some(last) = published(&st.user_id)? {
@@ -273,14 +278,7 @@ pub fn settle_partition(
                     st.snapshot_updated_at_ns = st.snapshot_updated_at_ns.max(last.updated_at_ns);
                 }
             }
-            let latest = st
-                .timeline
-                .iter()
-                .map(|e| e.received_at_ns)
-                .chain(st.profiles.iter().map(|x| x.updated_at_ns))
-                .max()
-                .unwrap_or(0)
-                .max(st.snapshot_updated_at_ns);
+            let latest = crate::pipeline::materializer::latest_change_ns(&st);
             if mat.snapshot_if_changed(
                 store,
                 &mut batch,
@@ -296,7 +294,10 @@ pub fn settle_partition(
             }
             store.put_user(&mut batch, p, &mut st);
         }
-        commit(batch, out)?;
+        commit(std::mem::take(&mut batch), out)?;
+    }
+    if !batch.is_empty() {
+        commit(batch, Vec::new())?;
     }
     Ok(count)
 }

@@ -107,21 +107,61 @@ fn open(dir: &Path, c: &Config) -> EmbeddedLog {
     .unwrap()
 }
 
+/// The last snapshot published per user (from the embedded snapshots log)
+/// is what the query API serves, whether or not a newer one is held.
+fn served_equals_published(log: &EmbeddedLog, c: &Config) -> BTreeMap<String, ContextSnapshot> {
+    let store = log.store();
+    let mut published = BTreeMap::new();
+    for (p, end) in log.end_offsets(&c.topics.snapshots).into_iter().enumerate() {
+        for r in log
+            .read(&c.topics.snapshots, p as i32, 0, end as usize)
+            .unwrap()
+        {
+            let s = ContextSnapshot::decode(&r.value[..]).unwrap();
+            published.insert(s.user_id.clone(), s);
+        }
+    }
+    let mut snaps = BTreeMap::new();
+    for item in store
+        .db()
+        .iterator_cf(store.cf(CF_USERS), rocksdb::IteratorMode::Start)
+    {
+        let (k, _) = item.unwrap();
+        let (p, uid) = split_user(&k).unwrap();
+        let Some(built) = store.context(p, uid, c.snapshot.max_events).unwrap() else {
+            assert!(!published.contains_key(uid), "{uid} was published");
+            continue;
+        };
+        let s = contextd::snapshot::decode(&built);
+        assert_eq!(
+            published.get(uid),
+            Some(&s),
+            "context of {uid} equals its last snapshot"
+        );
+        snaps.insert(s.user_id.clone(), s);
+    }
+    snaps
+}
+
 /// Runs the stream: `splits` gives batch sizes, `restarts` the batch indices
 /// after which the process "restarts", `shares` how many materializing
-/// stages split the records partitions between them (as threads do).
+/// stages split the records partitions between them (as threads do),
+/// `interval_ms` the snapshots' `min_interval_ms` (held snapshots are
+/// released at the end, as a running stage does when they are due).
 fn run(
     dir: &Path,
     recs: &[Rec],
     splits: &[usize],
     restarts: &[usize],
     shares: u32,
+    interval_ms: u64,
 ) -> (String, BTreeMap<String, ContextSnapshot>) {
     let mut c = Config {
         partitions: 3,
         data_dir: dir.to_path_buf(),
         ..Config::default()
     };
+    c.snapshot.min_interval_ms = interval_ms;
     c.snapshot.max_events = 5;
     c.timeline.max_events_per_user = 8;
     let outs: Vec<OutRecord> = recs
@@ -166,6 +206,7 @@ fn run(
         if routed == 0 && applied == 0 {
             break;
         }
+        served_equals_published(&log, &c);
         if restarts.contains(&batch_no) {
             drop(router);
             drop(mats);
@@ -179,42 +220,22 @@ fn run(
             mats = stages(&log);
         }
     }
-    let store = log.store();
-    // The last snapshot published per user (from the embedded snapshots log)...
-    let mut published = BTreeMap::new();
-    for (p, end) in log.end_offsets(&c.topics.snapshots).into_iter().enumerate() {
-        for r in log
-            .read(&c.topics.snapshots, p as i32, 0, end as usize)
-            .unwrap()
-        {
-            let s = ContextSnapshot::decode(&r.value[..]).unwrap();
-            published.insert(s.user_id.clone(), s);
-        }
+    for mat in mats.iter_mut() {
+        mat.release(&log, true).unwrap();
+        assert_eq!(mat.next_due(), None, "nothing held after a release of all");
     }
-    // ...is what the query API builds from the state.
-    let mut snaps = BTreeMap::new();
-    for item in store
+    let mut snaps = served_equals_published(&log, &c);
+    let users = log
+        .store()
         .db()
-        .iterator_cf(store.cf(CF_USERS), rocksdb::IteratorMode::Start)
-    {
-        let (k, _) = item.unwrap();
-        let (p, uid) = split_user(&k).unwrap();
-        let built = store
-            .context(p, uid, c.snapshot.max_events)
-            .unwrap()
-            .unwrap();
-        let mut s = contextd::snapshot::decode(&built);
-        assert_eq!(
-            published.get(uid),
-            Some(&s),
-            "context of {uid} equals its last snapshot"
-        );
+        .iterator_cf(log.store().cf(CF_USERS), rocksdb::IteratorMode::Start)
+        .count();
+    assert_eq!(snaps.len(), users, "every user has a snapshot");
+    for s in snaps.values_mut() {
         s.version = 0;
         s.updated_at = None;
-        snaps.insert(s.user_id.clone(), s);
     }
-    assert_eq!(snaps.len(), published.len());
-    (digest(store).unwrap(), snaps)
+    (digest(log.store()).unwrap(), snaps)
 }
 
 /// The materializer keeps the events of a user's last snapshot encoded; an
@@ -242,8 +263,8 @@ fn an_event_trimmed_and_sent_again_in_one_batch_shows_its_new_content() {
     recs.extend([hidden(9, 20), shown(0, 30)]);
     let a = tempfile::tempdir().unwrap();
     let b = tempfile::tempdir().unwrap();
-    let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1);
-    let (db, sb) = run(b.path(), &recs, &[1, 8, 2], &[], 2);
+    let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1, 0);
+    let (db, sb) = run(b.path(), &recs, &[1, 8, 2], &[], 2, 0);
     assert_eq!(da, db);
     assert_eq!(sa, sb);
     let events = &sb["z0"].events;
@@ -252,6 +273,34 @@ fn an_event_trimmed_and_sent_again_in_one_batch_shows_its_new_content() {
         contextd::model::time::from_timestamp(&events[0].created_at),
         contextd::model::time::from_timestamp(&sa["z0"].events[0].created_at)
     );
+}
+
+/// A snapshot held back when the process stops is published after the
+/// restart (the hold is stored with the state), and until then the query
+/// API serves the last snapshot published.
+#[test]
+fn a_snapshot_held_at_a_restart_is_published_after_it() {
+    let shown = |id, at| Rec::Zendesk {
+        user: 0,
+        ty: 0,
+        id: Some(id),
+        at,
+    };
+    let recs = vec![
+        Rec::Settings { mask: 1 },
+        shown(0, 1),
+        shown(1, 2),
+        shown(2, 3),
+    ];
+    let a = tempfile::tempdir().unwrap();
+    let b = tempfile::tempdir().unwrap();
+    let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1, 0);
+    // One record per batch, a restart after each, and holds that never end
+    // by themselves: every snapshot after the first is held at a restart.
+    let (db, sb) = run(b.path(), &recs, &[1], &[1, 2, 3, 4, 5, 6], 1, 3_600_000);
+    assert_eq!(da, db);
+    assert_eq!(sa, sb);
+    assert_eq!(sb["z0"].events.len(), 3);
 }
 
 proptest! {
@@ -263,11 +312,12 @@ proptest! {
         splits in proptest::collection::vec(1usize..40, 1..6),
         restarts in proptest::collection::vec(1usize..30, 0..4),
         shares in 1u32..4,
+        interval_ms in prop_oneof![Just(0u64), Just(1), Just(3_600_000)],
     ) {
         let a = tempfile::tempdir().unwrap();
         let b = tempfile::tempdir().unwrap();
-        let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1);
-        let (db, sb) = run(b.path(), &recs, &splits, &restarts, shares);
+        let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1, 0);
+        let (db, sb) = run(b.path(), &recs, &splits, &restarts, shares, interval_ms);
         prop_assert_eq!(da, db);
         prop_assert_eq!(sa.len(), sb.len());
         for (u, s) in &sa {

@@ -420,3 +420,82 @@ fn bad_flags_and_config_fail_clearly() {
     let (ok, _, err) = run_cli(&["run", "--config", "/nonexistent.toml"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
 }
+
+/// `snapshot.min_interval_ms`: changes for a user published less than the
+/// interval ago are held and published as one snapshot when it ends; the
+/// context served meanwhile is the last snapshot published (its version
+/// and content agree); a hold survives kill -9.
+#[test]
+fn a_burst_for_one_user_is_held_and_published_as_one_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("contextd.toml");
+    std::fs::write(&config, "[snapshot]\nmin_interval_ms = 3000\n").unwrap();
+    let data = dir.path().join("d");
+    let args = ["--config", config.to_str().unwrap()];
+    let mut s = Server::start(&data, &args);
+    s.set_visibility(&all_visible(&[("shop", "order")], &[]));
+    let ids = json!([{"type": "email", "value": "burst@example.com"}]);
+    let post = |s: &Server, n: u64| {
+        let ev = custom("shop", "order", Some(&format!("o{n}")), n, ids.clone());
+        assert_eq!(s.post("/api/v2/user_profiles/events", &ev).0, 202);
+    };
+    let user = |s: &Server| {
+        let (st, body) = s.get("/api/v2/users/lookup?identifier=email:burst@example.com");
+        (st == 200).then(|| body["user_id"].as_str().unwrap().to_string())
+    };
+    let shown = |c: &Value| -> Vec<String> {
+        c["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    post(&s, 1);
+    let uid = s.wait_for(20, "the user", user);
+    let context = |s: &Server| s.get(&format!("/api/v2/users/{}/context", enc(&uid)));
+    s.wait_for(20, "the first snapshot", |s| {
+        let (st, c) = context(s);
+        (st == 200 && c["version"] == 1).then_some(())
+    });
+    let held_total = |s: &Server| -> u64 {
+        let (_, m) = s.get("/metrics");
+        m.as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("contextd_snapshots_held_total "))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    };
+    // A burst within the interval: held, and the context stays version 1.
+    for n in 2..=4 {
+        post(&s, n);
+    }
+    s.wait_for(20, "the burst held", |s| (held_total(s) >= 1).then_some(()));
+    let c = s.wait_for(20, "the burst published", |s| {
+        let (_, c) = context(s);
+        match c["version"].as_u64() {
+            Some(1) => {
+                assert_eq!(shown(&c), ["o1"], "version 1 keeps its content");
+                None
+            }
+            _ => Some(c),
+        }
+    });
+    assert_eq!(c["version"], 2, "one snapshot for the burst: {c}");
+    assert_eq!(shown(&c), ["o4", "o3", "o2", "o1"]);
+    // Held when the process is killed: published after the restart.
+    post(&s, 5);
+    s.wait_for(20, "the next change held", |s| {
+        (held_total(s) >= 2).then_some(())
+    });
+    let (_, c) = context(&s);
+    assert_eq!((c["version"].as_u64(), shown(&c).len()), (Some(2), 4));
+    s.kill9();
+    let s = Server::start(&data, &args);
+    let c = s.wait_for(20, "the held change published", |s| {
+        let (_, c) = context(s);
+        (c["version"] != 2).then_some(c)
+    });
+    assert_eq!(c["version"], 3);
+    assert_eq!(shown(&c), ["o5", "o4", "o3", "o2", "o1"]);
+}

@@ -316,7 +316,10 @@ impl MaterializerStep {
         let topic = mat.topics.records.clone();
         let mut positions = HashMap::new();
         let mut parts = Vec::new();
+        let mut mat = mat;
         for p in partitions {
+            // Snapshots held when the last run stopped are published first.
+            mat.resume_held(store, *p)?;
             let key = (topic.clone(), *p as i32);
             positions.insert(
                 key.clone(),
@@ -347,6 +350,29 @@ impl MaterializerStep {
                 .insert((r.topic.clone(), r.partition), r.offset + 1);
         }
         Ok((input.len(), m.published))
+    }
+
+    /// Publishes the held snapshots that are due (every held one if `all`)
+    /// in a commit of their own; returns how many were published.
+    pub fn release(&mut self, log: &EmbeddedLog, all: bool) -> Result<usize, PipelineError> {
+        let due = match self.mat.next_due() {
+            Some(due) => all || due <= Instant::now(),
+            None => false,
+        };
+        if !due {
+            return Ok(0);
+        }
+        let m = self.mat.release(log.store(), all)?;
+        if let Err(e) = log.commit(m.batch, &m.out) {
+            self.mat.forget_all();
+            return Err(e.into());
+        }
+        Ok(m.published)
+    }
+
+    /// When the next held snapshot is due, if any.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.mat.next_due()
     }
 
     pub fn caught_up(&self, log: &EmbeddedLog) -> bool {
@@ -410,11 +436,17 @@ pub fn run_materializer(
             last_batch = started;
         }
         if n == 0 {
+            stage.release(&log, false)?;
             if !caught_up && ready.router.load(Ordering::Acquire) && stage.caught_up(&log) {
                 caught_up = true;
                 ready.set_materializer(index, true);
             }
-            log.wait(gen, opts.idle_wait);
+            // Sleep until an append, the next held snapshot, or the poll interval.
+            let wait = stage.next_due().map_or(opts.idle_wait, |due| {
+                due.saturating_duration_since(Instant::now())
+                    .min(opts.idle_wait)
+            });
+            log.wait(gen, wait);
             continue;
         }
         metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
@@ -435,6 +467,8 @@ pub fn run_materializer(
             last_size_check = Instant::now();
         }
     }
+    // What is held is published before the stage stops.
+    stage.release(&log, true)?;
     Ok(())
 }
 

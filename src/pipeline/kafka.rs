@@ -766,8 +766,35 @@ impl Worker {
                 .inspect_err(|_| self.live.forget_all())?;
             metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
                 .record(t0.elapsed().as_secs_f64());
+        } else if self.release_due() {
+            self.release(store, producer, false, stop)?;
         }
         Ok(())
+    }
+
+    /// Whether a held snapshot is due (processing records releases them too).
+    fn release_due(&self) -> bool {
+        self.live
+            .next_due()
+            .is_some_and(|due| due <= Instant::now())
+    }
+
+    /// Whether this worker has something to do for `share`.
+    fn has_work(&self, share: &Share) -> bool {
+        !share.is_empty() || self.release_due()
+    }
+
+    /// Publishes the held snapshots that are due (every held one if `all`).
+    fn release(
+        &mut self,
+        store: &Store,
+        producer: &KafkaProducer,
+        all: bool,
+        stop: &AtomicBool,
+    ) -> Result<(), PipelineError> {
+        let m = self.live.release(store, all)?;
+        self.commit(store, producer, m.batch, m.out, stop)
+            .inspect_err(|_| self.live.forget_all())
     }
 }
 
@@ -881,10 +908,14 @@ pub fn run_materializer(
                 share.restoring.push(r);
             }
         }
-        let busy = shares.iter().filter(|s| !s.is_empty()).count();
+        let busy = workers
+            .iter()
+            .zip(&shares)
+            .filter(|(w, s)| w.has_work(s))
+            .count();
         if busy == 1 {
             for (w, share) in workers.iter_mut().zip(&shares) {
-                if !share.is_empty() {
+                if w.has_work(share) {
                     w.materialize(&store, &producer, share, &stop)?;
                 }
             }
@@ -893,7 +924,7 @@ pub fn run_materializer(
                 let handles: Vec<_> = workers
                     .iter_mut()
                     .zip(&shares)
-                    .filter(|(_, share)| !share.is_empty())
+                    .filter(|(w, share)| w.has_work(share))
                     .map(|(w, share)| {
                         let (store, producer, stop) = (&store, &producer, &stop);
                         scope.spawn(move || w.materialize(store, producer, share, stop))
@@ -966,6 +997,8 @@ pub fn run_materializer(
         }
     }
     for w in workers.iter_mut() {
+        // What is held is published before the stage stops.
+        w.release(&store, &producer, true, &stop)?;
         w.flush(&store, &producer, &stop)?;
     }
     let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);

@@ -2,10 +2,15 @@
 //!
 //! A batch loads every user it touches once, folds the records into their
 //! states (`state::apply`), and publishes at most one snapshot per user per
-//! batch (coalescing), only if the visible content changed. A settings
-//! record re-publishes every user of its partition whose context changes.
-//! Records the routing stage re-sent after a crash are skipped by input
-//! offset, so each input record is applied once.
+//! batch (coalescing), only if the visible content changed. A user published
+//! less than `min_interval` ago is held instead: its state is written, and
+//! one snapshot of everything since is published when the interval ends
+//! (`release`); meanwhile the last published snapshot is stored with the
+//! hold (`keys::part_held`), so `GET /context` keeps serving what consumers
+//! have and a restart still publishes the held change. A settings record
+//! re-publishes every user of its partition whose context changes. Records
+//! the routing stage re-sent after a crash are skipped by input offset, so
+//! each input record is applied once.
 
 use super::deadletter::dead_letter;
 use super::{PipelineError, SnapshotFormat, Topics};
@@ -21,6 +26,7 @@ use crate::state::Store;
 use prost::Message;
 use rocksdb::WriteBatch;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
 pub struct MaterializerOptions {
@@ -31,6 +37,8 @@ pub struct MaterializerOptions {
     pub publish: bool,
     /// Memory for decoded states of recently touched users (`UserCache`).
     pub user_cache_bytes: usize,
+    /// Shortest time between two snapshots of one user (0: every batch).
+    pub min_interval: Duration,
 }
 
 pub struct Materializer {
@@ -40,6 +48,22 @@ pub struct Materializer {
     settings: HashMap<u32, Settings>,
     /// Users' states as this stage last wrote them.
     cache: UserCache,
+    /// Users published less than `min_interval` ago: when, and that
+    /// snapshot (protobuf), stored with a hold if one starts.
+    recent: HashMap<(u32, String), (Instant, Vec<u8>)>,
+    last_pruned: Instant,
+    /// Whether `publish` fills `recent`: for snapshots of records and
+    /// releases, not for the settling or re-publishing of a whole partition.
+    remember: bool,
+    /// Users whose next snapshot is held back, written with the state.
+    held: HashMap<(u32, String), Held>,
+}
+
+struct Held {
+    /// When the snapshot is published.
+    due: Instant,
+    /// Its `updated_at` so far (0: taken from the state).
+    at_ns: i64,
 }
 
 /// What a materialized batch produces.
@@ -64,7 +88,31 @@ impl Materializer {
             opts,
             settings: HashMap::new(),
             cache: UserCache::new(opts.user_cache_bytes),
+            recent: HashMap::new(),
+            last_pruned: Instant::now(),
+            remember: false,
+            held: HashMap::new(),
         }
+    }
+
+    /// Users whose snapshot is held back.
+    pub fn held_count(&self) -> usize {
+        self.held.len()
+    }
+
+    /// When the next held snapshot is due, if any.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.held.values().map(|h| h.due).min()
+    }
+
+    /// After a start: the users of partition `p` held when the last run
+    /// stopped are published by the next `release`.
+    pub fn resume_held(&mut self, store: &Store, p: u32) -> Result<(), PipelineError> {
+        let now = Instant::now();
+        for uid in store.held_users(p)? {
+            self.held.insert((p, uid), Held { due: now, at_ns: 0 });
+        }
+        Ok(())
     }
 
     /// Forget cached per-partition data (after a revoke or a rebuild, or
@@ -72,6 +120,8 @@ impl Materializer {
     pub fn forget(&mut self, p: u32) {
         self.settings.remove(&p);
         self.cache.forget_partition(p);
+        self.recent.retain(|(q, _), _| *q != p);
+        self.held.retain(|(q, _), _| *q != p);
     }
 
     /// Forget every cached user (after a failed commit: the cache would be
@@ -79,6 +129,9 @@ impl Materializer {
     pub fn forget_all(&mut self) {
         self.settings.clear();
         self.cache.clear();
+        // Snapshots of the failed batch were not published; holds are kept
+        // (releasing a user whose hold was not written only publishes it).
+        self.recent.clear();
     }
 
     pub fn settings(&mut self, store: &Store, p: u32) -> Result<Settings, PipelineError> {
@@ -229,7 +282,10 @@ impl Materializer {
         let mut published = 0;
         let mut touched: Vec<_> = users.into_iter().collect();
         touched.sort_by(|a, b| a.0.cmp(&b.0));
-        for ((p, _), mut t) in touched {
+        let now = Instant::now();
+        self.prune_recent(now);
+        self.remember = !self.opts.min_interval.is_zero();
+        for ((p, uid), mut t) in touched {
             let changes = t.state.end_batch();
             let new_bodies = changes.new_bodies;
             let state = &mut t.state.state;
@@ -250,12 +306,18 @@ impl Materializer {
                 self.cache.put(p, t.state, len);
                 continue;
             }
-            let settings = self.settings(store, p)?;
-            let at = if t.last_log_ns > 0 {
+            let mut at = if t.last_log_ns > 0 {
                 t.last_log_ns
             } else {
                 state.snapshot_updated_at_ns
             };
+            if self.hold(store, &mut batch, p, &uid, &mut at, now) {
+                let len = store.put_user(&mut batch, p, state);
+                t.state.resume();
+                self.cache.put(p, t.state, len);
+                continue;
+            }
+            let settings = self.settings(store, p)?;
             if self.snapshot_if_changed(
                 store,
                 &mut batch,
@@ -273,10 +335,12 @@ impl Materializer {
             t.state.resume();
             self.cache.put(p, t.state, len);
         }
+        self.remember = false;
         if self.opts.publish {
             for p in settings_changed {
                 self.republish_partition(store, &mut batch, &mut out, &mut published, p, &decoded)?;
             }
+            published += self.release_into(store, &mut batch, &mut out, now, false)?;
         }
         for (p, delta) in &catalogs {
             store.merge_catalog(&mut batch, *p, delta)?;
@@ -295,13 +359,157 @@ impl Materializer {
         })
     }
 
+    /// Publishes the held snapshots that are due (every held one if `all`)
+    /// as a batch of their own: for a stage with no records to process.
+    pub fn release(&mut self, store: &Store, all: bool) -> Result<Materialized, PipelineError> {
+        let mut batch = WriteBatch::default();
+        let mut out = Vec::new();
+        let published = self.release_into(store, &mut batch, &mut out, Instant::now(), all)?;
+        Ok(Materialized {
+            batch,
+            out,
+            published,
+            applied: 0,
+        })
+    }
+
+    /// Whether the snapshot of a user this batch changed is held back: it
+    /// is held already and not due, or it was published less than
+    /// `min_interval` ago (a hold starts, stored with that snapshot). A due
+    /// hold ends here (`at_ns`: the latest of the batches it covered).
+    fn hold(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        p: u32,
+        uid: &str,
+        at_ns: &mut i64,
+        now: Instant,
+    ) -> bool {
+        if self.held.is_empty() && self.recent.is_empty() {
+            return false;
+        }
+        let key = (p, uid.to_string());
+        if let Some(h) = self.held.get_mut(&key) {
+            if now < h.due {
+                h.at_ns = h.at_ns.max(*at_ns);
+                return true;
+            }
+            *at_ns = (*at_ns).max(h.at_ns);
+            self.held.remove(&key);
+            batch.delete_cf(store.cf(CF_PART), keys::part_held(p, uid));
+            return false;
+        }
+        match self.recent.get(&key) {
+            Some((when, snap)) if now.duration_since(*when) < self.opts.min_interval => {
+                batch.put_cf(store.cf(CF_PART), keys::part_held(p, uid), snap);
+                let due = *when + self.opts.min_interval;
+                self.held.insert(key, Held { due, at_ns: *at_ns });
+                metrics::counter!("contextd_snapshots_held_total").increment(1);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets publications older than `min_interval` (at most once per interval).
+    fn prune_recent(&mut self, now: Instant) {
+        if now.duration_since(self.last_pruned) >= self.opts.min_interval {
+            let keep = self.opts.min_interval;
+            self.recent
+                .retain(|_, (when, _)| now.duration_since(*when) < keep);
+            self.last_pruned = now;
+        }
+    }
+
+    /// Ends the due holds (every hold if `all`): one snapshot each, if the
+    /// visible content changed since the last one published.
+    fn release_into(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        out: &mut Vec<OutRecord>,
+        now: Instant,
+        all: bool,
+    ) -> Result<usize, PipelineError> {
+        let mut due: Vec<(u32, String)> = self
+            .held
+            .iter()
+            .filter(|(_, h)| all || h.due <= now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(0);
+        }
+        due.sort_unstable();
+        self.remember = !self.opts.min_interval.is_zero();
+        let result = self.release_users(store, batch, out, due);
+        self.remember = false;
+        result
+    }
+
+    fn release_users(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        out: &mut Vec<OutRecord>,
+        due: Vec<(u32, String)>,
+    ) -> Result<usize, PipelineError> {
+        let mut states: Vec<Option<apply::Working>> = Vec::with_capacity(due.len());
+        let mut misses = Vec::new();
+        for (i, (p, uid)) in due.iter().enumerate() {
+            let cached = self.cache.take(*p, uid);
+            if cached.is_none() {
+                misses.push(i);
+            }
+            states.push(cached);
+        }
+        let ids: Vec<(u32, &str)> = misses
+            .iter()
+            .map(|i| (due[*i].0, due[*i].1.as_str()))
+            .collect();
+        for (i, st) in misses.iter().zip(store.get_users(&ids)?) {
+            states[*i] = st.map(apply::Working::new);
+        }
+        let mut published = 0;
+        for ((p, uid), w) in due.into_iter().zip(states) {
+            let h = self.held.remove(&(p, uid.clone())).expect("due");
+            batch.delete_cf(store.cf(CF_PART), keys::part_held(p, &uid));
+            let Some(mut w) = w else { continue };
+            w.end_batch();
+            let settings = self.settings(store, p)?;
+            let at = if h.at_ns > 0 {
+                h.at_ns
+            } else {
+                latest_change_ns(&w.state)
+            };
+            if self.snapshot_if_changed(
+                store,
+                batch,
+                out,
+                p,
+                &settings,
+                &mut w.state,
+                at,
+                None,
+                &mut w.shown_events,
+            ) {
+                published += 1;
+            }
+            let len = store.put_user(batch, p, &mut w.state);
+            w.resume();
+            self.cache.put(p, w, len);
+        }
+        Ok(published)
+    }
+
     /// Publishes a new snapshot of `state` if its visible context changed
     /// since the last one; true if it did. `pending`: properties of events
     /// not in the store yet (this batch's); `shown`: the last snapshot's
     /// encoded events, replaced by this one's.
     #[allow(clippy::too_many_arguments)]
     pub fn snapshot_if_changed(
-        &self,
+        &mut self,
         store: &Store,
         batch: &mut WriteBatch,
         out: &mut Vec<OutRecord>,
@@ -334,7 +542,7 @@ impl Materializer {
     /// The snapshot itself is not stored twice: `Store::context` rebuilds it
     /// from the state.
     pub fn publish(
-        &self,
+        &mut self,
         store: &Store,
         batch: &mut WriteBatch,
         out: &mut Vec<OutRecord>,
@@ -353,6 +561,17 @@ impl Materializer {
                 content_hash: state.snapshot_hash.clone(),
             },
         );
+        if self.remember {
+            // What a hold starting within the interval stores (and serves).
+            self.recent.insert(
+                (p, state.user_id.clone()),
+                (Instant::now(), encoded.clone()),
+            );
+        } else if !self.recent.is_empty() {
+            // Not kept (a whole partition is published): an older one must
+            // not be taken for the last snapshot.
+            self.recent.remove(&(p, state.user_id.clone()));
+        }
         let value = match self.opts.format {
             SnapshotFormat::Protobuf => encoded,
             SnapshotFormat::Json => {
@@ -428,6 +647,10 @@ impl Materializer {
                 if in_batch.contains(st.user_id.as_str()) {
                     continue;
                 }
+                // A held snapshot is published now, with the new settings.
+                if self.held.remove(&(p, st.user_id.clone())).is_some() {
+                    batch.delete_cf(store.cf(CF_PART), keys::part_held(p, &st.user_id));
+                }
                 if self.snapshot_if_changed(
                     store,
                     batch,
@@ -446,4 +669,17 @@ impl Materializer {
         }
         Ok(())
     }
+}
+
+/// The latest change a state records (its events' and profiles' receipt,
+/// or its last snapshot): the `updated_at` of a snapshot published without
+/// the batch that caused it at hand.
+pub fn latest_change_ns(st: &crate::model::UserState) -> i64 {
+    st.timeline
+        .iter()
+        .map(|e| e.received_at_ns)
+        .chain(st.profiles.iter().map(|x| x.updated_at_ns))
+        .max()
+        .unwrap_or(0)
+        .max(st.snapshot_updated_at_ns)
 }

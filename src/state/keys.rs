@@ -120,6 +120,22 @@ pub fn part_offset(p: u32) -> Vec<u8> {
     k
 }
 
+/// part: a user whose next snapshot is held back (`snapshot.min_interval_ms`);
+/// the value is the last snapshot published for it (protobuf), which
+/// `GET /context` serves until the held one is published.
+pub fn part_held(p: u32, user_id: &str) -> Vec<u8> {
+    let mut k = part_held_prefix(p);
+    k.extend_from_slice(user_id.as_bytes());
+    k
+}
+
+/// part: the prefix of partition `p`'s held users.
+pub fn part_held_prefix(p: u32) -> Vec<u8> {
+    let mut k = p.to_be_bytes().to_vec();
+    k.push(b'h');
+    k
+}
+
 /// part: the visibility settings in effect for the partition.
 pub fn part_settings(p: u32) -> Vec<u8> {
     let mut k = p.to_be_bytes().to_vec();

@@ -326,6 +326,10 @@ impl Store {
         max_events: usize,
     ) -> Result<Option<ContextSnapshotBytes>, StoreError> {
         let view = self.db.snapshot();
+        // A held snapshot: the last one published is what consumers have.
+        if let Some(held) = view.get_cf(self.cf(CF_PART), keys::part_held(p, user_id))? {
+            return Ok(Some(decode(&held, "held snapshot")?));
+        }
         let Some(raw) = view.get_cf(self.cf(CF_USERS), keys::user(p, user_id))? else {
             return Ok(None);
         };
@@ -411,6 +415,23 @@ impl Store {
             .into_iter()
             .map(|((s, t), e)| (TypeRef::new(s, t), e))
             .collect())
+    }
+
+    /// Users of partition `p` whose next snapshot is held back (`keys::part_held`).
+    pub fn held_users(&self, p: u32) -> Result<Vec<String>, StoreError> {
+        let prefix = keys::part_held_prefix(p);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_PART),
+            IteratorMode::From(&prefix, Direction::Forward),
+        ) {
+            let (k, _) = item?;
+            let Some(uid) = k.strip_prefix(&prefix[..]) else {
+                break;
+            };
+            out.push(String::from_utf8_lossy(uid).into_owned());
+        }
+        Ok(out)
     }
 
     /// Iterates the users of partition `p` from `after` (exclusive), up to `limit`.
