@@ -55,7 +55,8 @@ pub struct SnapshotConfig {
     pub max_events: usize,
     /// Shortest time between two snapshots of one user, in milliseconds:
     /// changes within it are held and published as one snapshot when it
-    /// ends (a user quiet for longer is published at once); 0 = every batch.
+    /// ends (a user quiet for longer is published at once); 0 (default) =
+    /// a snapshot every batch that changes the context.
     pub min_interval_ms: u64,
 }
 
@@ -69,8 +70,9 @@ pub struct TimelineConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct PipelineConfig {
-    /// Most records a stage reads per partition per batch. Bigger batches
-    /// coalesce more snapshots (one per user per batch) at some latency.
+    /// Most records a stage reads per partition per batch (a routing batch
+    /// reads about 4x this in all, a materializing thread's 2x). Bigger
+    /// batches coalesce more snapshots (one per user per batch) at some latency.
     pub batch_records: usize,
     /// Idle poll interval in milliseconds (appends wake the stages at once).
     pub idle_wait_ms: u64,
@@ -141,7 +143,7 @@ impl Default for SnapshotConfig {
     fn default() -> Self {
         SnapshotConfig {
             max_events: 50,
-            min_interval_ms: 250,
+            min_interval_ms: 0,
         }
     }
 }

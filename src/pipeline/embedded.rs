@@ -139,17 +139,79 @@ impl Stages {
     }
 }
 
-/// Reads up to `max` records from each partition of `parts` at `positions`.
+/// A stage's batch reads at most this many times `pipeline.batch_records`
+/// in all (routing: over every input partition; a materializing thread:
+/// over its partitions), so a backlog on many partitions does not make one
+/// batch (and its memory) many times bigger than the setting.
+const ROUTE_BUDGET: usize = 4;
+const MATERIALIZE_BUDGET: usize = 2;
+/// The smallest share of a budget a partition with a backlog reads.
+const MIN_READ: usize = 256;
+
+/// How many records to read from each partition (`backlogs`: committed
+/// records not read yet) for a batch of about `budget` records: shares in
+/// proportion to the backlogs, at least `MIN_READ` and at most `max` each.
+/// A partition whose backlog fits its share gets one more than it holds, so
+/// a short read tells that it reached the end.
+fn quotas(backlogs: &[i64], budget: usize, max: usize) -> Vec<usize> {
+    let total: i64 = backlogs.iter().map(|b| (*b).max(0)).sum();
+    backlogs
+        .iter()
+        .map(|b| {
+            let b = (*b).max(0) as usize;
+            let share = if total as usize <= budget {
+                b
+            } else {
+                (budget as u128 * b as u128 / total as u128) as usize
+            };
+            let q = share.max(MIN_READ).min(max.max(1));
+            if b <= q {
+                b + 1
+            } else {
+                q
+            }
+        })
+        .collect()
+}
+
+/// Committed records of each of `parts` not read yet from `positions`.
+fn backlogs(
+    log: &EmbeddedLog,
+    parts: &[(String, i32)],
+    positions: &HashMap<(String, i32), i64>,
+) -> Vec<i64> {
+    let mut ends: HashMap<&str, Vec<i64>> = HashMap::new();
+    parts
+        .iter()
+        .map(|key| {
+            let end = ends
+                .entry(key.0.as_str())
+                .or_insert_with(|| log.end_offsets(&key.0))
+                .get(key.1 as usize)
+                .copied()
+                .unwrap_or(0);
+            end - positions.get(key).copied().unwrap_or(0)
+        })
+        .collect()
+}
+
+/// Reads a batch from the partitions `parts` at `positions`: at most `max`
+/// records from each, about `MATERIALIZE_BUDGET * max` in all.
 fn read_all(
     log: &EmbeddedLog,
     parts: &[(String, i32)],
     positions: &HashMap<(String, i32), i64>,
     max: usize,
 ) -> Result<Vec<LogRecord>, PipelineError> {
+    let quota = quotas(
+        &backlogs(log, parts, positions),
+        MATERIALIZE_BUDGET * max,
+        max,
+    );
     let mut out = Vec::new();
-    for key in parts {
+    for (key, q) in parts.iter().zip(quota) {
         let from = positions.get(key).copied().unwrap_or(0);
-        out.extend(log.read(&key.0, key.1, from, max)?);
+        out.extend(log.read(&key.0, key.1, from, q)?);
     }
     Ok(out)
 }
@@ -223,7 +285,8 @@ impl RouterStep {
         })
     }
 
-    /// Routes and commits one batch of at most `max` records per partition; returns how many.
+    /// Routes and commits one batch of at most `max` records per partition
+    /// (about `ROUTE_BUDGET * max` in all); returns how many.
     pub fn step(&mut self, log: &EmbeddedLog, max: usize) -> Result<usize, PipelineError> {
         let store = log.store();
         let input = self.read_merged(log, max)?;
@@ -256,14 +319,18 @@ impl RouterStep {
     /// buffer runs out before its end. The order then depends only on the logs'
     /// contents, not on `max` (so any batching routes the same way).
     fn read_merged(&self, log: &EmbeddedLog, max: usize) -> Result<Vec<LogRecord>, PipelineError> {
+        let parts = all_parts(&self.topics);
+        let quota = quotas(
+            &backlogs(log, &parts, &self.positions),
+            ROUTE_BUDGET * max,
+            max,
+        );
         let mut streams: Vec<(std::collections::VecDeque<LogRecord>, bool)> = Vec::new();
-        for (t, n) in &self.topics {
-            for p in 0..*n as i32 {
-                let from = self.positions.get(&(t.clone(), p)).copied().unwrap_or(0);
-                let recs = log.read(t, p, from, max)?;
-                let at_end = recs.len() < max;
-                streams.push((recs.into(), at_end));
-            }
+        for ((t, p), q) in parts.iter().zip(quota) {
+            let from = self.positions.get(&(t.clone(), *p)).copied().unwrap_or(0);
+            let recs = log.read(t, *p, from, q)?;
+            let at_end = recs.len() < q;
+            streams.push((recs.into(), at_end));
         }
         let mut out = Vec::new();
         loop {
@@ -492,4 +559,22 @@ pub fn lag(log: &EmbeddedLog, topics: &super::Topics) -> Result<(i64, i64), Pipe
                 .unwrap_or(0);
     }
     Ok((route, mat))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quotas_share_a_budget_by_backlog() {
+        // Everything fits: each reads its backlog (plus one, to see its end).
+        assert_eq!(quotas(&[10, 0, 300], 4096, 4096), [11, 1, 301]);
+        // A big backlog on many partitions: about the budget in all.
+        let q = quotas(&[100_000; 24], 16_384, 4096);
+        assert!(q.iter().all(|x| *x == 682), "{q:?}");
+        // Shares follow the backlogs, with a floor and a ceiling.
+        assert_eq!(quotas(&[1_000_000, 1_000, 10], 8192, 4096), [4096, 256, 11]);
+        // An end offset behind the position reads nothing (one, to see it).
+        assert_eq!(quotas(&[-5], 100, 100), [1]);
+    }
 }
