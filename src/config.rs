@@ -288,6 +288,16 @@ mod tests {
             assert_eq!(c.group_id, "contextd");
             jail.set_env("CONTEXTD_PARTITIONS", "0");
             assert!(Config::load(None, &Overrides::default()).is_err());
+            jail.set_env("CONTEXTD_PARTITIONS", "5");
+            jail.set_env("CONTEXTD_SNAPSHOT__MIN_INTERVAL_MS", "250");
+            let c = Config::load(None, &Overrides::default()).unwrap();
+            assert_eq!(c.snapshot.min_interval_ms, 250);
+            jail.set_env("CONTEXTD_SNAPSHOT__MIN_INTERVAL_MS", "3600001");
+            let err = Config::load(None, &Overrides::default()).unwrap_err();
+            assert!(
+                err.to_string().contains("snapshot.min_interval_ms"),
+                "{err}"
+            );
             Ok(())
         });
     }

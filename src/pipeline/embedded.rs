@@ -151,8 +151,8 @@ const MIN_READ: usize = 256;
 /// How many records to read from each partition (`backlogs`: committed
 /// records not read yet) for a batch of about `budget` records: shares in
 /// proportion to the backlogs, at least `MIN_READ` and at most `max` each.
-/// A partition whose backlog fits its share gets one more than it holds, so
-/// a short read tells that it reached the end.
+/// A partition whose backlog fits its share gets one more than it holds
+/// (within `max`), so a short read tells that it reached the end.
 fn quotas(backlogs: &[i64], budget: usize, max: usize) -> Vec<usize> {
     let total: i64 = backlogs.iter().map(|b| (*b).max(0)).sum();
     backlogs
@@ -164,8 +164,9 @@ fn quotas(backlogs: &[i64], budget: usize, max: usize) -> Vec<usize> {
             } else {
                 (budget as u128 * b as u128 / total as u128) as usize
             };
-            let q = share.max(MIN_READ).min(max.max(1));
-            if b <= q {
+            let max = max.max(1);
+            let q = share.max(MIN_READ).min(max);
+            if b <= q && b < max {
                 b + 1
             } else {
                 q
@@ -576,5 +577,7 @@ mod tests {
         assert_eq!(quotas(&[1_000_000, 1_000, 10], 8192, 4096), [4096, 256, 11]);
         // An end offset behind the position reads nothing (one, to see it).
         assert_eq!(quotas(&[-5], 100, 100), [1]);
+        // Never more than `max` from one partition.
+        assert_eq!(quotas(&[4096, 4095], 100_000, 4096), [4096, 4096]);
     }
 }

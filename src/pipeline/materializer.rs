@@ -95,11 +95,6 @@ impl Materializer {
         }
     }
 
-    /// Users whose snapshot is held back.
-    pub fn held_count(&self) -> usize {
-        self.held.len()
-    }
-
     /// When the next held snapshot is due, if any.
     pub fn next_due(&self) -> Option<Instant> {
         self.held.values().map(|h| h.due).min()
