@@ -757,8 +757,15 @@ def scenario_contextd_kafka(args, wl, logdir, work, rep):
     def fn(broker):
         data = os.path.join(work, f"kafka-{rep}")
         addr = f"127.0.0.1:{free_port()}"
+        # The same fetch wait as the pass-through and the peer: tansu answers
+        # every fetch after fetch.wait.max.ms, whatever it holds (contextd's
+        # default, 50 ms, is for real brokers, which answer as data arrives).
+        cfg = os.path.join(work, "contextd-tansu.toml")
+        with open(cfg, "w") as f:
+            f.write('[kafka.consumer]\n"fetch.wait.max.ms" = "10"\n')
         proc = start_contextd(args, f"contextd-kafka-{rep}", data, addr, logdir,
-                              extra=["--brokers", broker.addr, "--group-id", f"contextd-{int(time.time())}"])
+                              extra=["--config", cfg, "--brokers", broker.addr,
+                                     "--group-id", f"contextd-{int(time.time())}"])
         res = {"scenario": "contextd Kafka mode", "records": wl["records"]}
         try:
             http = Http(addr)
