@@ -179,35 +179,17 @@ impl Materializer {
             .collect();
         wanted.sort_unstable();
         wanted.dedup();
+        let loaded = self.load(store, &wanted)?;
         let mut users: HashMap<(u32, String), Touched> = HashMap::with_capacity(wanted.len());
-        let mut misses = Vec::new();
-        for (p, uid) in &wanted {
-            match self.cache.take(*p, uid) {
-                Some(state) => {
-                    users.insert(
-                        (*p, uid.to_string()),
-                        Touched {
-                            state,
-                            last_log_ns: 0,
-                        },
-                    );
-                }
-                None => misses.push((*p, *uid)),
-            }
-        }
-        let loaded = store.get_users(&misses)?;
-        for ((p, uid), st) in misses.iter().zip(loaded) {
+        for ((p, uid), state) in wanted.iter().zip(loaded) {
             users.insert(
                 (*p, uid.to_string()),
                 Touched {
-                    state: apply::Working::new(st.unwrap_or_else(|| apply::new_user(uid))),
+                    state: state.unwrap_or_else(|| apply::Working::new(apply::new_user(uid))),
                     last_log_ns: 0,
                 },
             );
         }
-        metrics::counter!("contextd_user_cache_hits_total")
-            .increment((wanted.len() - misses.len()) as u64);
-        metrics::counter!("contextd_user_cache_misses_total").increment(misses.len() as u64);
         let mut catalogs: BTreeMap<u32, CatalogDelta> = BTreeMap::new();
         let mut settings_changed: HashSet<u32> = HashSet::new();
         let mut links_seen: HashSet<String> = HashSet::new();
@@ -354,6 +336,32 @@ impl Materializer {
         })
     }
 
+    /// The states of the users `wanted`: from the cache, the others in one
+    /// multi-get (None: not in the store).
+    fn load(
+        &mut self,
+        store: &Store,
+        wanted: &[(u32, &str)],
+    ) -> Result<Vec<Option<apply::Working>>, PipelineError> {
+        let mut states = Vec::with_capacity(wanted.len());
+        let mut misses = Vec::new();
+        for (i, (p, uid)) in wanted.iter().enumerate() {
+            let cached = self.cache.take(*p, uid);
+            if cached.is_none() {
+                misses.push(i);
+            }
+            states.push(cached);
+        }
+        let ids: Vec<(u32, &str)> = misses.iter().map(|i| wanted[*i]).collect();
+        for (i, st) in misses.iter().zip(store.get_users(&ids)?) {
+            states[*i] = st.map(apply::Working::new);
+        }
+        metrics::counter!("contextd_user_cache_hits_total")
+            .increment((wanted.len() - misses.len()) as u64);
+        metrics::counter!("contextd_user_cache_misses_total").increment(misses.len() as u64);
+        Ok(states)
+    }
+
     /// Publishes the held snapshots that are due (every held one if `all`)
     /// as a batch of their own: for a stage with no records to process.
     pub fn release(&mut self, store: &Store, all: bool) -> Result<Materialized, PipelineError> {
@@ -450,22 +458,8 @@ impl Materializer {
         out: &mut Vec<OutRecord>,
         due: Vec<(u32, String)>,
     ) -> Result<usize, PipelineError> {
-        let mut states: Vec<Option<apply::Working>> = Vec::with_capacity(due.len());
-        let mut misses = Vec::new();
-        for (i, (p, uid)) in due.iter().enumerate() {
-            let cached = self.cache.take(*p, uid);
-            if cached.is_none() {
-                misses.push(i);
-            }
-            states.push(cached);
-        }
-        let ids: Vec<(u32, &str)> = misses
-            .iter()
-            .map(|i| (due[*i].0, due[*i].1.as_str()))
-            .collect();
-        for (i, st) in misses.iter().zip(store.get_users(&ids)?) {
-            states[*i] = st.map(apply::Working::new);
-        }
+        let ids: Vec<(u32, &str)> = due.iter().map(|(p, u)| (*p, u.as_str())).collect();
+        let states = self.load(store, &ids)?;
         let mut published = 0;
         for ((p, uid), w) in due.into_iter().zip(states) {
             let h = self.held.remove(&(p, uid.clone())).expect("due");
