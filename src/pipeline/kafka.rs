@@ -833,8 +833,7 @@ pub fn run_materializer(
     let mut workers: Vec<Worker> = (0..threads)
         .map(|_| {
             let share = |publish| {
-                let mut o = crate::app::materializer_options(&c, publish);
-                o.user_cache_bytes /= threads;
+                let o = crate::app::materializer_share(&c, publish, threads);
                 Materializer::new(c.topics.clone(), o)
             };
             Worker::new(share(true), share(false))
@@ -947,10 +946,17 @@ pub fn run_materializer(
                 r?;
             }
         }
-        for share in &shares {
-            for r in share.restoring.iter().chain(&share.live) {
-                let _ = consumer.store_offset(&r.topic, r.partition, r.offset + 1);
-            }
+        // One stored offset per partition: after the last record processed.
+        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
+        for r in shares
+            .iter()
+            .flat_map(|s| s.restoring.iter().chain(&s.live))
+        {
+            let e = next.entry(r.partition).or_insert(0);
+            *e = (*e).max(r.offset + 1);
+        }
+        for (p, offset) in next {
+            let _ = consumer.store_offset(&topic, p, offset);
         }
         // Partitions whose restore reached the end seen at assignment go live.
         let due: Vec<i32> = parts
