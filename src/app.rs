@@ -101,6 +101,14 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
     }
 }
 
+/// Options of one of `shares` materializers that run side by side
+/// (threads, workers, replay workers): they share the user-cache budget.
+pub fn materializer_share(c: &Config, publish: bool, shares: usize) -> MaterializerOptions {
+    let mut o = materializer_options(c, publish);
+    o.user_cache_bytes /= shares.max(1);
+    o
+}
+
 /// Threads of the materializing stage (`pipeline.materializer_threads`;
 /// 0: one per core), at most one per partition (and 64).
 pub fn materializer_threads(c: &Config) -> u32 {
@@ -184,9 +192,7 @@ impl EmbeddedRuntime {
             let parts: Vec<u32> = (0..config.partitions)
                 .filter(|p| p % threads == i)
                 .collect();
-            // The user cache's budget is shared by the threads.
-            let mut mopts = materializer_options(&config, true);
-            mopts.user_cache_bytes /= threads as usize;
+            let mopts = materializer_share(&config, true, threads as usize);
             let mat = Materializer::new(config.topics.clone(), mopts);
             let (log, ready, stop) = (log.clone(), ready.clone(), stop.clone());
             let name = if threads == 1 {

@@ -81,11 +81,7 @@ fn replay_options(
     config: &Config,
     workers: usize,
 ) -> crate::pipeline::materializer::MaterializerOptions {
-    let mut o = app::materializer_options(config, false);
-    o.user_cache_bytes /= workers.max(1);
-    // The settling after a replay publishes each changed user once.
-    o.min_interval = Duration::ZERO;
-    o
+    app::materializer_share(config, false, workers)
 }
 
 /// Runs `work` on up to one thread per core, each over its share of the

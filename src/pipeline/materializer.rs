@@ -261,7 +261,7 @@ impl Materializer {
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         let now = Instant::now();
         self.prune_recent(now);
-        self.remember = !self.opts.min_interval.is_zero();
+        self.remember = self.opts.publish && !self.opts.min_interval.is_zero();
         for ((p, uid), mut t) in touched {
             let changes = t.state.end_batch();
             let new_bodies = changes.new_bodies;
