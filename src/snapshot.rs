@@ -214,11 +214,54 @@ pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -
     parts_hash(&state.user_id, &events, &profiles)
 }
 
-/// The wire form of snapshot events shown last time, kept between
-/// snapshots (event id -> encoded `SnapshotEvent`): an event is encoded once
-/// and its bytes are copied into every snapshot that shows it. An id's
-/// content never changes while the id is held.
-pub type EncodedEvents = std::collections::HashMap<String, Vec<u8>>;
+/// The wire form of the events the last snapshot showed, kept between
+/// snapshots in its order (newest first): an event is encoded once and its
+/// bytes are copied into every snapshot that shows it. An id's content
+/// never changes while the id is held (dropping an id removes its entry).
+#[derive(Debug, Default, Clone)]
+pub struct EncodedEvents {
+    events: Vec<ShownEvent>,
+}
+
+#[derive(Debug, Clone)]
+struct ShownEvent {
+    created_at_ns: i64,
+    id: String,
+    /// The encoded `SnapshotEvent`.
+    bytes: Vec<u8>,
+}
+
+impl ShownEvent {
+    /// Snapshot order (newest first), as `timeline` reversed.
+    fn order(&self) -> (i64, &str) {
+        (self.created_at_ns, self.id.as_str())
+    }
+}
+
+impl EncodedEvents {
+    pub fn new() -> EncodedEvents {
+        EncodedEvents::default()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+
+    /// Bytes of the encoded events.
+    pub fn encoded_len(&self) -> usize {
+        self.events.iter().map(|e| e.bytes.len()).sum()
+    }
+
+    /// Forgets the event `id` (dropped from the timeline).
+    pub fn remove(&mut self, created_at_ns: i64, id: &str) {
+        self.events
+            .retain(|e| e.created_at_ns != created_at_ns || e.id != id);
+    }
+}
 
 /// One snapshot event encoded as `snap_event(e, properties).encode_to_vec()`
 /// would, without copying its strings first.
@@ -306,36 +349,46 @@ pub fn next_snapshot(
     if hash == state.snapshot_hash {
         return None;
     }
-    let missing: Vec<&StoredEvent> = events
-        .iter()
-        .copied()
-        .filter(|e| e.properties.is_empty() && !shown.contains_key(&e.id))
-        .collect();
+    // Both lists are newest first: one merge finds the events shown last
+    // time (their entries move over as they are); the others are encoded,
+    // with the properties not inline fetched in one call.
+    let mut last = std::mem::take(&mut shown.events).into_iter().peekable();
+    let mut kept: Vec<Option<ShownEvent>> = Vec::with_capacity(events.len());
+    let mut missing: Vec<&StoredEvent> = Vec::new();
+    for e in &events {
+        let want = (e.created_at_ns, e.id.as_str());
+        while last.next_if(|l| l.order() > want).is_some() {}
+        let found = last.next_if(|l| l.order() == want);
+        if found.is_none() && e.properties.is_empty() {
+            missing.push(e);
+        }
+        kept.push(found);
+    }
+    drop(last);
     let mut fetched = bodies.properties_many(&missing).into_iter();
-    let encoded: Vec<(&str, Vec<u8>)> = events
+    shown.events = events
         .iter()
-        .map(|e| {
-            let bytes = match shown.remove(&e.id) {
-                Some(b) => b,
-                None if e.properties.is_empty() => {
+        .zip(kept)
+        .map(|(e, kept)| match kept {
+            Some(k) => k,
+            None => ShownEvent {
+                created_at_ns: e.created_at_ns,
+                id: e.id.clone(),
+                bytes: if e.properties.is_empty() {
                     encode_event(e, &fetched.next().unwrap_or_default())
-                }
-                None => encode_event(e, &e.properties),
-            };
-            (e.id.as_str(), bytes)
+                } else {
+                    encode_event(e, &e.properties)
+                },
+            },
         })
         .collect();
     let version = state.snapshot_version + 1;
-    let parts: Vec<&[u8]> = encoded.iter().map(|(_, b)| b.as_slice()).collect();
+    let parts: Vec<&[u8]> = shown.events.iter().map(|e| e.bytes.as_slice()).collect();
     let snap = encode_snapshot(&state.user_id, version, at_ns, &profiles, &parts);
     debug_assert_eq!(
         content_hash(&ContextSnapshot::decode(&snap[..]).expect("own encoding")),
         hash
     );
-    *shown = encoded
-        .into_iter()
-        .map(|(id, b)| (id.to_string(), b))
-        .collect();
     state.snapshot_hash = hash;
     state.snapshot_version = version;
     state.snapshot_updated_at_ns = at_ns;
@@ -576,5 +629,40 @@ mod tests {
             assert_eq!(got, want.encode_to_vec(), "round {round}");
             assert_eq!(shown.len(), want.events.len());
         }
+    }
+
+    #[test]
+    fn kept_events_follow_a_timeline_that_moves() {
+        // New events in front, old ones trimmed, one inserted in the middle
+        // (an older created_at), one id dropped and sent again with other
+        // content: every snapshot is the bytes `build` encodes.
+        let mut s = state();
+        let on = settings(true, true, true);
+        let mut shown = EncodedEvents::new();
+        let check = |s: &mut UserState, shown: &mut EncodedEvents, max: usize, round: u64| {
+            let got = next_snapshot(s, &on, max, round as i64, shown, &()).expect("changed");
+            let mut want = build(s, &on, max, &());
+            want.version = s.snapshot_version;
+            want.updated_at = Some(time::to_timestamp(round as i64));
+            assert_eq!(got, want.encode_to_vec(), "round {round}");
+            assert_eq!(shown.len(), want.events.len());
+        };
+        check(&mut s, &mut shown, 3, 1);
+        s.timeline.push(event("f", "shop", "order", 5));
+        s.timeline.push(event("g", "zendesk", "article_viewed", 6));
+        check(&mut s, &mut shown, 3, 2);
+        s.timeline.insert(4, event("h", "shop", "order", 3));
+        s.timeline.remove(0);
+        check(&mut s, &mut shown, 4, 3);
+        // "g" is dropped (its entry with it) and comes back changed.
+        let g = s.timeline.pop().expect("g");
+        shown.remove(g.created_at_ns, &g.id);
+        let mut g2 = event("g", "zendesk", "article_viewed", 6);
+        g2.description = "changed".into();
+        s.timeline.push(g2);
+        s.snapshot_hash.clear();
+        check(&mut s, &mut shown, 4, 4);
+        let last = ContextSnapshot::decode(&*build(&s, &on, 4, &()).encode_to_vec()).unwrap();
+        assert_eq!(last.events[0].description, "changed");
     }
 }

@@ -232,6 +232,11 @@ impl EmbeddedLog {
         // the next offset of each partition this commit writes.
         let mut slot: HashMap<(usize, i32), usize> = HashMap::new();
         let mut pending: Vec<(usize, i32, Vec<u8>, i64)> = Vec::new();
+        // Each record's slot, and each slot's framed size, first: every
+        // buffer is allocated once, at its size (growing them copied
+        // megabytes per batch).
+        let mut slots = Vec::with_capacity(records.len());
+        let mut sizes: Vec<usize> = Vec::new();
         for r in records {
             let (ti, t) = self.topic(&r.topic)?;
             let n = t.partitions.len() as u32;
@@ -245,11 +250,19 @@ impl EmbeddedLog {
             }
             let i = *slot.entry((ti, p)).or_insert_with(|| {
                 pending.push((ti, p, Vec::new(), tails[ti][p as usize].next));
+                sizes.push(0);
                 pending.len() - 1
             });
-            let (_, _, buf, next) = &mut pending[i];
+            sizes[i] += segment::entry_len(r.key.as_deref(), &r.value);
+            slots.push(i);
+        }
+        for ((_, _, buf, _), size) in pending.iter_mut().zip(&sizes) {
+            buf.reserve_exact(*size);
+        }
+        for (r, i) in records.iter().zip(slots) {
+            let (_, p, buf, next) = &mut pending[i];
             encode_entry(buf, *next, r.timestamp_ms, r.key.as_deref(), &r.value);
-            assigned.push((p, *next));
+            assigned.push((*p, *next));
             *next += 1;
         }
         // Write the files; what was written is cut off again if anything fails.

@@ -28,8 +28,7 @@ const INDEX_EVERY: i64 = 64;
 
 /// Appends one framed entry to `buf`.
 pub fn encode_entry(buf: &mut Vec<u8>, offset: i64, ts_ms: i64, key: Option<&[u8]>, value: &[u8]) {
-    let klen = key.map(|k| k.len()).unwrap_or(0);
-    let body_len = BODY_FIXED + klen + value.len();
+    let body_len = entry_len(key, value) - HEADER;
     let start = buf.len();
     buf.reserve(HEADER + body_len);
     buf.extend_from_slice(&(body_len as u32).to_be_bytes());
@@ -46,6 +45,11 @@ pub fn encode_entry(buf: &mut Vec<u8>, offset: i64, ts_ms: i64, key: Option<&[u8
     buf.extend_from_slice(value);
     let crc = crc32fast::hash(&buf[start + HEADER..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_be_bytes());
+}
+
+/// The framed size of an entry (what `encode_entry` appends).
+pub fn entry_len(key: Option<&[u8]>, value: &[u8]) -> usize {
+    HEADER + BODY_FIXED + key.map(|k| k.len()).unwrap_or(0) + value.len()
 }
 
 /// The file name of the segment starting at `base`.

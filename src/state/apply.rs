@@ -314,7 +314,7 @@ fn apply_event(
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {
             w.ids.remove(&old.id);
-            w.shown_events.remove(&old.id);
+            w.shown_events.remove(old.created_at_ns, &old.id);
             w.timeline_ops
                 .push(TimelineOp::Delete(old.created_at_ns, old.id.clone()));
             if w.new_bodies.remove(&old.id).is_none() && old.properties.is_empty() {

@@ -22,7 +22,7 @@ const ALLOCATIONS_PER_USER: usize = 256;
 /// events are mostly structs: counting their encoded bytes alone took a
 /// budget of 96 MiB for about 190 MiB of memory (1M-user benchmark).
 fn estimate(working: &Working, encoded_len: usize) -> usize {
-    let shown: usize = working.shown_events.values().map(Vec::len).sum();
+    let shown = working.shown_events.encoded_len();
     std::mem::size_of::<((u32, String), Entry)>()
         + ALLOCATIONS_PER_USER
         + working.timeline().len() * std::mem::size_of::<crate::model::StoredEvent>()
