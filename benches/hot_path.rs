@@ -60,7 +60,7 @@ fn bench(c: &mut Criterion) {
             Normalized::Zendesk { event, .. } => Some(Record {
                 log_time_ns: event.created_at_ns,
                 body: Some(record::Body::Event(EventRecord {
-                    event: Some(contextd::state::apply::stored(event)),
+                    event: Some(event.clone()),
                     profile: None,
                 })),
                 ..Default::default()

@@ -2,7 +2,7 @@
 
 use super::fields::{self, invalid, Obj};
 use super::{ErrorCode, Normalized, Rejection};
-use crate::model::{json, Event, ProfileRef};
+use crate::model::{json, ProfileRef, StoredEvent};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -43,7 +43,7 @@ fn build_event(
     source: &str,
     kind: &str,
     log_time_ns: i64,
-) -> Result<Event, Rejection> {
+) -> Result<StoredEvent, Rejection> {
     let description = fields::opt_str(o, "description", &format!("{path}.description"))?
         .unwrap_or("")
         .to_string();
@@ -56,12 +56,12 @@ fn build_event(
         Some(id) => id,
         None => derived_id(source, kind, &description, created_at_ns, properties),
     };
-    Ok(Event {
+    Ok(StoredEvent {
         id,
         source: source.to_string(),
         r#type: kind.to_string(),
         description,
-        properties: Some(json::to_struct(properties)),
+        properties: json::encode_struct(properties),
         created_at_ns,
         received_at_ns: log_time_ns,
     })

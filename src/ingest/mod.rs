@@ -12,7 +12,7 @@ pub use events::{custom_event, zendesk_event};
 pub use profiles::profile_op;
 pub use settings::{settings_from_json, settings_to_json};
 
-use crate::model::{Event, Identifier, ProfileOp, ProfileRef};
+use crate::model::{Identifier, ProfileOp, ProfileRef, StoredEvent};
 
 /// Stable error codes: the DLQ's `error.code` and the HTTP `errors[].code`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -73,14 +73,14 @@ pub enum Normalized {
     /// `identity_created` / `identity_changed` link to the Zendesk user.
     Zendesk {
         user_id: String,
-        event: Event,
+        event: StoredEvent,
         links: Vec<Identifier>,
     },
     /// A custom event and the profile it names.
     Custom {
         user_id: Option<String>,
         profile: ProfileRef,
-        event: Event,
+        event: StoredEvent,
     },
     /// A profile put / patch / delete.
     Profile {

@@ -24,6 +24,108 @@ pub fn to_struct(o: &Map<String, Json>) -> Struct {
     }
 }
 
+/// `to_struct(o).encode_to_vec()`, written straight from the JSON (no
+/// `Struct` maps built, no strings copied twice).
+pub fn encode_struct(o: &Map<String, Json>) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(struct_len(o));
+    put_struct(o, &mut buf);
+    buf
+}
+
+// Wire tags: Struct.fields = 1 (map entries: key = 1, value = 2); Value:
+// null = 1, number = 2, string = 3, bool = 4, struct = 5, list = 6;
+// ListValue.values = 1. A oneof field is written even when it is zero.
+const LEN: u8 = 2;
+const fn tag(field: u8, wire: u8) -> u8 {
+    field << 3 | wire
+}
+
+fn varint_len(n: usize) -> usize {
+    prost::encoding::encoded_len_varint(n as u64)
+}
+
+/// Length-delimited field: tag, length, body.
+fn field_len(body: usize) -> usize {
+    1 + varint_len(body) + body
+}
+
+/// The entries of a JSON object in `Struct` order (keys sorted; a map
+/// keeping insertion order is sorted here).
+fn entries(o: &Map<String, Json>) -> Vec<(&str, &Json)> {
+    let mut v: Vec<(&str, &Json)> = o.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    if !v.is_sorted_by(|a, b| a.0 <= b.0) {
+        v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    }
+    v
+}
+
+fn entry_len(k: &str, v: &Json) -> usize {
+    (if k.is_empty() { 0 } else { field_len(k.len()) }) + field_len(value_len(v))
+}
+
+fn struct_len(o: &Map<String, Json>) -> usize {
+    o.iter().map(|(k, v)| field_len(entry_len(k, v))).sum()
+}
+
+fn list_len(a: &[Json]) -> usize {
+    a.iter().map(|v| field_len(value_len(v))).sum()
+}
+
+/// Length of a `Value` message's body.
+fn value_len(v: &Json) -> usize {
+    match v {
+        Json::Null => 2,
+        Json::Bool(_) => 2,
+        Json::Number(_) => 9,
+        Json::String(s) => field_len(s.len()),
+        Json::Array(a) => field_len(list_len(a)),
+        Json::Object(o) => field_len(struct_len(o)),
+    }
+}
+
+fn put_len(field: u8, len: usize, buf: &mut Vec<u8>) {
+    buf.push(tag(field, LEN));
+    prost::encoding::encode_varint(len as u64, buf);
+}
+
+fn put_struct(o: &Map<String, Json>, buf: &mut Vec<u8>) {
+    for (k, v) in entries(o) {
+        put_len(1, entry_len(k, v), buf);
+        if !k.is_empty() {
+            put_len(1, k.len(), buf);
+            buf.extend_from_slice(k.as_bytes());
+        }
+        put_len(2, value_len(v), buf);
+        put_value(v, buf);
+    }
+}
+
+fn put_value(v: &Json, buf: &mut Vec<u8>) {
+    match v {
+        Json::Null => buf.extend_from_slice(&[tag(1, 0), 0]),
+        Json::Bool(b) => buf.extend_from_slice(&[tag(4, 0), u8::from(*b)]),
+        Json::Number(n) => {
+            buf.push(tag(2, 1));
+            buf.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
+        }
+        Json::String(s) => {
+            put_len(3, s.len(), buf);
+            buf.extend_from_slice(s.as_bytes());
+        }
+        Json::Array(a) => {
+            put_len(6, list_len(a), buf);
+            for v in a {
+                put_len(1, value_len(v), buf);
+                put_value(v, buf);
+            }
+        }
+        Json::Object(o) => {
+            put_len(5, struct_len(o), buf);
+            put_struct(o, buf);
+        }
+    }
+}
+
 pub fn from_value(v: &Value) -> Json {
     match &v.kind {
         None | Some(Kind::NullValue(_)) => Json::Null,
@@ -94,6 +196,38 @@ mod tests {
         let j = json!({"a": 1, "b": [true, null, "x", 1.5], "c": {"d": -3}});
         let s = to_struct(j.as_object().unwrap());
         assert_eq!(Json::Object(from_struct_map(&s)), j);
+    }
+
+    fn json_value() -> impl proptest::strategy::Strategy<Value = Json> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Json::Null),
+            any::<bool>().prop_map(Json::Bool),
+            any::<i64>().prop_map(|n| json!(n)),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(|f| json!(f)),
+            ".{0,20}".prop_map(Json::String),
+            "[a-z]{0,200}".prop_map(Json::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Json::Array),
+                proptest::collection::btree_map(".{0,8}", inner, 0..8)
+                    .prop_map(|m| Json::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn struct_bytes_are_what_prost_encodes(
+            m in proptest::collection::btree_map(".{0,8}", json_value(), 0..12)
+        ) {
+            use prost::Message;
+            let o: Map<String, Json> = m.into_iter().collect();
+            proptest::prop_assert_eq!(encode_struct(&o), to_struct(&o).encode_to_vec());
+        }
     }
 
     #[test]

@@ -11,7 +11,6 @@ use crate::log::{LogRecord, OutRecord};
 use crate::model::{
     record, time, EventRecord, IdentityLink, InputRef, ProfileOpKind, Record, FORMAT_VERSION,
 };
-use crate::state::apply::stored;
 use prost::Message;
 use std::collections::HashMap;
 
@@ -164,14 +163,14 @@ impl Router {
         let (body, keep_input) = match n {
             Normalized::Zendesk { event, .. } => (
                 record::Body::Event(EventRecord {
-                    event: Some(stored(&event)),
+                    event: Some(event),
                     profile: None,
                 }),
                 false,
             ),
             Normalized::Custom { profile, event, .. } => (
                 record::Body::Event(EventRecord {
-                    event: Some(stored(&event)),
+                    event: Some(event),
                     profile: Some(profile),
                 }),
                 false,

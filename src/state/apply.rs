@@ -3,10 +3,9 @@
 
 use crate::ingest::{ErrorCode, Rejection};
 use crate::model::{
-    json, record, CatalogEntry, Event, EventRecord, Identifier, Profile, ProfileOp, ProfileOpKind,
+    json, record, CatalogEntry, EventRecord, Identifier, Profile, ProfileOp, ProfileOpKind,
     ProfileRef, Record, StoredEvent, UserState, FORMAT_VERSION,
 };
-use prost::Message;
 use prost_types::{value::Kind, Struct};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 
@@ -251,23 +250,6 @@ fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut 
 
 fn event_order(e: &StoredEvent) -> (i64, &str) {
     (e.created_at_ns, e.id.as_str())
-}
-
-/// The stored form of an event: properties as encoded Struct bytes.
-pub fn stored(e: &Event) -> StoredEvent {
-    StoredEvent {
-        id: e.id.clone(),
-        source: e.source.clone(),
-        r#type: e.r#type.clone(),
-        description: e.description.clone(),
-        properties: e
-            .properties
-            .as_ref()
-            .map(|p| p.encode_to_vec())
-            .unwrap_or_default(),
-        created_at_ns: e.created_at_ns,
-        received_at_ns: e.received_at_ns,
-    }
 }
 
 fn apply_event(
