@@ -105,10 +105,19 @@ pub struct Working {
 /// A change to a user's timeline.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TimelineOp {
-    /// An event stored (its properties are in `new_bodies`).
-    Put(StoredEvent),
+    /// An event stored (its properties are in `new_bodies`): created_at_ns,
+    /// id, and the event encoded (what its key holds).
+    Put(i64, String, Vec<u8>),
     /// An event dropped: (created_at_ns, id).
     Delete(i64, String),
+}
+
+impl TimelineOp {
+    /// Storing `e` (as it is, properties included if inline).
+    pub fn put(e: &StoredEvent) -> TimelineOp {
+        use prost::Message;
+        TimelineOp::Put(e.created_at_ns, e.id.clone(), e.encode_to_vec())
+    }
 }
 
 impl Working {
@@ -279,19 +288,19 @@ fn apply_event(
         .timeline
         .back()
         .is_none_or(|e| event_order(e) <= event_order(&event));
-    if newest {
-        w.timeline.push_back(event.clone());
-    } else {
-        let pos = w
-            .timeline
-            .partition_point(|e| event_order(e) < event_order(&event));
-        w.timeline.insert(pos, event.clone());
-    }
     w.ids.insert(event.id.clone());
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
-    w.timeline_ops.push(TimelineOp::Put(event));
+    w.timeline_ops.push(TimelineOp::put(&event));
+    if newest {
+        w.timeline.push_back(event);
+    } else {
+        let pos = w
+            .timeline
+            .partition_point(|e| event_order(e) < event_order(&event));
+        w.timeline.insert(pos, event);
+    }
     let max = limits.max_events_per_user.max(1);
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {

@@ -287,11 +287,9 @@ impl Store {
         let cf = self.cf(CF_TIMELINE);
         for op in ops {
             match op {
-                TimelineOp::Put(e) => batch.put_cf(
-                    cf,
-                    keys::timeline_event(p, user_id, e.created_at_ns, &e.id),
-                    e.encode_to_vec(),
-                ),
+                TimelineOp::Put(at, id, encoded) => {
+                    batch.put_cf(cf, keys::timeline_event(p, user_id, *at, id), encoded)
+                }
                 TimelineOp::Delete(at, id) => {
                     batch.delete_cf(cf, keys::timeline_event(p, user_id, *at, id))
                 }
@@ -674,10 +672,10 @@ mod tests {
             3,
             "u",
             &[
-                TimelineOp::Put(event("d", 0)),
+                TimelineOp::put(&event("d", 0)),
                 TimelineOp::Delete(0, "d".into()),
                 TimelineOp::Delete(1, "a".into()),
-                TimelineOp::Put(event("e", 9)),
+                TimelineOp::put(&event("e", 9)),
             ],
         );
         store.write(b).unwrap();
@@ -689,7 +687,7 @@ mod tests {
         other.timeline = vec![event("x", 1)];
         let mut b = WriteBatch::default();
         store.put_user(&mut b, 3, &mut other);
-        store.put_timeline_ops(&mut b, 3, "u2", &[TimelineOp::Put(event("x", 1))]);
+        store.put_timeline_ops(&mut b, 3, "u2", &[TimelineOp::put(&event("x", 1))]);
         store.write(b).unwrap();
         assert_eq!(
             ids(&store.get_user(3, "u").unwrap().unwrap()),
