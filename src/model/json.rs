@@ -49,16 +49,6 @@ fn field_len(body: usize) -> usize {
     1 + varint_len(body) + body
 }
 
-/// The entries of a JSON object in `Struct` order (keys sorted; a map
-/// keeping insertion order is sorted here).
-fn entries(o: &Map<String, Json>) -> Vec<(&str, &Json)> {
-    let mut v: Vec<(&str, &Json)> = o.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    if !v.is_sorted_by(|a, b| a.0 <= b.0) {
-        v.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    }
-    v
-}
-
 fn entry_len(k: &str, v: &Json) -> usize {
     (if k.is_empty() { 0 } else { field_len(k.len()) }) + field_len(value_len(v))
 }
@@ -88,16 +78,30 @@ fn put_len(field: u8, len: usize, buf: &mut Vec<u8>) {
     prost::encoding::encode_varint(len as u64, buf);
 }
 
+/// The entries in `Struct` order: keys sorted, as `serde_json`'s map
+/// keeps them (one built with `preserve_order` is sorted here).
 fn put_struct(o: &Map<String, Json>, buf: &mut Vec<u8>) {
-    for (k, v) in entries(o) {
-        put_len(1, entry_len(k, v), buf);
-        if !k.is_empty() {
-            put_len(1, k.len(), buf);
-            buf.extend_from_slice(k.as_bytes());
+    if o.keys().is_sorted() {
+        for (k, v) in o {
+            put_entry(k, v, buf);
         }
-        put_len(2, value_len(v), buf);
-        put_value(v, buf);
+    } else {
+        let mut sorted: Vec<(&String, &Json)> = o.iter().collect();
+        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in sorted {
+            put_entry(k, v, buf);
+        }
     }
+}
+
+fn put_entry(k: &str, v: &Json, buf: &mut Vec<u8>) {
+    put_len(1, entry_len(k, v), buf);
+    if !k.is_empty() {
+        put_len(1, k.len(), buf);
+        buf.extend_from_slice(k.as_bytes());
+    }
+    put_len(2, value_len(v), buf);
+    put_value(v, buf);
 }
 
 fn put_value(v: &Json, buf: &mut Vec<u8>) {
