@@ -276,41 +276,32 @@ impl Materializer {
             for (id, b) in &new_bodies {
                 batch.put_cf(cf, keys::body(p, &state.user_id, id), b);
             }
-            if !self.opts.publish {
-                // Rebuild: snapshot versions are settled once at the end (replay::settle_snapshots).
-                let len = store.put_user(&mut batch, p, state);
-                t.state.resume();
-                self.cache.put(p, t.state, len);
-                continue;
+            // Without publishing (rebuild), snapshot versions are settled
+            // once at the end (replay::settle_snapshots).
+            if self.opts.publish {
+                let mut at = if t.last_log_ns > 0 {
+                    t.last_log_ns
+                } else {
+                    state.snapshot_updated_at_ns
+                };
+                if !self.hold(store, &mut batch, p, &uid, &mut at, now) {
+                    let settings = self.settings(store, p)?;
+                    if self.snapshot_if_changed(
+                        store,
+                        &mut batch,
+                        &mut out,
+                        p,
+                        &settings,
+                        state,
+                        at,
+                        Some(&new_bodies),
+                        &mut t.state.shown_events,
+                    ) {
+                        published += 1;
+                    }
+                }
             }
-            let mut at = if t.last_log_ns > 0 {
-                t.last_log_ns
-            } else {
-                state.snapshot_updated_at_ns
-            };
-            if self.hold(store, &mut batch, p, &uid, &mut at, now) {
-                let len = store.put_user(&mut batch, p, state);
-                t.state.resume();
-                self.cache.put(p, t.state, len);
-                continue;
-            }
-            let settings = self.settings(store, p)?;
-            if self.snapshot_if_changed(
-                store,
-                &mut batch,
-                &mut out,
-                p,
-                &settings,
-                state,
-                at,
-                Some(&new_bodies),
-                &mut t.state.shown_events,
-            ) {
-                published += 1;
-            }
-            let len = store.put_user(&mut batch, p, &mut t.state.state);
-            t.state.resume();
-            self.cache.put(p, t.state, len);
+            self.write_back(store, &mut batch, p, t.state);
         }
         self.remember = false;
         if self.opts.publish {
@@ -485,11 +476,16 @@ impl Materializer {
             ) {
                 published += 1;
             }
-            let len = store.put_user(batch, p, &mut w.state);
-            w.resume();
-            self.cache.put(p, w, len);
+            self.write_back(store, batch, p, w);
         }
         Ok(published)
+    }
+
+    /// Writes a user's state (without its timeline) and keeps it cached.
+    fn write_back(&mut self, store: &Store, batch: &mut WriteBatch, p: u32, mut w: apply::Working) {
+        let len = store.put_user(batch, p, &mut w.state);
+        w.resume();
+        self.cache.put(p, w, len);
     }
 
     /// Publishes a new snapshot of `state` if its visible context changed
