@@ -194,7 +194,7 @@ impl Materializer {
         let mut settings_changed: HashSet<u32> = HashSet::new();
         let mut links_seen: HashSet<String> = HashSet::new();
         let mut applied = 0;
-        for (p, rec, r) in &decoded {
+        for (p, rec, r) in decoded.iter_mut() {
             let p = *p;
             if let Some(inp) = &r.input {
                 let mk = keys::part_input_mark(p, &inp.topic, inp.partition);

@@ -199,15 +199,17 @@ pub fn new_user(user_id: &str) -> UserState {
     }
 }
 
-/// Applies one user record (event or profile operation) to a user.
+/// Applies one user record (event or profile operation) to a user. What
+/// the state keeps (a stored event, a profile's attributes) is moved out of
+/// the record, not copied; its user, input and links stay.
 pub fn apply(
     state: &mut Working,
-    rec: &Record,
+    rec: &mut Record,
     limits: ApplyLimits,
     catalog: &mut CatalogDelta,
 ) -> Outcome {
     let at = rec.log_time_ns;
-    match &rec.body {
+    match &mut rec.body {
         Some(record::Body::Event(e)) => apply_event(state, e, at, limits, catalog),
         Some(record::Body::ProfileOp(op)) => apply_profile_op(&mut state.state, op, at, catalog),
         Some(record::Body::Settings(_)) | None => Outcome::Applied,
@@ -263,7 +265,7 @@ fn event_order(e: &StoredEvent) -> (i64, &str) {
 
 fn apply_event(
     w: &mut Working,
-    rec: &EventRecord,
+    rec: &mut EventRecord,
     at: i64,
     limits: ApplyLimits,
     catalog: &mut CatalogDelta,
@@ -281,8 +283,10 @@ fn apply_event(
             Outcome::Duplicate
         };
     }
+    let Some(mut event) = rec.event.take() else {
+        return Outcome::Applied;
+    };
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
-    let mut event = event.clone();
     let props = std::mem::take(&mut event.properties);
     let newest = w
         .timeline
@@ -328,7 +332,7 @@ fn not_found(op: &ProfileOp, what: &str) -> Outcome {
 
 fn apply_profile_op(
     state: &mut UserState,
-    op: &ProfileOp,
+    op: &mut ProfileOp,
     at: i64,
     catalog: &mut CatalogDelta,
 ) -> Outcome {
@@ -342,7 +346,7 @@ fn apply_profile_op(
                 r#type: op.r#type.clone(),
                 name: op.name.clone(),
                 identifiers: op.identifiers.clone(),
-                attributes: Some(op.attributes.clone().unwrap_or_default()),
+                attributes: Some(op.attributes.take().unwrap_or_default()),
                 created_at_ns,
                 updated_at_ns: at,
             };
@@ -447,14 +451,17 @@ mod tests {
             max_events_per_user: 3,
         };
         for (id, at) in [("b", 2), ("a", 1), ("d", 4), ("c", 2)] {
-            assert_eq!(apply(&mut s, &ev(id, at), l, &mut c), Outcome::Applied);
+            assert_eq!(apply(&mut s, &mut ev(id, at), l, &mut c), Outcome::Applied);
         }
         assert_eq!(
             ids(&s),
             ["b", "c", "d"],
             "oldest dropped, equal times ordered by id"
         );
-        assert_eq!(apply(&mut s, &ev("c", 9), l, &mut c), Outcome::Duplicate);
+        assert_eq!(
+            apply(&mut s, &mut ev("c", 9), l, &mut c),
+            Outcome::Duplicate
+        );
         assert_eq!(ids(&s), ["b", "c", "d"]);
         let e = c.get(&(TypeKind::Event, "s".into(), "t".into())).unwrap();
         assert_eq!((e.count, e.first_seen_ns, e.last_seen_ns), (4, 1, 4));
@@ -474,7 +481,7 @@ mod tests {
             name: Some("Jane".into()),
             identifiers: vec![Identifier::new("email", "a@x")],
         });
-        apply(&mut s, &r, ApplyLimits::default(), &mut c);
+        apply(&mut s, &mut r, ApplyLimits::default(), &mut c);
         let mut r2 = ev("e2", 2);
         let Some(record::Body::Event(er)) = &mut r2.body else {
             unreachable!()
@@ -485,7 +492,7 @@ mod tests {
             name: Some("Other".into()),
             identifiers: vec![Identifier::new("external_id", "E")],
         });
-        apply(&mut s, &r2, ApplyLimits::default(), &mut c);
+        apply(&mut s, &mut r2, ApplyLimits::default(), &mut c);
         assert_eq!(s.state.profiles.len(), 1);
         assert_eq!(
             s.state.profiles[0].name.as_deref(),
@@ -502,7 +509,7 @@ mod tests {
         let l = ApplyLimits::default();
         let r = apply(
             &mut s,
-            &op(
+            &mut op(
                 ProfileOpKind::Patch,
                 None,
                 json!({}),
@@ -514,7 +521,7 @@ mod tests {
         assert!(matches!(r, Outcome::Rejected(ref e) if e.code == ErrorCode::NotFound));
         apply(
             &mut s,
-            &op(
+            &mut op(
                 ProfileOpKind::Put,
                 Some("Pat"),
                 json!({"a": "1", "b": "2", "addr": {"city": "Oslo", "zip": "0150"}}),
@@ -525,7 +532,7 @@ mod tests {
         );
         apply(
             &mut s,
-            &op(
+            &mut op(
                 ProfileOpKind::Put,
                 Some("Pat"),
                 json!({"a": "10", "addr": {"city": "Oslo", "zip": "0150"}}),
@@ -550,7 +557,7 @@ mod tests {
             unreachable!()
         };
         o.identifiers = vec![Identifier::new("external_id", "X")];
-        apply(&mut s, &p, l, &mut c);
+        apply(&mut s, &mut p, l, &mut c);
         let prof = &s.state.profiles[0];
         assert_eq!(prof.name.as_deref(), Some("Patricia"));
         assert_eq!(
@@ -560,7 +567,7 @@ mod tests {
         assert_eq!(prof.identifiers.len(), 2, "patch only adds identifiers");
         apply(
             &mut s,
-            &op(
+            &mut op(
                 ProfileOpKind::Patch,
                 None,
                 json!({}),
@@ -573,7 +580,7 @@ mod tests {
         assert_eq!(
             apply(
                 &mut s,
-                &op(ProfileOpKind::Delete, None, json!({}), None),
+                &mut op(ProfileOpKind::Delete, None, json!({}), None),
                 l,
                 &mut c
             ),
@@ -582,7 +589,7 @@ mod tests {
         assert!(s.state.profiles.is_empty());
         let r = apply(
             &mut s,
-            &op(ProfileOpKind::Delete, None, json!({}), None),
+            &mut op(ProfileOpKind::Delete, None, json!({}), None),
             l,
             &mut c,
         );
