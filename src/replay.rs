@@ -15,9 +15,11 @@ use crate::pipeline::embedded::RouterStep;
 use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
+use crate::state::apply::Working;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::Store;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -185,7 +187,10 @@ pub fn rebuild_embedded(
     let topic = config.topics.records.clone();
     let total: i64 = log.end_offsets(&topic).iter().sum();
     let pb = bar(total as u64, "replay", progress);
-    // Partitions replay in parallel, each with the live stage's own code.
+    // Partitions replay in parallel, each with the live stage's own code;
+    // then each worker settles its partitions' snapshots, from the users
+    // its replay left in its cache where it can.
+    let republished = AtomicU64::new(0);
     let replayed = on_partition_workers(config.partitions, |parts, workers| {
         let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
         let mut replayed = 0u64;
@@ -202,10 +207,11 @@ pub fn rebuild_embedded(
                 Ok(())
             },
         )?;
+        republished.fetch_add(settle_snapshots(&log, &mut mat, parts)?, Ordering::Relaxed);
         Ok(replayed)
     })?;
     pb.finish();
-    let republished = settle_snapshots(config, &log)?;
+    let republished = republished.into_inner();
     store.flush()?;
     Ok(RebuildReport {
         routed,
@@ -239,7 +245,10 @@ impl Published {
 /// every user of partition `p` continues from the last snapshot published
 /// (`published`), and a snapshot is published only where the visible
 /// content differs from it (or its content is unknown). `commit` makes each
-/// page of users durable with the snapshots it publishes.
+/// page of users durable with the snapshots it publishes. Users `mat` has
+/// cached are taken from its cache (a replay leaves most of them there), so
+/// its cache must agree with the store: `Materializer::forget` the
+/// partition first if its users were written by another path.
 pub fn settle_partition(
     store: &Store,
     mat: &mut Materializer,
@@ -250,8 +259,6 @@ pub fn settle_partition(
         Vec<crate::log::OutRecord>,
     ) -> Result<(), PipelineError>,
 ) -> Result<usize, PipelineError> {
-    // Users of `p` are written below from the store's pages.
-    mat.forget(p);
     let settings = mat.settings(store, p)?;
     let mut count = 0;
     let mut after: Option<String> = None;
@@ -260,11 +267,17 @@ pub fn settle_partition(
     let mut batch = rocksdb::WriteBatch::default();
     store.delete_prefix(&mut batch, CF_PART, &keys::part_held_prefix(p));
     loop {
-        let page = store.users_page(p, after.as_deref(), 1024)?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.user_id.clone());
+        let page = store.user_values_page(p, after.as_deref(), 1024)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
         let mut out = Vec::new();
-        for mut st in page {
+        for (uid, value) in page {
+            let mut w = match mat.take_cached(p, &uid) {
+                Some(w) => w,
+                None => Working::new(store.user_value(p, &value)?),
+            };
+            w.end_batch();
+            let st = &mut w.state;
             if let Some(last) = published(&st.user_id)? {
                 if last.version > st.snapshot_version
                     || (last.version == st.snapshot_version && last.hash.is_some())
@@ -274,21 +287,21 @@ pub fn settle_partition(
                     st.snapshot_updated_at_ns = st.snapshot_updated_at_ns.max(last.updated_at_ns);
                 }
             }
-            let latest = crate::pipeline::materializer::latest_change_ns(&st);
+            let latest = crate::pipeline::materializer::latest_change_ns(st);
             if mat.snapshot_if_changed(
                 store,
                 &mut batch,
                 &mut out,
                 p,
                 &settings,
-                &mut st,
+                st,
                 latest,
                 None,
-                &mut Default::default(),
+                &mut w.shown_events,
             ) {
                 count += 1;
             }
-            store.put_user(&mut batch, p, &mut st);
+            mat.write_back(store, &mut batch, p, w);
         }
         commit(std::mem::take(&mut batch), out)?;
     }
@@ -298,24 +311,26 @@ pub fn settle_partition(
     Ok(count)
 }
 
-/// After a rebuild of an embedded data dir: versions continue from the
-/// marks of the last snapshots published (the rebuild does not drop them).
-pub fn settle_snapshots(config: &Config, log: &EmbeddedLog) -> Result<u64, PipelineError> {
+/// After a rebuild of an embedded data dir (the partitions `parts`, which
+/// `mat` replayed): versions continue from the marks of the last snapshots
+/// published (the rebuild does not drop them).
+fn settle_snapshots(
+    log: &EmbeddedLog,
+    mat: &mut Materializer,
+    parts: &[u32],
+) -> Result<u64, PipelineError> {
     let store = log.store();
-    on_partition_workers(config.partitions, |parts, workers| {
-        let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
-        let mut republished = 0;
-        for p in parts.iter().copied() {
-            let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-                Ok(store.get_mark(p, uid)?.as_ref().map(Published::of))
-            };
-            let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
-                log.commit(batch, &out)
-                    .map(|_| ())
-                    .map_err(PipelineError::from)
-            };
-            republished += settle_partition(store, &mut mat, p, &published, &mut commit)? as u64;
-        }
-        Ok(republished)
-    })
+    let mut republished = 0;
+    for p in parts.iter().copied() {
+        let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
+            Ok(store.get_mark(p, uid)?.as_ref().map(Published::of))
+        };
+        let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
+            log.commit(batch, &out)
+                .map(|_| ())
+                .map_err(PipelineError::from)
+        };
+        republished += settle_partition(store, mat, p, &published, &mut commit)? as u64;
+    }
+    Ok(republished)
 }

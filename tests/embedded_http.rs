@@ -405,6 +405,66 @@ fn rebuild_and_checkpoint_keep_the_digest() {
     assert!(!ok, "digest of a missing data dir must fail");
 }
 
+/// A rebuild settles every user against the last snapshot published: with
+/// fewer events per snapshot, each context that showed more is re-published
+/// once, with the next version; a second rebuild re-publishes nothing. The
+/// first settles the users its replay left cached, the second (no user
+/// cache) reads every user back from the store.
+#[test]
+fn rebuild_republishes_changed_contexts_with_the_next_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = run_cli(&[
+        "demo",
+        "--data-dir",
+        d,
+        "--records",
+        "3000",
+        "--users",
+        "100",
+    ]);
+    assert!(ok, "demo failed: {out}\n{err}");
+    let path = format!("/api/v2/users/{}/context", enc("10000000"));
+    let context = |extra: &[&str]| {
+        let s = Server::start(&data, extra);
+        let (st, ctx) = s.get(&path);
+        assert_eq!(st, 200, "{ctx}");
+        ctx
+    };
+    let before = context(&[]);
+    let shown = before["events"].as_array().unwrap().len();
+    assert!(
+        shown > 5,
+        "the busiest user shows more than 5 events: {shown}"
+    );
+    let v0 = before["version"].as_u64().unwrap();
+    let cfg = dir.path().join("contextd.toml");
+    let cfg_path = cfg.to_str().unwrap();
+    let rebuild = |toml: &str| -> u64 {
+        std::fs::write(&cfg, toml).unwrap();
+        let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d, "--config", cfg_path]);
+        assert!(ok, "rebuild: {out}\n{err}");
+        let n = out
+            .split(", ")
+            .find_map(|part| part.trim().strip_suffix(" snapshots re-published"))
+            .unwrap_or_else(|| panic!("no re-published count in {out:?}"));
+        n.parse().unwrap()
+    };
+    let first = rebuild("[snapshot]\nmax_events = 5\n");
+    assert!(first > 0, "contexts with more than 5 events changed");
+    let after = context(&["--config", cfg_path]);
+    assert_eq!(after["version"].as_u64(), Some(v0 + 1), "{after}");
+    assert_eq!(after["events"].as_array().unwrap().len(), 5);
+    assert_eq!(after["events"][0], before["events"][0], "newest first");
+    let second = rebuild("[snapshot]\nmax_events = 5\n[storage]\nuser_cache_mb = 0\n");
+    assert_eq!(second, 0, "nothing changed since the first rebuild");
+    assert_eq!(
+        context(&["--config", cfg_path])["version"],
+        after["version"]
+    );
+}
+
 #[test]
 fn bad_flags_and_config_fail_clearly() {
     let (ok, _, err) = run_cli(&[

@@ -1124,6 +1124,8 @@ fn go_live(
     };
     let mut commit =
         |batch, out: Vec<OutRecord>| commit_with_outbox(store, producer, batch, &out, stop);
+    // Settled from the store's pages, not from what the cache holds.
+    mat.forget(p);
     let count = settle_partition(store, mat, p, &published, &mut commit)?;
     let mut wb = WriteBatch::default();
     store.put_i64(&mut wb, CF_PART, &pos_key, next);

@@ -481,8 +481,19 @@ impl Materializer {
         Ok(published)
     }
 
+    /// A cached user, taken out of the cache (`write_back` returns it).
+    pub fn take_cached(&mut self, p: u32, user_id: &str) -> Option<apply::Working> {
+        self.cache.take(p, user_id)
+    }
+
     /// Writes a user's state (without its timeline) and keeps it cached.
-    fn write_back(&mut self, store: &Store, batch: &mut WriteBatch, p: u32, mut w: apply::Working) {
+    pub fn write_back(
+        &mut self,
+        store: &Store,
+        batch: &mut WriteBatch,
+        p: u32,
+        mut w: apply::Working,
+    ) {
         let len = store.put_user(batch, p, &mut w.state);
         w.resume();
         self.cache.put(p, w, len);

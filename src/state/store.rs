@@ -439,6 +439,20 @@ impl Store {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<UserState>, StoreError> {
+        self.user_values_page(p, after, limit)?
+            .iter()
+            .map(|(_, v)| self.user_from(None, p, v))
+            .collect()
+    }
+
+    /// Like `users_page`, the users' ids and stored values only (their
+    /// timelines not read): `user_value` completes the ones needed.
+    pub fn user_values_page(
+        &self,
+        p: u32,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, Box<[u8]>)>, StoreError> {
         let prefix = keys::partition_prefix(p);
         let start = match after {
             Some(u) => {
@@ -462,7 +476,12 @@ impl Store {
             if !k.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push(self.user_from(None, p, &v)?);
+            let Some((_, uid)) = keys::split_user(&k) else {
+                return Err(StoreError::Incompatible(format!(
+                    "a user key of partition {p} is not UTF-8: {k:?}"
+                )));
+            };
+            out.push((uid.to_string(), v));
         }
         Ok(out)
     }
