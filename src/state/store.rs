@@ -56,6 +56,9 @@ impl Default for StoreOptions {
     }
 }
 
+/// A user's id and stored value (`Store::user_values_page`).
+pub type StoredUser = (String, Box<[u8]>);
+
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
@@ -452,7 +455,7 @@ impl Store {
         p: u32,
         after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<(String, Box<[u8]>)>, StoreError> {
+    ) -> Result<Vec<StoredUser>, StoreError> {
         let prefix = keys::partition_prefix(p);
         let start = match after {
             Some(u) => {
