@@ -46,33 +46,25 @@ fn bar(len: u64, what: &str, show: bool) -> ProgressBar {
     pb
 }
 
-/// Reads partitions `parts` of a topic in chunks (round-robin over them).
+/// Reads partition `p` of a topic in chunks, up to its end when called.
 fn for_each_chunk(
     log: &EmbeddedLog,
     topic: &str,
-    parts: &[u32],
+    p: u32,
     chunk: usize,
     mut f: impl FnMut(Vec<LogRecord>) -> Result<(), PipelineError>,
 ) -> Result<(), PipelineError> {
-    let ends = log.end_offsets(topic);
-    let mut pos = vec![0i64; ends.len()];
-    loop {
-        let mut batch = Vec::new();
-        for p in parts.iter().map(|p| *p as usize) {
-            let end = ends.get(p).copied().unwrap_or(0);
-            if pos[p] < end {
-                let recs = log.read(topic, p as i32, pos[p], chunk.min((end - pos[p]) as usize))?;
-                if let Some(last) = recs.last() {
-                    pos[p] = last.offset + 1;
-                }
-                batch.extend(recs);
-            }
-        }
-        if batch.is_empty() {
+    let end = log.end_offsets(topic).get(p as usize).copied().unwrap_or(0);
+    let mut pos = 0i64;
+    while pos < end {
+        let recs = log.read(topic, p as i32, pos, chunk.min((end - pos) as usize))?;
+        let Some(last) = recs.last() else {
             return Ok(());
-        }
-        f(batch)?;
+        };
+        pos = last.offset + 1;
+        f(recs)?;
     }
+    Ok(())
 }
 
 /// Materializer options of one of `workers` replay workers: no publishing,
@@ -86,27 +78,30 @@ fn replay_options(
     app::materializer_share(config, false, workers)
 }
 
-/// Runs `work` on up to one thread per core, each over its share of the
-/// partitions (state is partitioned, so they never touch the same users);
-/// `work` gets its partitions and the number of workers; returns the sum of
-/// what they return, or the first error.
+/// Runs `work` on up to one thread per core; each thread takes partitions
+/// one at a time, the largest first (`sizes`: entries per partition), while
+/// any are left (state is partitioned, so threads never touch the same
+/// users; taking them as they finish keeps a thread with a busy partition
+/// from holding up the others). `work` gets the function that hands out
+/// the next partition and the number of threads; returns the sum of what
+/// they return, or the first error.
 fn on_partition_workers(
-    partitions: u32,
-    work: impl Fn(&[u32], usize) -> Result<u64, PipelineError> + Sync,
+    sizes: &[i64],
+    work: impl Fn(&dyn Fn() -> Option<u32>, usize) -> Result<u64, PipelineError> + Sync,
 ) -> Result<u64, PipelineError> {
     let workers = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .clamp(1, partitions.max(1) as usize);
+        .clamp(1, sizes.len().max(1));
+    let mut order: Vec<u32> = (0..sizes.len() as u32).collect();
+    order.sort_by_key(|p| std::cmp::Reverse(sizes[*p as usize]));
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(order));
+    let next = || queue.lock().expect("partition queue").pop_front();
     let work = &work;
+    let next = &next;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..workers)
-            .map(|w| {
-                let parts: Vec<u32> = (0..partitions)
-                    .filter(|p| *p as usize % workers == w)
-                    .collect();
-                s.spawn(move || work(&parts, workers))
-            })
+            .map(|_| s.spawn(move || work(next, workers)))
             .collect();
         let mut total = 0;
         let mut first_err = None;
@@ -185,29 +180,37 @@ pub fn rebuild_embedded(
         .db()
         .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;
     let topic = config.topics.records.clone();
-    let total: i64 = log.end_offsets(&topic).iter().sum();
+    let ends = log.end_offsets(&topic);
+    let total: i64 = ends.iter().sum();
     let pb = bar(total as u64, "replay", progress);
     // Partitions replay in parallel, each with the live stage's own code;
-    // then each worker settles its partitions' snapshots, from the users
-    // its replay left in its cache where it can.
+    // then each worker settles the snapshots of the partitions it replayed,
+    // from the users its replay left in its cache where it can.
     let republished = AtomicU64::new(0);
-    let replayed = on_partition_workers(config.partitions, |parts, workers| {
+    let sizes: Vec<i64> = (0..config.partitions)
+        .map(|p| ends.get(p as usize).copied().unwrap_or(0))
+        .collect();
+    let replayed = on_partition_workers(&sizes, |next, workers| {
         let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
         let mut replayed = 0u64;
-        for_each_chunk(
-            &log,
-            &topic,
-            parts,
-            config.pipeline.batch_records.max(1) * 4,
-            |chunk| {
-                let m = mat.process(&store, &chunk)?;
-                log.commit(m.batch, &m.out)?;
-                replayed += chunk.len() as u64;
-                pb.inc(chunk.len() as u64);
-                Ok(())
-            },
-        )?;
-        republished.fetch_add(settle_snapshots(&log, &mut mat, parts)?, Ordering::Relaxed);
+        let mut parts = Vec::new();
+        while let Some(p) = next() {
+            parts.push(p);
+            for_each_chunk(
+                &log,
+                &topic,
+                p,
+                config.pipeline.batch_records.max(1) * 4,
+                |chunk| {
+                    let m = mat.process(&store, &chunk)?;
+                    log.commit(m.batch, &m.out)?;
+                    replayed += chunk.len() as u64;
+                    pb.inc(chunk.len() as u64);
+                    Ok(())
+                },
+            )?;
+        }
+        republished.fetch_add(settle_snapshots(&log, &mut mat, &parts)?, Ordering::Relaxed);
         Ok(replayed)
     })?;
     pb.finish();
