@@ -258,6 +258,7 @@ impl Config {
             write_buffer_bytes: self.storage.write_buffer_mb << 20,
             max_write_buffers: 3,
             sync_writes: self.storage.sync_writes,
+            ..Default::default()
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
 use crate::state::apply::Working;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
-use crate::state::Store;
+use crate::state::{Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -132,7 +132,14 @@ pub fn rebuild_embedded(
     progress: bool,
 ) -> Result<RebuildReport, PipelineError> {
     let started = Instant::now();
-    let log = app::open_embedded(config)?;
+    // More background jobs than a live run's: RocksDB gives flushes one
+    // thread per four jobs, so the final flush of the column families runs
+    // two at a time.
+    let store_options = StoreOptions {
+        background_jobs: 8,
+        ..config.store_options()
+    };
+    let log = app::open_embedded_with(config, &store_options)?;
     let store = log.store().clone();
     let mut routed = 0u64;
     let log = if from_inputs {

@@ -43,6 +43,8 @@ pub struct StoreOptions {
     pub max_write_buffers: i32,
     /// fsync the WAL on every commit (survives power loss, not only crashes).
     pub sync_writes: bool,
+    /// RocksDB's background threads (flushes: a quarter of them, at least one).
+    pub background_jobs: i32,
 }
 
 impl Default for StoreOptions {
@@ -52,6 +54,7 @@ impl Default for StoreOptions {
             write_buffer_bytes: 32 << 20,
             max_write_buffers: 3,
             sync_writes: false,
+            background_jobs: 2,
         }
     }
 }
@@ -116,7 +119,7 @@ impl Store {
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
-        db_opts.set_max_background_jobs(2);
+        db_opts.set_max_background_jobs(o.background_jobs);
         db_opts.set_db_write_buffer_size(o.write_buffer_bytes * 4);
         db_opts.set_max_total_wal_size(256 << 20);
         let cfs = ALL_CFS
@@ -521,6 +524,13 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
+        // Every column family's flush is scheduled first, so they run in
+        // parallel (`flush_cf` waits for each in turn); then each is waited for.
+        let mut start = rocksdb::FlushOptions::default();
+        start.set_wait(false);
+        for name in ALL_CFS {
+            self.db.flush_cf_opt(self.cf(name), &start)?;
+        }
         for name in ALL_CFS {
             self.db.flush_cf(self.cf(name))?;
         }
