@@ -248,8 +248,9 @@ impl EmbeddedLog {
             sizes[i] += segment::entry_len(r.key.as_deref(), &r.value);
             slots.push(i);
         }
-        // The partitions written are locked in one order (topic, partition)
-        // by every commit, so two commits never wait for each other in turn.
+        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|n| Vec::with_capacity(*n)).collect();
+        // Every commit locks the partitions it writes in one order (topic,
+        // partition), so no two commits can each hold one the other waits for.
         let mut order: Vec<usize> = (0..parts.len()).collect();
         order.sort_unstable_by_key(|i| parts[*i]);
         let mut locked: Vec<Option<MutexGuard<'_, End>>> = parts.iter().map(|_| None).collect();
@@ -263,7 +264,6 @@ impl EmbeddedLog {
             );
         }
         let mut tails: Vec<MutexGuard<'_, End>> = locked.into_iter().flatten().collect();
-        let mut bufs: Vec<Vec<u8>> = sizes.iter().map(|n| Vec::with_capacity(*n)).collect();
         let mut next: Vec<i64> = tails.iter().map(|t| t.next).collect();
         let mut assigned = Vec::with_capacity(records.len());
         for (r, i) in records.iter().zip(slots) {
