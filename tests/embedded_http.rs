@@ -339,21 +339,27 @@ fn base64_decode(s: &str) -> String {
 
 /// digest -> rebuild -> digest are equal, also after kill -9 and restart;
 /// checkpoint -> wipe -> restore gives the same digest.
-#[test]
-fn rebuild_and_checkpoint_keep_the_digest() {
+/// A data dir (`d` in a temp dir) filled by `contextd demo`; its output.
+fn demo_data_dir(records: &str, users: &str) -> (tempfile::TempDir, std::path::PathBuf, String) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("d");
-    let d = data.to_str().unwrap();
     let (ok, out, err) = run_cli(&[
         "demo",
         "--data-dir",
-        d,
+        data.to_str().unwrap(),
         "--records",
-        "8000",
+        records,
         "--users",
-        "500",
+        users,
     ]);
     assert!(ok, "demo failed: {out}\n{err}");
+    (dir, data, out)
+}
+
+#[test]
+fn rebuild_and_checkpoint_keep_the_digest() {
+    let (dir, data, out) = demo_data_dir("8000", "500");
+    let d = data.to_str().unwrap();
     assert!(out.contains("Customer context"), "{out}");
     let digest = |label: &str| {
         let (ok, out, err) = run_cli(&["digest", "--data-dir", d]);
@@ -412,19 +418,8 @@ fn rebuild_and_checkpoint_keep_the_digest() {
 /// cache) reads every user back from the store.
 #[test]
 fn rebuild_republishes_changed_contexts_with_the_next_version() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("d");
+    let (dir, data, _) = demo_data_dir("3000", "100");
     let d = data.to_str().unwrap();
-    let (ok, out, err) = run_cli(&[
-        "demo",
-        "--data-dir",
-        d,
-        "--records",
-        "3000",
-        "--users",
-        "100",
-    ]);
-    assert!(ok, "demo failed: {out}\n{err}");
     let path = format!("/api/v2/users/{}/context", enc("10000000"));
     let context = |extra: &[&str]| {
         let s = Server::start(&data, extra);
