@@ -283,9 +283,7 @@ fn apply_event(
             Outcome::Duplicate
         };
     }
-    let Some(mut event) = rec.event.take() else {
-        return Outcome::Applied;
-    };
+    let mut event = rec.event.take().expect("checked above");
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
     let props = std::mem::take(&mut event.properties);
     let newest = w
