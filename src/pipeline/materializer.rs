@@ -277,7 +277,7 @@ impl Materializer {
                 batch.put_cf(cf, keys::body(p, &state.user_id, id), b);
             }
             // Without publishing (rebuild), snapshot versions are settled
-            // once at the end (replay::settle_snapshots).
+            // after the replay (replay::settle_partition).
             if self.opts.publish {
                 let mut at = if t.last_log_ns > 0 {
                     t.last_log_ns
