@@ -129,16 +129,19 @@ pub fn limits(c: &Config) -> Limits {
 
 /// Opens the data dir's store and embedded log.
 pub fn open_embedded(c: &Config) -> Result<Arc<EmbeddedLog>, PipelineError> {
-    open_embedded_with(c, &c.store_options())
+    open_embedded_with(c, &c.store_options(), &[])
 }
 
-/// `open_embedded` with other store options than the configuration's.
+/// `open_embedded` with other store options than the configuration's, and
+/// the column families `drop` emptied (`Store::drop_column_families`).
 pub fn open_embedded_with(
     c: &Config,
     store_options: &crate::state::StoreOptions,
+    drop: &[&str],
 ) -> Result<Arc<EmbeddedLog>, PipelineError> {
-    let store = Store::open(&c.data_dir, store_options)?;
+    let mut store = Store::open(&c.data_dir, store_options)?;
     store.check_partitions(c.partitions)?;
+    store.drop_column_families(drop)?;
     let opts = LogOptions {
         segment_bytes: c.storage.log_segment_mb.max(1) << 20,
     };

@@ -139,14 +139,20 @@ pub fn rebuild_embedded(
         background_jobs: 8,
         ..config.store_options()
     };
-    let log = app::open_embedded_with(config, &store_options)?;
+    // The materialized state and the identities are dropped; the marks of
+    // the last published snapshots (CF snap: version, content hash) are
+    // kept so versions continue where consumers saw them. (With
+    // `--from-inputs` the routing below rebuilds the identities too: it
+    // writes none of the other column families dropped.)
+    let mut dropped = keys::REBUILT_CFS.to_vec();
+    dropped.push(CF_IDENT);
+    let log = app::open_embedded_with(config, &store_options, &dropped)?;
     let store = log.store().clone();
     let mut routed = 0u64;
     let log = if from_inputs {
         let t = &config.topics;
         log.clear_topic(&t.records)?;
         log.clear_topic(&t.dlq)?;
-        store.clear_cfs(&[CF_IDENT])?;
         let mut batch = rocksdb::WriteBatch::default();
         store.delete_prefix(&mut batch, CF_META, b"pos/router/");
         store.write(batch)?;
@@ -176,13 +182,6 @@ pub fn rebuild_embedded(
     } else {
         log
     };
-    // Drop the materialized state; the marks of the last published snapshots
-    // (CF snap: version, content hash) are kept so versions continue where
-    // consumers saw them.
-    store.clear_cfs(&keys::REBUILT_CFS)?;
-    if !from_inputs {
-        store.clear_cfs(&[CF_IDENT])?;
-    }
     store
         .db()
         .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;

@@ -369,6 +369,10 @@ fn rebuild_and_checkpoint_keep_the_digest() {
         h
     };
     let d0 = digest("live");
+    // A rebuild that cannot run loses nothing.
+    let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d, "--partitions", "3"]);
+    assert!(!ok && err.contains("partitions"), "{out} {err}");
+    assert_eq!(digest("after a refused rebuild"), d0);
     let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
     assert!(ok, "rebuild: {out} {err}");
     assert!(

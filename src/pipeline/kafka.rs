@@ -1139,10 +1139,11 @@ fn go_live(
 /// against the snapshots topic. Returns (records replayed, snapshots published).
 pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), PipelineError> {
     crate::log::kafka::ensure_topics(c)?;
-    let store = Store::open(&c.data_dir, &c.store_options())?;
+    let mut store = Store::open(&c.data_dir, &c.store_options())?;
     store.check_partitions(c.partitions)?;
-    store.clear_cfs(&keys::REBUILT_CFS)?;
-    store.clear_cfs(&[CF_IDENT])?;
+    let mut dropped = keys::REBUILT_CFS.to_vec();
+    dropped.push(CF_IDENT);
+    store.drop_column_families(&dropped)?;
     store
         .db()
         .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;
