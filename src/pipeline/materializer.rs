@@ -57,7 +57,16 @@ pub struct Materializer {
     remember: bool,
     /// Users whose next snapshot is held back, written with the state.
     held: HashMap<(u32, String), Held>,
+    /// Identifier keys known to be linked (in the store, or in a batch
+    /// this stage produced): a record's links are looked up in the store
+    /// only when not here. Links are only ever added, so an entry stays
+    /// true; a failed commit clears it (`forget_all`), and it is cleared
+    /// whenever it reaches `LINKED_MAX` entries.
+    linked: HashSet<String>,
 }
+
+/// Identifier keys `Materializer::linked` holds at most (a few MiB).
+const LINKED_MAX: usize = 32_768;
 
 struct Held {
     /// When the snapshot is published.
@@ -92,6 +101,7 @@ impl Materializer {
             last_pruned: Instant::now(),
             remember: false,
             held: HashMap::new(),
+            linked: HashSet::new(),
         }
     }
 
@@ -124,6 +134,7 @@ impl Materializer {
     pub fn forget_all(&mut self) {
         self.settings.clear();
         self.cache.clear();
+        self.linked.clear();
         // Snapshots of the failed batch were not published; holds are kept
         // (releasing a user whose hold was not written only publishes it).
         self.recent.clear();
@@ -154,7 +165,9 @@ impl Materializer {
         let mut batch = WriteBatch::default();
         let mut out = Vec::new();
         let mut positions: BTreeMap<u32, i64> = BTreeMap::new();
-        let mut marks: HashMap<Vec<u8>, i64> = HashMap::new();
+        // The last input offset applied per (partition, input partition,
+        // input topic), looked up without building a key per record.
+        let mut marks: HashMap<(u32, i32), HashMap<String, i64>> = HashMap::new();
         let mut decoded: Vec<(u32, &LogRecord, Record)> = Vec::with_capacity(input.len());
         for rec in input {
             let p = rec.partition as u32;
@@ -180,10 +193,12 @@ impl Materializer {
         wanted.sort_unstable();
         wanted.dedup();
         let loaded = self.load(store, &wanted)?;
-        let mut users: HashMap<(u32, String), Touched> = HashMap::with_capacity(wanted.len());
+        // By partition, then user id: a record finds its user without
+        // copying the id.
+        let mut users: HashMap<u32, HashMap<String, Touched>> = HashMap::new();
         for ((p, uid), state) in wanted.iter().zip(loaded) {
-            users.insert(
-                (*p, uid.to_string()),
+            users.entry(*p).or_default().insert(
+                uid.to_string(),
                 Touched {
                     state: state.unwrap_or_else(|| apply::Working::new(apply::new_user(uid))),
                     last_log_ns: 0,
@@ -197,23 +212,31 @@ impl Materializer {
         for (p, rec, r) in decoded.iter_mut() {
             let p = *p;
             if let Some(inp) = &r.input {
-                let mk = keys::part_input_mark(p, &inp.topic, inp.partition);
-                let mark = match marks.get(&mk) {
-                    Some(m) => *m,
-                    None => store.get_i64(CF_PART, &mk)?.unwrap_or(-1),
+                let by_topic = marks.entry((p, inp.partition)).or_default();
+                let mark = match by_topic.get_mut(inp.topic.as_str()) {
+                    Some(m) => m,
+                    None => {
+                        let mk = keys::part_input_mark(p, &inp.topic, inp.partition);
+                        let stored = store.get_i64(CF_PART, &mk)?.unwrap_or(-1);
+                        by_topic.entry(inp.topic.clone()).or_insert(stored)
+                    }
                 };
-                if inp.offset <= mark {
+                if inp.offset <= *mark {
                     metrics::counter!("contextd_records_duplicate_skipped_total").increment(1);
                     continue;
                 }
-                marks.insert(mk, inp.offset);
+                *mark = inp.offset;
             }
             for link in &r.links {
                 let Some(id) = &link.identifier else { continue };
                 let k = id.key();
-                if links_seen.insert(k.clone()) && store.linked_user(id)?.is_none() {
+                if self.linked.contains(&k) || links_seen.contains(&k) {
+                    continue;
+                }
+                if store.linked_user(id)?.is_none() {
                     batch.put_cf(store.cf(CF_IDENT), keys::ident(&k), link.user_id.as_bytes());
                 }
+                links_seen.insert(k);
             }
             if let Some(record::Body::Settings(s)) = &r.body {
                 let s = snapshot::prepared(s.clone());
@@ -232,7 +255,8 @@ impl Materializer {
                 continue;
             }
             let t = users
-                .get_mut(&(p, r.user_id.clone()))
+                .get_mut(&p)
+                .and_then(|u| u.get_mut(r.user_id.as_str()))
                 .expect("loaded above");
             let catalog = catalogs.entry(p).or_default();
             match apply::apply(&mut t.state, r, self.opts.limits, catalog) {
@@ -257,7 +281,10 @@ impl Materializer {
             }
         }
         let mut published = 0;
-        let mut touched: Vec<_> = users.into_iter().collect();
+        let mut touched: Vec<((u32, String), Touched)> = users
+            .into_iter()
+            .flat_map(|(p, u)| u.into_iter().map(move |(uid, t)| ((p, uid), t)))
+            .collect();
         touched.sort_by(|a, b| a.0.cmp(&b.0));
         let now = Instant::now();
         self.prune_recent(now);
@@ -313,12 +340,19 @@ impl Materializer {
         for (p, delta) in &catalogs {
             store.merge_catalog(&mut batch, *p, delta)?;
         }
-        for (mk, off) in marks {
-            store.put_i64(&mut batch, CF_PART, &mk, off);
+        for ((p, input_partition), by_topic) in marks {
+            for (topic, off) in by_topic {
+                let mk = keys::part_input_mark(p, &topic, input_partition);
+                store.put_i64(&mut batch, CF_PART, &mk, off);
+            }
         }
         for (p, next) in positions {
             store.put_i64(&mut batch, CF_PART, &keys::part_offset(p), next);
         }
+        if self.linked.len() + links_seen.len() > LINKED_MAX {
+            self.linked.clear();
+        }
+        self.linked.extend(links_seen);
         Ok(Materialized {
             batch,
             out,
@@ -678,4 +712,61 @@ pub fn latest_change_ns(st: &crate::model::UserState) -> i64 {
         .max()
         .unwrap_or(0)
         .max(st.snapshot_updated_at_ns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Identifier, IdentityLink};
+    use crate::state::StoreOptions;
+
+    fn linking(offset: i64, user: &str) -> LogRecord {
+        let r = Record {
+            user_id: user.into(),
+            links: vec![IdentityLink {
+                identifier: Some(email()),
+                user_id: user.into(),
+            }],
+            ..Default::default()
+        };
+        LogRecord {
+            topic: "context.records".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: r.encode_to_vec(),
+        }
+    }
+
+    fn email() -> Identifier {
+        Identifier {
+            r#type: "email".into(),
+            value: "a@example.com".into(),
+        }
+    }
+
+    #[test]
+    fn links_are_written_again_after_a_failed_commit_and_never_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = crate::config::Config::default();
+        let mut mat =
+            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+        // A batch whose commit failed: dropped, and the stage told so.
+        let _ = mat.process(&store, &[linking(0, "u1")]).unwrap();
+        mat.forget_all();
+        let m = mat.process(&store, &[linking(0, "u1")]).unwrap();
+        store.write(m.batch).unwrap();
+        assert_eq!(store.linked_user(&email()).unwrap().as_deref(), Some("u1"));
+        // A link already made stays, from the store or from what the stage
+        // remembers of its own batches.
+        let m = mat.process(&store, &[linking(1, "u2")]).unwrap();
+        store.write(m.batch).unwrap();
+        let mut other =
+            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+        let m = other.process(&store, &[linking(2, "u3")]).unwrap();
+        store.write(m.batch).unwrap();
+        assert_eq!(store.linked_user(&email()).unwrap().as_deref(), Some("u1"));
+    }
 }
