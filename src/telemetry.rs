@@ -24,11 +24,20 @@ pub fn metrics() -> &'static PrometheusHandle {
     HANDLE.get_or_init(|| {
         let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(
-                Matcher::Suffix("_seconds".into()),
+                Matcher::Full("contextd_record_latency_seconds".into()),
                 &[
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                    300.0,
                 ],
             )
+            .and_then(|b| {
+                b.set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ],
+                )
+            })
             .and_then(|b| {
                 b.set_buckets_for_metric(
                     Matcher::Full("contextd_batch_records".into()),
@@ -48,6 +57,11 @@ fn describe() {
     describe_counter!(
         "contextd_records_consumed_total",
         "Input records consumed, by topic"
+    );
+    describe_histogram!(
+        "contextd_record_latency_seconds",
+        Unit::Seconds,
+        "Per record applied: from its input timestamp to the commit of its batch (state and snapshot)"
     );
     describe_counter!(
         "contextd_records_applied_total",

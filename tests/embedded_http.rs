@@ -483,7 +483,8 @@ fn bad_flags_and_config_fail_clearly() {
 /// `snapshot.min_interval_ms`: changes for a user published less than the
 /// interval ago are held and published as one snapshot when it ends; the
 /// context served meanwhile is the last snapshot published (its version
-/// and content agree); a hold survives kill -9.
+/// and content agree); a hold survives kill -9. Every record applied
+/// counts in the record-latency histogram.
 #[test]
 fn a_burst_for_one_user_is_held_and_published_as_one_snapshot() {
     let dir = tempfile::tempdir().unwrap();
@@ -542,6 +543,24 @@ fn a_burst_for_one_user_is_held_and_published_as_one_snapshot() {
     });
     assert_eq!(c["version"], 2, "one snapshot for the burst: {c}");
     assert_eq!(shown(&c), ["o4", "o3", "o2", "o1"]);
+    // Every record applied counts in the latency histogram: from its append
+    // to its batch's commit (just now here, so well under a minute).
+    let (_, m) = s.get("/metrics");
+    let metric = |name: &str| -> f64 {
+        m.as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map_or(-1.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let count = metric("contextd_record_latency_seconds_count ");
+    assert!(count >= 4.0, "{m}");
+    let sum = metric("contextd_record_latency_seconds_sum ");
+    assert!(sum >= 0.0 && sum < 60.0 * count, "{m}");
+    assert_eq!(
+        metric("contextd_record_latency_seconds_bucket{le=\"+Inf\"} "),
+        count
+    );
     // Held when the process is killed: published after the restart.
     post(&s, 5);
     s.wait_for(20, "the next change held", |s| {

@@ -333,7 +333,10 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
     s.wait_for(20, "consumer lag metric", |s| {
         let (_, m) = s.get("/metrics");
         m.as_str()
-            .is_some_and(|t| t.contains("contextd_consumer_lag{"))
+            .is_some_and(|t| {
+                t.contains("contextd_consumer_lag{")
+                    && t.contains("contextd_record_latency_seconds_count ")
+            })
             .then_some(())
     });
     let mut s = s;

@@ -3,7 +3,7 @@
 //! positions stored in the state, committing each batch's state change,
 //! appended records and new positions in one `WriteBatch`.
 
-use super::materializer::Materializer;
+use super::materializer::{observe_latency, Materializer};
 use super::router::Router;
 use super::PipelineError;
 use crate::identity::IdentityLookup;
@@ -413,6 +413,7 @@ impl MaterializerStep {
             self.mat.forget_all();
             return Err(e.into());
         }
+        observe_latency(&m.log_times_ns);
         for r in &input {
             self.positions
                 .insert((r.topic.clone(), r.partition), r.offset + 1);

@@ -22,7 +22,7 @@
 //!   sends everything in flight again, in order.
 
 use super::embedded::{Readiness, StoreLookup};
-use super::materializer::Materializer;
+use super::materializer::{observe_latency, Materializer};
 use super::router::Router;
 use super::PipelineError;
 use crate::config::Config;
@@ -764,6 +764,7 @@ impl Worker {
             let m = self.live.process(store, &share.live)?;
             self.commit(store, producer, m.batch, m.out, stop)
                 .inspect_err(|_| self.live.forget_all())?;
+            observe_latency(&m.log_times_ns);
             metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
                 .record(t0.elapsed().as_secs_f64());
         } else if self.release_due() {

@@ -83,6 +83,25 @@ pub struct Materialized {
     /// Snapshots published.
     pub published: usize,
     pub applied: usize,
+    /// Log times of the records applied (input timestamps), for
+    /// `observe_latency` once the batch is committed.
+    pub log_times_ns: Vec<i64>,
+}
+
+/// Records, per record applied, the time from its input timestamp (the
+/// HTTP append in embedded mode, the Kafka record's timestamp in Kafka
+/// mode) to now, when its batch is committed: `contextd_record_latency_seconds`
+/// (as Kafka Streams' record end-to-end latency; during a catch-up it
+/// includes how far behind the stage was).
+pub fn observe_latency(log_times_ns: &[i64]) {
+    if log_times_ns.is_empty() {
+        return;
+    }
+    let now = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+    let h = metrics::histogram!("contextd_record_latency_seconds");
+    for t in log_times_ns {
+        h.record(now.saturating_sub(*t).max(0) as f64 / 1e9);
+    }
 }
 
 struct Touched {
@@ -209,6 +228,7 @@ impl Materializer {
         let mut settings_changed: HashSet<u32> = HashSet::new();
         let mut links_seen: HashSet<String> = HashSet::new();
         let mut applied = 0;
+        let mut log_times_ns = Vec::with_capacity(decoded.len());
         for (p, rec, r) in decoded.iter_mut() {
             let p = *p;
             if let Some(inp) = &r.input {
@@ -250,6 +270,7 @@ impl Materializer {
                 self.settings.insert(p, s);
                 settings_changed.insert(p);
                 applied += 1;
+                log_times_ns.push(r.log_time_ns);
                 metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
                     .increment(1);
                 continue;
@@ -262,6 +283,7 @@ impl Materializer {
             match apply::apply(&mut t.state, r, self.opts.limits, catalog) {
                 Outcome::Applied | Outcome::Duplicate => {
                     applied += 1;
+                    log_times_ns.push(r.log_time_ns);
                     t.last_log_ns = t.last_log_ns.max(r.log_time_ns);
                     metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
                         .increment(1);
@@ -358,6 +380,7 @@ impl Materializer {
             out,
             published,
             applied,
+            log_times_ns,
         })
     }
 
@@ -398,6 +421,7 @@ impl Materializer {
             out,
             published,
             applied: 0,
+            log_times_ns: Vec::new(),
         })
     }
 
