@@ -38,29 +38,6 @@ def thread_cpu(pid):
     return out
 
 
-def bucket_counts(text, name):
-    """[(upper bound, cumulative count)] of a Prometheus histogram."""
-    out = []
-    for line in text.splitlines():
-        if line.startswith(name + "_bucket{le=\""):
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
-    return sorted(out)
-
-
-def quantile(buckets, q):
-    """Prometheus' histogram_quantile: linear within the bucket holding rank q."""
-    total = buckets[-1][1]
-    rank, lower, below = q * total, 0.0, 0.0
-    for upper, count in buckets:
-        if count >= rank:
-            if upper == float("inf"):
-                return lower
-            return lower + (upper - lower) * (rank - below) / max(count - below, 1e-9)
-        lower, below = upper, count
-    return lower
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=12000, help="records/s offered")
@@ -113,10 +90,10 @@ def main():
                 elif line.startswith(("contextd_snapshots_published_total", "contextd_snapshot_bytes_total")):
                     total = float(line.split()[-1])
                     print(f"  {line}  ({total / elapsed:,.0f}/s while posting)")
-            buckets = bucket_counts(body.decode(), "contextd_record_latency_seconds")
+            buckets = R.bucket_counts(body.decode(), "contextd_record_latency_seconds")
             if buckets:
                 print("  record latency (contextd_record_latency_seconds, from the buckets): "
-                      + ", ".join(f"p{int(q * 100)} {quantile(buckets, q) * 1000:,.0f} ms" for q in (0.5, 0.9, 0.99)))
+                      + ", ".join(f"p{int(q * 100)} {R.quantile(buckets, q) * 1000:,.0f} ms" for q in (0.5, 0.9, 0.99)))
             for name, cpu in sorted(thread_cpu(proc.pid).items(), key=lambda x: -x[1]):
                 if cpu >= 0.05:
                     print(f"  cpu {name:<16} {cpu:6.2f} s")
