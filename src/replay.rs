@@ -16,7 +16,7 @@ use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
 use crate::state::apply::Working;
-use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
+use crate::state::keys::{self, CF_META, CF_PART};
 use crate::state::{Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -144,9 +144,7 @@ pub fn rebuild_embedded(
     // kept so versions continue where consumers saw them. (With
     // `--from-inputs` the routing below rebuilds the identities too: it
     // writes none of the other column families dropped.)
-    let mut dropped = keys::REBUILT_CFS.to_vec();
-    dropped.push(CF_IDENT);
-    let log = app::open_embedded_with(config, &store_options, &dropped)?;
+    let log = app::open_embedded_with(config, &store_options, &keys::REBUILT_CFS)?;
     let store = log.store().clone();
     let mut routed = 0u64;
     let log = if from_inputs {

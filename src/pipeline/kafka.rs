@@ -1142,9 +1142,7 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     crate::log::kafka::ensure_topics(c)?;
     let mut store = Store::open(&c.data_dir, &c.store_options())?;
     store.check_partitions(c.partitions)?;
-    let mut dropped = keys::REBUILT_CFS.to_vec();
-    dropped.push(CF_IDENT);
-    store.drop_column_families(&dropped)?;
+    store.drop_column_families(&keys::REBUILT_CFS)?;
     store
         .db()
         .delete_cf(store.cf(CF_META), keys::META_SETTINGS)?;

@@ -30,15 +30,18 @@ pub const ALL_CFS: [&str; 10] = [
     CF_BODIES,
     CF_TIMELINE,
 ];
-/// Column families a rebuild drops and replays. The last snapshot per user
-/// (`CF_SNAP`) is kept, so versions continue where consumers saw them.
-pub const REBUILT_CFS: [&str; 6] = [
+/// Column families a rebuild drops and replays (identities included: the
+/// replay writes them again from the records' links, `--from-inputs` from
+/// its routing). The last snapshot per user (`CF_SNAP`) is kept, so
+/// versions continue where consumers saw them.
+pub const REBUILT_CFS: [&str; 7] = [
     CF_USERS,
     CF_CATALOG,
     CF_PART,
     CF_OUTBOX,
     CF_BODIES,
     CF_TIMELINE,
+    CF_IDENT,
 ];
 
 pub fn partition_prefix(p: u32) -> [u8; 4] {
