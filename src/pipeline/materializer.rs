@@ -26,6 +26,7 @@ use crate::state::Store;
 use prost::Message;
 use rocksdb::WriteBatch;
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -45,7 +46,7 @@ pub struct Materializer {
     pub topics: Topics,
     pub opts: MaterializerOptions,
     /// Settings in effect per partition (cache of `part/{p}/s`).
-    settings: HashMap<u32, Settings>,
+    settings: HashMap<u32, Arc<Settings>>,
     /// Users' states as this stage last wrote them.
     cache: UserCache,
     /// Users published less than `min_interval` ago: when, and that
@@ -159,15 +160,15 @@ impl Materializer {
         self.recent.clear();
     }
 
-    pub fn settings(&mut self, store: &Store, p: u32) -> Result<Settings, PipelineError> {
+    pub fn settings(&mut self, store: &Store, p: u32) -> Result<Arc<Settings>, PipelineError> {
         if let Some(s) = self.settings.get(&p) {
             return Ok(s.clone());
         }
-        let s = snapshot::prepared(
+        let s = Arc::new(snapshot::prepared(
             store
                 .get_settings(CF_PART, &keys::part_settings(p))?
                 .unwrap_or_default(),
-        );
+        ));
         self.settings.insert(p, s.clone());
         Ok(s)
     }
@@ -267,7 +268,7 @@ impl Materializer {
                 if p == 0 {
                     self.remember_latest_settings(store, &mut batch, r)?;
                 }
-                self.settings.insert(p, s);
+                self.settings.insert(p, Arc::new(s));
                 settings_changed.insert(p);
                 applied += 1;
                 log_times_ns.push(r.log_time_ns);
@@ -552,7 +553,7 @@ impl Materializer {
         p: u32,
         mut w: apply::Working,
     ) {
-        let len = store.put_user(batch, p, &mut w.state);
+        let len = store.put_user(batch, p, &mut w.state) + w.timeline_bytes();
         w.resume();
         self.cache.put(p, w, len);
     }

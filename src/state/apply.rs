@@ -100,6 +100,9 @@ pub struct Working {
     pub shown_events: crate::snapshot::EncodedEvents,
     /// Timeline changes of this batch, in order (stored one key per event).
     pub timeline_ops: Vec<TimelineOp>,
+    /// Encoded size of the timeline's events, kept as events come and go
+    /// (the user cache's estimate; summing it per batch touched every event).
+    timeline_bytes: usize,
 }
 
 /// A change to a user's timeline.
@@ -124,6 +127,7 @@ impl Working {
     pub fn new(mut state: UserState) -> Working {
         let timeline = VecDeque::from(std::mem::take(&mut state.timeline));
         let ids = timeline.iter().map(|e| e.id.clone()).collect();
+        let timeline_bytes = timeline.iter().map(stored_len).sum();
         Working {
             state,
             timeline,
@@ -132,7 +136,14 @@ impl Working {
             dropped_bodies: Vec::new(),
             shown_events: Default::default(),
             timeline_ops: Vec::new(),
+            timeline_bytes,
         }
+    }
+
+    /// Encoded bytes of the timeline's events (as `UserState::timeline`
+    /// would hold them).
+    pub fn timeline_bytes(&self) -> usize {
+        self.timeline_bytes
     }
 
     pub fn timeline(&self) -> &VecDeque<StoredEvent> {
@@ -259,6 +270,12 @@ fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut 
     }
 }
 
+/// An event's share of an encoded timeline (its field tag and length too).
+fn stored_len(e: &StoredEvent) -> usize {
+    use prost::Message;
+    e.encoded_len() + 2
+}
+
 fn event_order(e: &StoredEvent) -> (i64, &str) {
     (e.created_at_ns, e.id.as_str())
 }
@@ -294,7 +311,11 @@ fn apply_event(
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
-    w.timeline_ops.push(TimelineOp::put(&event));
+    let op = TimelineOp::put(&event);
+    if let TimelineOp::Put(_, _, encoded) = &op {
+        w.timeline_bytes += encoded.len() + 2;
+    }
+    w.timeline_ops.push(op);
     if newest {
         w.timeline.push_back(event);
     } else {
@@ -306,6 +327,7 @@ fn apply_event(
     let max = limits.max_events_per_user.max(1);
     while w.timeline.len() > max {
         if let Some(old) = w.timeline.pop_front() {
+            w.timeline_bytes = w.timeline_bytes.saturating_sub(stored_len(&old));
             w.ids.remove(&old.id);
             w.shown_events.remove(old.created_at_ns, &old.id);
             w.timeline_ops
@@ -463,6 +485,32 @@ mod tests {
         assert_eq!(ids(&s), ["b", "c", "d"]);
         let e = c.get(&(TypeKind::Event, "s".into(), "t".into())).unwrap();
         assert_eq!((e.count, e.first_seen_ns, e.last_seen_ns), (4, 1, 4));
+    }
+
+    #[test]
+    fn timeline_bytes_follow_stored_and_dropped_events() {
+        let sum = |w: &Working| w.timeline().iter().map(stored_len).sum::<usize>();
+        let mut s = Working::new(new_user("u"));
+        let mut c = CatalogDelta::new();
+        let l = ApplyLimits {
+            max_events_per_user: 3,
+        };
+        for (id, at) in [
+            ("b", 2),
+            ("a", 1),
+            ("d", 4),
+            ("c", 2),
+            ("c", 9),
+            ("long-id", 0),
+        ] {
+            apply(&mut s, &mut ev(id, at), l, &mut c);
+            assert_eq!(s.timeline_bytes(), sum(&s), "after {id}");
+        }
+        assert!(s.timeline_bytes() > 0);
+        s.end_batch();
+        s.resume();
+        let again = Working::new(s.into_state());
+        assert_eq!(again.timeline_bytes(), sum(&again), "counted on load");
     }
 
     #[test]

@@ -282,16 +282,15 @@ impl Store {
     }
 
     /// Adds a user's state to the batch (the timeline apart: see
-    /// `put_timeline_ops`); returns the encoded size of all of it. A state
-    /// with its timeline still inline (older format) is split on the way.
+    /// `put_timeline_ops`); returns the encoded size of the user's value,
+    /// timeline not included. A state with its timeline still inline (older
+    /// format) is split on the way.
     pub fn put_user(&self, batch: &mut WriteBatch, p: u32, s: &mut UserState) -> usize {
         let timeline = std::mem::take(&mut s.timeline);
-        let mut timeline_bytes = 0;
         if !s.timeline_split {
             let cf = self.cf(CF_TIMELINE);
             for e in &timeline {
                 let v = e.encode_to_vec();
-                timeline_bytes += v.len();
                 batch.put_cf(
                     cf,
                     keys::timeline_event(p, &s.user_id, e.created_at_ns, &e.id),
@@ -299,13 +298,11 @@ impl Store {
                 );
             }
             s.timeline_split = true;
-        } else {
-            timeline_bytes = timeline.iter().map(|e| e.encoded_len() + 2).sum();
         }
         let v = s.encode_to_vec();
         s.timeline = timeline;
         batch.put_cf(self.cf(CF_USERS), keys::user(p, &s.user_id), &v);
-        v.len() + timeline_bytes
+        v.len()
     }
 
     /// Adds a batch's timeline changes of one user (in their order).
