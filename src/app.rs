@@ -3,7 +3,7 @@
 
 use crate::config::Config;
 use crate::ingest::Limits;
-use crate::log::embedded::{EmbeddedLog, LogOptions};
+use crate::log::embedded::{EmbeddedLog, LogOptions, DROP_BEHIND_EVERY, DROP_BEHIND_STEP};
 use crate::log::kafka::KafkaProducer;
 use crate::log::OutRecord;
 use crate::pipeline::embedded::{run_materializer, run_router, DriverOptions, Readiness, Stages};
@@ -220,6 +220,20 @@ impl EmbeddedRuntime {
                         ready.failed.store(true, Ordering::Release);
                     }
                     r
+                }),
+            )?);
+        }
+        if config.storage.log_page_cache_mb > 0 {
+            let keep = config.storage.log_page_cache_mb << 20;
+            let (log, stop) = (log.clone(), stop.clone());
+            handles.push(spawn(
+                "log-drop-behind",
+                Box::new(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        log.drop_behind(keep, DROP_BEHIND_STEP);
+                        std::thread::sleep(DROP_BEHIND_EVERY);
+                    }
+                    Ok(())
                 }),
             )?);
         }

@@ -104,6 +104,11 @@ pub struct StorageConfig {
     /// Embedded mode: size of one segment file of a local topic partition,
     /// MiB (retention deletes whole segments).
     pub log_segment_mb: u64,
+    /// Embedded mode: the newest MiB of each local topic partition kept in
+    /// the OS page cache after they are written; older bytes are written
+    /// back and dropped from it (the stages read right behind the end).
+    /// 0: off, the OS keeps everything cached until it needs the memory.
+    pub log_page_cache_mb: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -176,6 +181,7 @@ impl Default for StorageConfig {
             sync_writes: false,
             snapshot_log_retention: 100_000,
             log_segment_mb: 64,
+            log_page_cache_mb: 16,
         }
     }
 }

@@ -32,6 +32,11 @@ pub struct LogOptions {
     pub segment_bytes: u64,
 }
 
+/// How often the embedded runtime runs `EmbeddedLog::drop_behind`.
+pub const DROP_BEHIND_EVERY: Duration = Duration::from_millis(100);
+/// Drop-behind ranges are at least this long.
+pub const DROP_BEHIND_STEP: u64 = 4 << 20;
+
 impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
@@ -214,6 +219,30 @@ impl EmbeddedLog {
             }
         }
         total
+    }
+
+    /// One pass of drop-behind over every partition (`Segment::drop_behind`):
+    /// the active segment's bytes but its newest `keep`, and all of the
+    /// segment before it (rolled since the last passes), in ranges of at
+    /// least `step` bytes. Called every `DROP_BEHIND_EVERY` by a thread of
+    /// its own, so the writeback it starts never holds up a commit.
+    pub fn drop_behind(&self, keep: u64, step: u64) {
+        for t in &self.topics {
+            for p in &t.partitions {
+                let last_two: Vec<Arc<Segment>> = {
+                    let segs = p.segments.read().expect("segments lock");
+                    segs.iter().rev().take(2).cloned().collect()
+                };
+                for (i, seg) in last_two.iter().enumerate() {
+                    let Ok(len) = seg.file_len() else { continue };
+                    if i == 0 {
+                        seg.drop_behind(len.saturating_sub(keep) & !4095, step);
+                    } else {
+                        seg.drop_behind(len, 0);
+                    }
+                }
+            }
+        }
     }
 
     /// Appends `records` and writes `batch` atomically. Returns (partition, offset) of each record.
@@ -858,6 +887,74 @@ mod tests {
 
     fn segment_files(dir: &Path, topic: &str, p: i32) -> Vec<i64> {
         list_segments(&dir.join("log").join(folder_name(topic)).join(p.to_string())).unwrap()
+    }
+
+    /// A drop-behind pass leaves each partition's newest `keep` bytes cached
+    /// and drops the rest of its active segment and all of the segment
+    /// before (synced writes: clean pages go at the first pass); reads
+    /// still return everything.
+    #[test]
+    fn drop_behind_keeps_the_newest_bytes_of_each_partition_cached() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let opts = StoreOptions {
+            sync_writes: true,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), &opts).unwrap();
+        let topics = vec![("a".to_string(), 2)];
+        let log = EmbeddedLog::open_with(
+            store,
+            &topics,
+            LogOptions {
+                segment_bytes: 3 << 20,
+            },
+        )
+        .unwrap();
+        let value = "x".repeat(64 << 10);
+        for _ in 0..80 {
+            let r = OutRecord {
+                partition: Some(0),
+                ..out("a", None, &value)
+            };
+            log.commit(WriteBatch::default(), &[r]).unwrap();
+        }
+        let seg_path = |base: i64| {
+            dir.path()
+                .join("log")
+                .join(folder_name("a"))
+                .join("0")
+                .join(segment::file_name(base))
+        };
+        let bases = segment_files(dir.path(), "a", 0);
+        assert!(bases.len() >= 2, "{bases:?}");
+        let (rolled, active) = (
+            seg_path(bases[bases.len() - 2]),
+            seg_path(bases[bases.len() - 1]),
+        );
+        let len = |p: &PathBuf| std::fs::metadata(p).unwrap().len();
+        let resident = |p: &PathBuf, from: u64, to: u64| segment::resident_pages(p, from, to);
+        assert!(resident(&rolled, 0, len(&rolled)) > 0);
+        let keep = 1 << 20;
+        log.drop_behind(keep, 0);
+        assert_eq!(
+            resident(&rolled, 0, len(&rolled)),
+            0,
+            "the rolled segment dropped"
+        );
+        let cut = (len(&active) - keep) & !4095;
+        assert_eq!(
+            resident(&active, 0, cut),
+            0,
+            "behind the newest bytes dropped"
+        );
+        assert_eq!(
+            resident(&active, cut, len(&active)) as u64,
+            (len(&active) - cut).div_ceil(4096),
+            "the newest bytes stay cached"
+        );
+        let all = values(&log, "a", 0, 0);
+        assert_eq!(all.len(), 80);
+        assert!(all.iter().all(|(_, v)| v == &value));
     }
 
     /// Commits from several threads at once, each over partitions of its

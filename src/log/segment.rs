@@ -73,6 +73,16 @@ pub struct Segment {
     file: File,
     /// Where reads may start without scanning from the segment's start.
     index: Mutex<Index>,
+    /// How far `drop_behind` has gone.
+    behind: Mutex<Behind>,
+}
+
+/// Drop-behind positions: the writeback of the bytes below `started` was
+/// started; those below `dropped` were also dropped from the page cache.
+#[derive(Default)]
+struct Behind {
+    started: u64,
+    dropped: u64,
 }
 
 /// Positions of entries in a segment, learnt by reads as they pass.
@@ -116,6 +126,7 @@ impl Segment {
             path,
             file,
             index: Mutex::new(Index::default()),
+            behind: Mutex::new(Behind::default()),
         })
     }
 
@@ -137,6 +148,30 @@ impl Segment {
         (&self.file)
             .write_all(bytes)
             .map_err(|e| LogError::io("write", &self.path, e))
+    }
+
+    /// Lets the OS drop this segment's bytes below `upto` from its page
+    /// cache, in two passes one call apart: the first starts their
+    /// writeback, the next drops them (`POSIX_FADV_DONTNEED` starts the
+    /// writeback of dirty pages and drops only clean ones). Ranges shorter
+    /// than `step` wait for more. True while a range is between the passes.
+    /// Only whole pages are dropped, and the last one if `upto` is the end.
+    ///
+    /// Written log pages nobody reads again (the stages read right behind
+    /// the end) would otherwise stay cached until the OS needs the memory,
+    /// and every append would take a fresh page. Advice only: a page still
+    /// dirty stays cached, and a failed advice costs nothing but memory.
+    pub fn drop_behind(&self, upto: u64, step: u64) -> bool {
+        let mut b = self.behind.lock().expect("behind lock");
+        if b.started > b.dropped {
+            advise_dont_need(&self.file, b.dropped, b.started);
+            b.dropped = b.started;
+        }
+        if upto > b.started && upto - b.started >= step {
+            advise_dont_need(&self.file, b.started, upto);
+            b.started = upto;
+        }
+        b.started > b.dropped
     }
 
     /// Cuts the file to `len` bytes (drops what an uncommitted batch wrote).
@@ -314,9 +349,90 @@ impl<'a> ChunkReader<'a> {
     }
 }
 
+/// `POSIX_FADV_DONTNEED` for the bytes `from..to` of `file` (errors ignored: advice).
+fn advise_dont_need(file: &File, from: u64, to: u64) {
+    use std::os::fd::AsRawFd;
+    if to <= from {
+        return;
+    }
+    // SAFETY: a plain syscall on an open descriptor; no memory is passed.
+    unsafe {
+        libc::posix_fadvise(
+            file.as_raw_fd(),
+            from as libc::off_t,
+            (to - from) as libc::off_t,
+            libc::POSIX_FADV_DONTNEED,
+        );
+    }
+}
+
+/// Pages of `path`'s bytes `from..to` in the page cache (tests of drop-behind).
+#[cfg(test)]
+pub(crate) fn resident_pages(path: &Path, from: u64, to: u64) -> usize {
+    use std::os::fd::AsRawFd;
+    let file = File::open(path).unwrap();
+    let (from, len) = (from & !4095, (to - (from & !4095)) as usize);
+    let pages = len.div_ceil(4096);
+    let mut vec = vec![0u8; pages];
+    // SAFETY: a read-only shared mapping of an open file, only given to
+    // mincore (never read through) and unmapped before returning.
+    unsafe {
+        let at = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            from as libc::off_t,
+        );
+        assert_ne!(at, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(at, len, vec.as_mut_ptr()), 0);
+        libc::munmap(at, len);
+    }
+    vec.iter().filter(|b| *b & 1 == 1).count()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Drop-behind drops written pages in its second pass once they are
+    /// clean, leaves the newer ones cached, and loses no data. In a dir of
+    /// the checkout: a tmpfs `/tmp` has no page cache to drop.
+    #[test]
+    fn drop_behind_drops_written_pages_in_two_passes_and_loses_nothing() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let seg = Segment::open(dir.path(), 0).unwrap();
+        let mut buf = Vec::new();
+        for i in 0..96i64 {
+            encode_entry(&mut buf, i, i, None, &vec![i as u8; 128 << 10]);
+        }
+        seg.append(&buf).unwrap();
+        let len = seg.file_len().unwrap();
+        let mib = 1u64 << 20;
+        assert_eq!(
+            resident_pages(seg.path(), 0, len) as u64,
+            len.div_ceil(4096)
+        );
+        assert!(!seg.drop_behind(2 * mib, 4 * mib), "shorter than a step");
+        // First pass: writeback started; clean pages (after the sync) go too.
+        assert!(seg.drop_behind(8 * mib, 4 * mib));
+        seg.sync().unwrap();
+        // Second pass: the first range is dropped; nothing newer to start.
+        assert!(!seg.drop_behind(9 * mib, 4 * mib));
+        assert_eq!(resident_pages(seg.path(), 0, 8 * mib), 0);
+        assert_eq!(
+            resident_pages(seg.path(), 8 * mib, len) as u64,
+            (len - 8 * mib).div_ceil(4096),
+            "the bytes not yet behind stay cached"
+        );
+        let mut out = Vec::new();
+        seg.read("t", 0, 0, 95, 1000, &mut out).unwrap();
+        assert_eq!(out.len(), 96);
+        assert!(out
+            .iter()
+            .all(|r| r.value == vec![r.offset as u8; 128 << 10]));
+    }
 
     #[test]
     fn entries_round_trip_and_corruption_is_an_error() {
