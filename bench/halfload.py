@@ -6,8 +6,8 @@
 Starts `contextd run` on a fresh temp data dir, posts a generated workload
 (`contextd workload`, seed 43) through the HTTP ingest API at a fixed rate
 (a chunk every 50 ms), then prints the materializing stage's batch metrics,
-the user-cache counters, snapshots and snapshot bytes published and the
-CPU seconds of each contextd thread
+the user-cache counters and estimate, the process's memory, snapshots and
+snapshot bytes published and the CPU seconds of each contextd thread
 (/proc/PID/task/*/stat). Used for the "half load" figures in BENCHMARKS.md.
 """
 
@@ -94,6 +94,9 @@ def main():
             if buckets:
                 print("  record latency (contextd_record_latency_seconds, from the buckets): "
                       + ", ".join(f"p{int(q * 100)} {R.quantile(buckets, q) * 1000:,.0f} ms" for q in (0.5, 0.9, 0.99)))
+            with open(f"/proc/{proc.pid}/status") as f:
+                mem = {k: v.strip() for k, v in (line.split(":", 1) for line in f) if k in ("VmRSS", "VmHWM")}
+            print(f"  memory: RSS {mem.get('VmRSS')}, peak {mem.get('VmHWM')}")
             for name, cpu in sorted(thread_cpu(proc.pid).items(), key=lambda x: -x[1]):
                 if cpu >= 0.05:
                     print(f"  cpu {name:<16} {cpu:6.2f} s")

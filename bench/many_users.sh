@@ -36,4 +36,5 @@ done
 T1=$(date +%s)
 echo "$RECORDS records, $USERS users (uniform): processed in $((T1 - T0)) s"
 echo "$M" | grep '^contextd_users ' || echo 'contextd_users: not reported yet (updated every 10 s)'
+echo "$M" | grep '^contextd_user_cache_bytes ' || true
 grep -E "VmHWM|VmRSS" /proc/$PID/status

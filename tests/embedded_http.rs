@@ -561,6 +561,9 @@ fn a_burst_for_one_user_is_held_and_published_as_one_snapshot() {
         metric("contextd_record_latency_seconds_bucket{le=\"+Inf\"} "),
         count
     );
+    // The user this test touched is cached: the estimate counts it.
+    let cached = metric("contextd_user_cache_bytes ");
+    assert!(cached > 0.0 && cached < (128 << 20) as f64, "{m}");
     // Held when the process is killed: published after the restart.
     post(&s, 5);
     s.wait_for(20, "the next change held", |s| {

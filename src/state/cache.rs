@@ -56,8 +56,20 @@ impl UserCache {
     /// Takes a user's state out (the caller puts it back after the batch).
     pub fn take(&mut self, p: u32, user_id: &str) -> Option<Working> {
         let e = self.map.remove(&(p, user_id.to_string()))?;
-        self.bytes -= e.bytes;
+        self.set_bytes(self.bytes - e.bytes);
         Some(e.working)
+    }
+
+    /// Sets the estimate held, and moves `contextd_user_cache_bytes` (the
+    /// sum over every materializing thread's cache) by the difference.
+    fn set_bytes(&mut self, bytes: usize) {
+        let gauge = metrics::gauge!("contextd_user_cache_bytes");
+        if bytes >= self.bytes {
+            gauge.increment((bytes - self.bytes) as f64);
+        } else {
+            gauge.decrement((self.bytes - bytes) as f64);
+        }
+        self.bytes = bytes;
     }
 
     /// Keeps a user's state (`encoded_len`: its size in the store; the
@@ -69,7 +81,7 @@ impl UserCache {
         }
         self.clock += 1;
         let key = (p, working.state.user_id.clone());
-        self.bytes += bytes;
+        let mut total = self.bytes + bytes;
         if let Some(old) = self.map.insert(
             key,
             Entry {
@@ -78,8 +90,9 @@ impl UserCache {
                 used: self.clock,
             },
         ) {
-            self.bytes -= old.bytes;
+            total -= old.bytes;
         }
+        self.set_bytes(total);
         if self.bytes > self.budget {
             self.evict();
         }
@@ -91,33 +104,36 @@ impl UserCache {
             self.map.iter().map(|(k, e)| (e.used, k.clone())).collect();
         by_age.sort_unstable();
         let target = self.budget / 4 * 3;
+        let mut total = self.bytes;
         for (_, k) in by_age {
-            if self.bytes <= target {
+            if total <= target {
                 break;
             }
             if let Some(e) = self.map.remove(&k) {
-                self.bytes -= e.bytes;
+                total -= e.bytes;
             }
         }
+        self.set_bytes(total);
         metrics::counter!("contextd_user_cache_evictions_total").increment(1);
     }
 
     /// Forgets the users of partition `p`.
     pub fn forget_partition(&mut self, p: u32) {
-        let bytes = &mut self.bytes;
+        let mut total = self.bytes;
         self.map.retain(|(q, _), e| {
             if *q == p {
-                *bytes -= e.bytes;
+                total -= e.bytes;
                 false
             } else {
                 true
             }
         });
+        self.set_bytes(total);
     }
 
     pub fn clear(&mut self) {
         self.map.clear();
-        self.bytes = 0;
+        self.set_bytes(0);
     }
 
     pub fn len(&self) -> usize {
@@ -131,6 +147,12 @@ impl UserCache {
     /// Estimated memory held, bytes.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+}
+
+impl Drop for UserCache {
+    fn drop(&mut self) {
+        self.set_bytes(0);
     }
 }
 
