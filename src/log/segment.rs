@@ -415,10 +415,11 @@ mod tests {
             len.div_ceil(4096)
         );
         assert!(!seg.drop_behind(2 * mib, 4 * mib), "shorter than a step");
-        // First pass: writeback started; clean pages (after the sync) go too.
+        // First pass: the writeback of the first 8 MiB starts (dirty pages
+        // stay cached); the sync stands in for the time until the next pass.
         assert!(seg.drop_behind(8 * mib, 4 * mib));
         seg.sync().unwrap();
-        // Second pass: the first range is dropped; nothing newer to start.
+        // Second pass: that range is dropped; 1 MiB more is under a step.
         assert!(!seg.drop_behind(9 * mib, 4 * mib));
         assert_eq!(resident_pages(seg.path(), 0, 8 * mib), 0);
         assert_eq!(
