@@ -138,6 +138,29 @@ fn poll_batch<C: ConsumerContext>(
     Ok(out)
 }
 
+/// Stores, for the next commit, the next offset to consume of each
+/// (topic, partition): one past the last record processed. (Not
+/// `Consumer::store_offset`: it wraps librdkafka's `rd_kafka_offset_store`,
+/// which commits the offset it is given plus one, so given the next offset
+/// a restarted or succeeding member would skip a record.)
+fn store_next_offsets<'a, C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    next: impl IntoIterator<Item = (&'a str, i32, i64)>,
+) {
+    let mut tpl = TopicPartitionList::new();
+    for (topic, partition, offset) in next {
+        if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+            tracing::warn!(error = %e, topic, partition, "cannot store offset");
+        }
+    }
+    if tpl.count() == 0 {
+        return;
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::warn!(error = %e, "cannot store offsets (partitions revoked?)");
+    }
+}
+
 /// Runs `f` until it succeeds or `stop`, backing off on Kafka errors
 /// (broker down: processing pauses, nothing is committed, then resumes).
 fn retry<T>(
@@ -239,11 +262,13 @@ pub fn run_router(
             }
         }
         store.write(wb)?;
-        for ((t, p), next) in &routed.positions {
-            if let Err(e) = consumer.store_offset(t, *p, *next) {
-                tracing::warn!(error = %e, topic = %t, partition = p, "cannot store offset (partition revoked?)");
-            }
-        }
+        store_next_offsets(
+            &consumer,
+            routed
+                .positions
+                .iter()
+                .map(|((t, p), next)| (t.as_str(), *p, *next)),
+        );
         metrics::histogram!("contextd_batch_seconds", "stage" => "route")
             .record(t0.elapsed().as_secs_f64());
     }
@@ -956,9 +981,10 @@ pub fn run_materializer(
             let e = next.entry(r.partition).or_insert(0);
             *e = (*e).max(r.offset + 1);
         }
-        for (p, offset) in next {
-            let _ = consumer.store_offset(&topic, p, offset);
-        }
+        store_next_offsets(
+            &consumer,
+            next.into_iter().map(|(p, o)| (topic.as_str(), p, o)),
+        );
         // Partitions whose restore reached the end seen at assignment go live.
         let due: Vec<i32> = parts
             .iter()
