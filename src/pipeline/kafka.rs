@@ -999,9 +999,16 @@ pub fn run_materializer(
             })
             .map(|(p, _)| *p)
             .collect();
+        let mut seen = if due.is_empty() {
+            HashMap::new()
+        } else {
+            let ps: Vec<u32> = due.iter().map(|p| *p as u32).collect();
+            seen_versions(&c, &store, &ps, &stop)?
+        };
         for p in due {
             let w = &mut workers[worker(p)].live;
-            let n = go_live(&c, &store, &producer, w, p as u32, &stop)?;
+            let s = seen.remove(&(p as u32)).unwrap_or_default();
+            let n = go_live(&store, &producer, w, p as u32, s, &stop)?;
             tracing::info!(
                 partition = p,
                 republished = n,
@@ -1086,53 +1093,90 @@ fn announce(
     })
 }
 
-/// After a restore: take the highest snapshot version published for each
-/// user of partition `p` (by any instance), then publish only where the
-/// visible context differs from the last published one.
-fn go_live(
+/// Where the last go-live of partition `p` stopped reading its snapshots.
+fn snapshot_sync_key(p: u32) -> Vec<u8> {
+    let mut k = p.to_be_bytes().to_vec();
+    k.push(b'S');
+    k
+}
+
+/// What the snapshots topic holds for a partition going live: the highest
+/// version published per user (by any instance) since the last go-live, and
+/// the position after the last record read.
+#[derive(Default)]
+struct SeenVersions {
+    versions: HashMap<String, u64>,
+    next: i64,
+}
+
+/// Reads the snapshots of every partition in `ps` in one pass (one reader,
+/// one wait for the end), from where each partition's last go-live stopped.
+/// Partitions that go live together (every partition at a start or a
+/// rebalance) pay the reader's start and idle wait once, not once each.
+fn seen_versions(
     c: &Config,
+    store: &Store,
+    ps: &[u32],
+    stop: &AtomicBool,
+) -> Result<HashMap<u32, SeenVersions>, PipelineError> {
+    let mut seen: HashMap<u32, SeenVersions> = HashMap::new();
+    let mut from = Vec::with_capacity(ps.len());
+    for &p in ps {
+        let at = store.get_i64(CF_PART, &snapshot_sync_key(p))?.unwrap_or(0);
+        seen.insert(
+            p,
+            SeenVersions {
+                versions: HashMap::new(),
+                next: at,
+            },
+        );
+        from.push((c.topics.snapshots.clone(), p as i32, at));
+    }
+    let json_format = c.snapshot_format == super::SnapshotFormat::Json;
+    retry(stop, "snapshot sync", || {
+        read_until_idle(c, &from, Duration::from_millis(300), |r| {
+            let Some(s) = seen.get_mut(&(r.partition as u32)) else {
+                return;
+            };
+            s.next = s.next.max(r.offset + 1);
+            let (Some(k), v) = (r.key, r.value) else {
+                return;
+            };
+            let version = if json_format {
+                serde_json::from_slice::<serde_json::Value>(&v)
+                    .ok()
+                    .and_then(|j| j["version"].as_u64())
+            } else {
+                ContextSnapshot::decode(&v[..]).ok().map(|s| s.version)
+            };
+            if let Some(ver) = version {
+                let e = s
+                    .versions
+                    .entry(String::from_utf8_lossy(&k).into_owned())
+                    .or_insert(0);
+                *e = (*e).max(ver);
+            }
+        })
+        .map_err(PipelineError::from)
+    })?;
+    Ok(seen)
+}
+
+/// After a restore: with the highest snapshot version published for each
+/// user of partition `p` (by any instance: `seen_versions`), publish only
+/// where the visible context differs from the last published one.
+fn go_live(
     store: &Store,
     producer: &KafkaProducer,
     mat: &mut Materializer,
     p: u32,
+    seen: SeenVersions,
     stop: &AtomicBool,
 ) -> Result<usize, PipelineError> {
-    let pos_key = {
-        let mut k = p.to_be_bytes().to_vec();
-        k.push(b'S');
-        k
-    };
-    let from = store.get_i64(CF_PART, &pos_key)?.unwrap_or(0);
-    let mut published_versions: HashMap<String, u64> = HashMap::new();
-    let mut next = from;
-    let json_format = c.snapshot_format == super::SnapshotFormat::Json;
-    retry(stop, "snapshot sync", || {
-        read_until_idle(
-            c,
-            &[(c.topics.snapshots.clone(), p as i32, from)],
-            Duration::from_millis(300),
-            |r| {
-                next = next.max(r.offset + 1);
-                let (Some(k), v) = (r.key, r.value) else {
-                    return;
-                };
-                let version = if json_format {
-                    serde_json::from_slice::<serde_json::Value>(&v)
-                        .ok()
-                        .and_then(|j| j["version"].as_u64())
-                } else {
-                    ContextSnapshot::decode(&v[..]).ok().map(|s| s.version)
-                };
-                if let Some(ver) = version {
-                    let e = published_versions
-                        .entry(String::from_utf8_lossy(&k).into_owned())
-                        .or_insert(0);
-                    *e = (*e).max(ver);
-                }
-            },
-        )
-        .map_err(PipelineError::from)
-    })?;
+    let SeenVersions {
+        versions: published_versions,
+        next,
+    } = seen;
     // The highest version on the topic wins; its content is known when this
     // instance published it itself (its mark, with the content hash, is kept
     // in the state), else it is re-sent.
@@ -1155,7 +1199,7 @@ fn go_live(
     mat.forget(p);
     let count = settle_partition(store, mat, p, &published, &mut commit)?;
     let mut wb = WriteBatch::default();
-    store.put_i64(&mut wb, CF_PART, &pos_key, next);
+    store.put_i64(&mut wb, CF_PART, &snapshot_sync_key(p), next);
     store.write(wb)?;
     Ok(count)
 }
@@ -1210,7 +1254,12 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
             .get_i64(CF_PART, &keys::part_offset(p as u32))?
             .unwrap_or(0) as u64;
         progress(replayed);
-        published += go_live(c, &store, &producer, &mut live, p as u32, &stop)?;
+    }
+    let ps: Vec<u32> = (0..c.partitions).collect();
+    let mut seen = seen_versions(c, &store, &ps, &stop)?;
+    for p in ps {
+        let s = seen.remove(&p).unwrap_or_default();
+        published += go_live(&store, &producer, &mut live, p, s, &stop)?;
     }
     producer.flush();
     store.flush()?;
