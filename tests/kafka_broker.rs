@@ -95,6 +95,15 @@ fn kcat_produce(broker: &str, topic: &str, lines: &[(String, String)]) {
 }
 
 /// (partition, offset, key, value) of every record of a topic, via kcat.
+/// The visibility settings record (`SETTINGS`), produced with kcat.
+fn produce_settings(broker: &str) {
+    kcat_produce(
+        broker,
+        "context.settings",
+        &[("visibility".into(), SETTINGS.replace('\n', " "))],
+    );
+}
+
 fn kcat_consume(broker: &str, topic: &str) -> Vec<(i32, i64, String, String)> {
     let out = Command::new("kcat")
         .args([
@@ -294,11 +303,7 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
     let w = workload(24, 18);
     let want = embedded_expectation(dir.path(), &w);
     let s = start_kafka(dir.path(), "k1", &broker.addr, "g-e2e");
-    kcat_produce(
-        &broker.addr,
-        "context.settings",
-        &[("visibility".into(), SETTINGS.replace('\n', " "))],
-    );
+    produce_settings(&broker.addr);
     for (topic, lines) in &w.by_topic {
         kcat_produce(&broker.addr, topic, lines);
     }
@@ -369,11 +374,7 @@ fn two_instances_survive_a_kill_9_with_no_loss_and_monotonic_versions() {
     let want = embedded_expectation(dir.path(), &w);
     let mut a = start_kafka(dir.path(), "a", &broker.addr, "g-two");
     let b = start_kafka(dir.path(), "b", &broker.addr, "g-two");
-    kcat_produce(
-        &broker.addr,
-        "context.settings",
-        &[("visibility".into(), SETTINGS.replace('\n', " "))],
-    );
+    produce_settings(&broker.addr);
     // Both instances own partitions once the group settles.
     a.wait_for(60, "both instances serving partitions", |a| {
         let (_, ma) = a.try_get("/metrics").ok()?;
@@ -455,11 +456,7 @@ fn a_restarted_instance_resumes_every_input_partition_where_it_stopped() {
     let w = workload(24, 18);
     let want = embedded_expectation(dir.path(), &w);
     let mut s = start_kafka(dir.path(), "r1", &broker.addr, "g-restart");
-    kcat_produce(
-        &broker.addr,
-        "context.settings",
-        &[("visibility".into(), SETTINGS.replace('\n', " "))],
-    );
+    produce_settings(&broker.addr);
     let mut first = 0;
     let mut rest: Vec<(&String, &[(String, String)])> = Vec::new();
     for (topic, lines) in &w.by_topic {

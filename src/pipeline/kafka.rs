@@ -1112,7 +1112,9 @@ struct SeenVersions {
 /// Reads the snapshots of every partition in `ps` in one pass (one reader,
 /// one wait for the end), from where each partition's last go-live stopped.
 /// Partitions that go live together (every partition at a start or a
-/// rebalance) pay the reader's start and idle wait once, not once each.
+/// rebalance) pay the reader's start and idle wait once, not once each;
+/// the versions of all of them are held until they are settled (a user id
+/// and a version per user published since the last go-live).
 fn seen_versions(
     c: &Config,
     store: &Store,
