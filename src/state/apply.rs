@@ -273,7 +273,13 @@ fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut 
 /// An event's share of an encoded timeline (its field tag and length too).
 fn stored_len(e: &StoredEvent) -> usize {
     use prost::Message;
-    e.encoded_len() + 2
+    share_of_timeline(e.encoded_len())
+}
+
+/// The share of an event encoded in `encoded` bytes (an estimate: one byte
+/// of tag, one of length).
+fn share_of_timeline(encoded: usize) -> usize {
+    encoded + 2
 }
 
 fn event_order(e: &StoredEvent) -> (i64, &str) {
@@ -313,7 +319,7 @@ fn apply_event(
     }
     let op = TimelineOp::put(&event);
     if let TimelineOp::Put(_, _, encoded) = &op {
-        w.timeline_bytes += encoded.len() + 2;
+        w.timeline_bytes += share_of_timeline(encoded.len());
     }
     w.timeline_ops.push(op);
     if newest {
