@@ -17,9 +17,11 @@
 //!   Snapshots go through an outbox in the same `WriteBatch` as the state,
 //!   so a re-send after a crash carries the same version and content. A
 //!   batch is split by partition over `pipeline.materializer_threads`
-//!   workers; each sends its snapshots without waiting for the acks of its
-//!   earlier batches (up to `MAX_IN_FLIGHT`), and after a failed delivery
-//!   sends everything in flight again, in order.
+//!   workers, each on its own thread with a queue (`Pool`): the consumer
+//!   polls on while they work, and waits for them only where partitions
+//!   move or go live. Each sends its snapshots without waiting for the acks
+//!   of its earlier batches (up to `MAX_IN_FLIGHT`), and after a failed
+//!   delivery sends everything in flight again, in order.
 
 use super::embedded::{Readiness, StoreLookup};
 use super::materializer::{observe_latency, Materializer};
@@ -45,7 +47,8 @@ use rocksdb::{IteratorMode, WriteBatch};
 use serde_json::json;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 fn kerr(e: KafkaError) -> PipelineError {
@@ -430,6 +433,9 @@ struct MatContext {
     /// revoke returns, so the next owner of a partition reads them when it
     /// synchronises versions.
     producer: KafkaProducer,
+    /// The workers, which finish what they were handed before a revoke
+    /// returns (set once they are started).
+    pool: OnceLock<Arc<Pool>>,
 }
 
 impl ClientContext for MatContext {}
@@ -480,6 +486,11 @@ impl ConsumerContext for MatContext {
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 tracing::info!(partitions = ?parts, "records partitions revoked");
+                if let Some(pool) = self.pool.get() {
+                    if let Err(e) = pool.drain() {
+                        tracing::error!(error = %e, "materializing workers failed before a revoke");
+                    }
+                }
                 self.producer.flush();
                 self.events
                     .lock()
@@ -805,11 +816,6 @@ impl Worker {
             .is_some_and(|due| due <= Instant::now())
     }
 
-    /// Whether this worker has something to do for `share`.
-    fn has_work(&self, share: &Share) -> bool {
-        !share.is_empty() || self.release_due()
-    }
-
     /// Publishes the held snapshots that are due (every held one if `all`).
     fn release(
         &mut self,
@@ -824,9 +830,193 @@ impl Worker {
     }
 }
 
+/// What the stage's loop hands a worker thread, in order.
+enum Cmd {
+    /// A share of a polled batch.
+    Work(Share),
+    /// Answered once everything handed before it is done.
+    Barrier(mpsc::SyncSender<()>),
+}
+
+/// Shares a worker may have queued before the loop waits for it.
+const QUEUED_SHARES: usize = 4;
+
+/// A worker's longest wait for work before it checks for held snapshots due.
+const WORKER_IDLE: Duration = Duration::from_millis(50);
+
+/// The materializing workers, each on a thread of its own with a queue.
+/// The loop hands each worker its share of a polled batch and polls on
+/// without waiting for it: a broker that answers with long runs of one
+/// partition (tansu sends thousands of records of one partition before the
+/// next) still keeps every worker busy. The loop waits for the workers
+/// (`drain`) only where partitions move or go live, and before it stops.
+struct Pool {
+    workers: Vec<Mutex<Worker>>,
+    queues: Mutex<Vec<mpsc::SyncSender<Cmd>>>,
+    /// The first error of a worker; the stage stops with it.
+    failed: Mutex<Option<PipelineError>>,
+    /// Per partition, the offset after the last record the workers committed.
+    done: Mutex<BTreeMap<i32, i64>>,
+}
+
+impl Pool {
+    /// Starts a thread per worker.
+    fn start(
+        workers: Vec<Worker>,
+        store: &Store,
+        producer: &KafkaProducer,
+        stop: &Arc<AtomicBool>,
+    ) -> (Arc<Pool>, Vec<std::thread::JoinHandle<()>>) {
+        let mut queues = Vec::with_capacity(workers.len());
+        let mut receivers = Vec::with_capacity(workers.len());
+        for _ in &workers {
+            let (tx, rx) = mpsc::sync_channel(QUEUED_SHARES);
+            queues.push(tx);
+            receivers.push(rx);
+        }
+        let pool = Arc::new(Pool {
+            workers: workers.into_iter().map(Mutex::new).collect(),
+            queues: Mutex::new(queues),
+            failed: Mutex::new(None),
+            done: Mutex::new(BTreeMap::new()),
+        });
+        let handles = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(i, rx)| {
+                let (pool, store, producer, stop) =
+                    (pool.clone(), store.clone(), producer.clone(), stop.clone());
+                std::thread::Builder::new()
+                    .name(format!("materialize-{i}"))
+                    .spawn(move || pool.work(i, rx, &store, &producer, &stop))
+                    .expect("spawn a materializing worker")
+            })
+            .collect();
+        (pool, handles)
+    }
+
+    /// A worker, once the loop has `drain`ed (else it waits for its share).
+    fn worker(&self, i: usize) -> MutexGuard<'_, Worker> {
+        self.workers[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A worker thread: applies its shares in order; when idle, publishes
+    /// the held snapshots that are due.
+    fn work(
+        &self,
+        i: usize,
+        rx: mpsc::Receiver<Cmd>,
+        store: &Store,
+        producer: &KafkaProducer,
+        stop: &AtomicBool,
+    ) {
+        loop {
+            let wait = self.worker(i).live.next_due().map_or(WORKER_IDLE, |due| {
+                due.saturating_duration_since(Instant::now())
+                    .min(WORKER_IDLE)
+            });
+            match rx.recv_timeout(wait) {
+                Ok(Cmd::Work(share)) => {
+                    if self.has_failed() {
+                        continue;
+                    }
+                    let result = self.worker(i).materialize(store, producer, &share, stop);
+                    match result {
+                        Ok(()) => {
+                            let mut done = self.done.lock().expect("lock");
+                            for r in share.restoring.iter().chain(&share.live) {
+                                let e = done.entry(r.partition).or_insert(0);
+                                *e = (*e).max(r.offset + 1);
+                            }
+                        }
+                        Err(e) => self.fail(e),
+                    }
+                }
+                Ok(Cmd::Barrier(ack)) => {
+                    let _ = ack.send(());
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    if self.has_failed() {
+                        continue;
+                    }
+                    let mut w = self.worker(i);
+                    if w.release_due() {
+                        if let Err(e) = w.release(store, producer, false, stop) {
+                            drop(w);
+                            self.fail(e);
+                        }
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return,
+            }
+        }
+    }
+
+    fn fail(&self, e: PipelineError) {
+        tracing::error!(error = %e, "a materializing worker failed");
+        self.failed.lock().expect("lock").get_or_insert(e);
+    }
+
+    fn has_failed(&self) -> bool {
+        self.failed.lock().expect("lock").is_some()
+    }
+
+    /// The first error of a worker, if one failed.
+    fn check(&self) -> Result<(), PipelineError> {
+        match self.failed.lock().expect("lock").take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands worker `i` a share (waits while its queue is full).
+    fn hand(&self, i: usize, share: Share) -> Result<(), PipelineError> {
+        let q = self.queues.lock().expect("lock").get(i).cloned();
+        match q.map(|q| q.send(Cmd::Work(share))) {
+            Some(Ok(())) => Ok(()),
+            _ => Err(worker_gone()),
+        }
+    }
+
+    /// Waits until every worker has done everything handed to it; then
+    /// `worker` does not wait.
+    fn drain(&self) -> Result<(), PipelineError> {
+        let queues = self.queues.lock().expect("lock").clone();
+        let mut acks = Vec::with_capacity(queues.len());
+        for q in queues {
+            let (tx, rx) = mpsc::sync_channel(1);
+            q.send(Cmd::Barrier(tx)).map_err(|_| worker_gone())?;
+            acks.push(rx);
+        }
+        for rx in acks {
+            rx.recv().map_err(|_| worker_gone())?;
+        }
+        self.check()
+    }
+
+    /// The offsets after the records committed since the last call.
+    fn take_done(&self) -> BTreeMap<i32, i64> {
+        std::mem::take(&mut *self.done.lock().expect("lock"))
+    }
+
+    /// Ends the worker threads (after what they were handed).
+    fn close(&self, handles: Vec<std::thread::JoinHandle<()>>) {
+        self.queues.lock().expect("lock").clear();
+        for h in handles {
+            let _ = h.join();
+        }
+    }
+}
+
+fn worker_gone() -> PipelineError {
+    PipelineError::Store(crate::state::StoreError::Incompatible(
+        "a materializing worker stopped (panicked)".into(),
+    ))
+}
+
 /// The materializing stage (group `{group_id}-materializer`): one consumer,
-/// each batch applied by `pipeline.materializer_threads` workers over
-/// disjoint partitions in parallel.
+/// its batches applied by `pipeline.materializer_threads` workers over
+/// disjoint partitions, each on its own thread (`Pool`).
 #[allow(clippy::too_many_arguments)]
 pub fn run_materializer(
     c: Config,
@@ -846,17 +1036,17 @@ pub fn run_materializer(
         topic: topic.clone(),
         events: Mutex::new(Vec::new()),
         producer: producer.clone(),
+        pool: OnceLock::new(),
     };
     let consumer: BaseConsumer<MatContext> =
         consumer_config(&c, &format!("{}-materializer", c.group_id))
             .create_with_context(ctx)
             .map_err(kerr)?;
-    consumer.subscribe(&[&topic]).map_err(kerr)?;
-    // Work of a batch is split by partition over `threads` workers, each
-    // with its own materializers (state is partitioned: workers never touch
-    // the same user); one consumer keeps the group membership simple.
+    // Work is split by partition over `threads` workers, each with its own
+    // materializers (state is partitioned: workers never touch the same
+    // user); one consumer keeps the group membership simple.
     let threads = crate::app::materializer_threads(&c) as usize;
-    let mut workers: Vec<Worker> = (0..threads)
+    let workers: Vec<Worker> = (0..threads)
         .map(|_| {
             let share = |publish| {
                 let o = crate::app::materializer_share(&c, publish, threads);
@@ -865,6 +1055,31 @@ pub fn run_materializer(
             Worker::new(share(true), share(false))
         })
         .collect();
+    let (pool, handles) = Pool::start(workers, &store, &producer, &stop);
+    let _ = consumer.context().pool.set(pool.clone());
+    let result = materialize_loop(&c, &store, &producer, &consumer, &pool, &own, &ready, &stop);
+    pool.close(handles);
+    result?;
+    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
+    Ok(())
+}
+
+/// The materializing stage's loop: polls, hands each worker its share,
+/// follows rebalances and brings restored partitions live.
+#[allow(clippy::too_many_arguments)]
+fn materialize_loop(
+    c: &Config,
+    store: &Store,
+    producer: &KafkaProducer,
+    consumer: &BaseConsumer<MatContext>,
+    pool: &Pool,
+    own: &Ownership,
+    ready: &Readiness,
+    stop: &AtomicBool,
+) -> Result<(), PipelineError> {
+    let topic = c.topics.records.as_str();
+    consumer.subscribe(&[topic]).map_err(kerr)?;
+    let threads = pool.workers.len();
     let worker = |p: i32| p as usize % threads;
     let mut parts: BTreeMap<i32, PartState> = BTreeMap::new();
     let started = Instant::now();
@@ -873,20 +1088,22 @@ pub fn run_materializer(
     while !stop.load(Ordering::Acquire) {
         if own.rejoin_materializer.swap(false, Ordering::AcqRel) {
             consumer.unsubscribe();
-            consumer.subscribe(&[&topic]).map_err(kerr)?;
+            consumer.subscribe(&[topic]).map_err(kerr)?;
         }
         let batch = poll_batch(
-            &consumer,
+            consumer,
             c.pipeline.batch_records,
             Duration::from_millis(50),
         )?;
+        pool.check()?;
         let events: Vec<Rebalanced> =
             std::mem::take(&mut *consumer.context().events.lock().expect("lock"));
         if !events.is_empty() {
             // What was sent for partitions that may move is acknowledged
             // before another instance reads their snapshots.
-            for w in workers.iter_mut() {
-                w.flush(&store, &producer, &stop)?;
+            pool.drain()?;
+            for i in 0..threads {
+                pool.worker(i).flush(store, producer, stop)?;
             }
         }
         let mut changed = false;
@@ -896,13 +1113,13 @@ pub fn run_materializer(
                 Rebalanced::Assigned(ps) => {
                     had_assignment = true;
                     for p in ps {
-                        let high = retry(&stop, "watermarks", || {
+                        let high = retry(stop, "watermarks", || {
                             consumer
-                                .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                                .fetch_watermarks(topic, p, Duration::from_secs(5))
                                 .map_err(kerr)
                         })?
                         .1;
-                        workers[worker(p)].forget(p as u32);
+                        pool.worker(worker(p)).forget(p as u32);
                         parts.insert(
                             p,
                             PartState {
@@ -915,7 +1132,7 @@ pub fn run_materializer(
                 Rebalanced::Revoked(ps) => {
                     for p in ps {
                         parts.remove(&p);
-                        workers[worker(p)].forget(p as u32);
+                        pool.worker(worker(p)).forget(p as u32);
                         own.live.write().expect("lock").remove(&(p as u32));
                     }
                 }
@@ -933,82 +1150,58 @@ pub fn run_materializer(
                 share.restoring.push(r);
             }
         }
-        let busy = workers
-            .iter()
-            .zip(&shares)
-            .filter(|(w, s)| w.has_work(s))
-            .count();
-        if busy == 1 {
-            for (w, share) in workers.iter_mut().zip(&shares) {
-                if w.has_work(share) {
-                    w.materialize(&store, &producer, share, &stop)?;
-                }
-            }
-        } else if busy > 1 {
-            let results: Vec<Result<(), PipelineError>> = std::thread::scope(|scope| {
-                let handles: Vec<_> = workers
-                    .iter_mut()
-                    .zip(&shares)
-                    .filter(|(w, share)| w.has_work(share))
-                    .map(|(w, share)| {
-                        let (store, producer, stop) = (&store, &producer, &stop);
-                        scope.spawn(move || w.materialize(store, producer, share, stop))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(PipelineError::Store(
-                                crate::state::StoreError::Incompatible(
-                                    "a materializing worker panicked".into(),
-                                ),
-                            ))
-                        })
-                    })
-                    .collect()
-            });
-            for r in results {
-                r?;
+        for (i, share) in shares.into_iter().enumerate() {
+            if !share.is_empty() {
+                pool.hand(i, share)?;
             }
         }
-        // One stored offset per partition: after the last record processed.
-        let mut next: BTreeMap<i32, i64> = BTreeMap::new();
-        for r in shares
-            .iter()
-            .flat_map(|s| s.restoring.iter().chain(&s.live))
-        {
-            let e = next.entry(r.partition).or_insert(0);
-            *e = (*e).max(r.offset + 1);
-        }
+        // One stored offset per partition: after the last record committed.
         store_next_offsets(
-            &consumer,
-            next.into_iter().map(|(p, o)| (topic.as_str(), p, o)),
+            consumer,
+            pool.take_done()
+                .into_iter()
+                .filter(|(p, _)| parts.contains_key(p))
+                .map(|(p, o)| (topic, p, o)),
         );
         // Partitions whose restore reached the end seen at assignment go live.
-        let due: Vec<i32> = parts
-            .iter()
-            .filter(|(p, s)| {
-                !s.live
-                    && store
-                        .get_i64(CF_PART, &keys::part_offset(**p as u32))
-                        .ok()
-                        .flatten()
-                        .unwrap_or(0)
-                        >= s.target
-            })
-            .map(|(p, _)| *p)
-            .collect();
+        let restored = |parts: &BTreeMap<i32, PartState>| -> Vec<i32> {
+            parts
+                .iter()
+                .filter(|(p, s)| {
+                    !s.live
+                        && store
+                            .get_i64(CF_PART, &keys::part_offset(**p as u32))
+                            .ok()
+                            .flatten()
+                            .unwrap_or(0)
+                            >= s.target
+                })
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        let mut due = restored(&parts);
+        if !due.is_empty() {
+            // Every restoring record handed out is applied first (and more
+            // partitions may have finished meanwhile).
+            pool.drain()?;
+            due = restored(&parts);
+        }
         let mut seen = if due.is_empty() {
             HashMap::new()
         } else {
             let ps: Vec<u32> = due.iter().map(|p| *p as u32).collect();
-            seen_versions(&c, &store, &ps, &stop)?
+            seen_versions(c, store, &ps, stop)?
         };
         for p in due {
-            let w = &mut workers[worker(p)].live;
             let s = seen.remove(&(p as u32)).unwrap_or_default();
-            let n = go_live(&store, &producer, w, p as u32, s, &stop)?;
+            let n = go_live(
+                store,
+                producer,
+                &mut pool.worker(worker(p)).live,
+                p as u32,
+                s,
+                stop,
+            )?;
             tracing::info!(
                 partition = p,
                 republished = n,
@@ -1020,7 +1213,7 @@ pub fn run_materializer(
             changed = true;
         }
         if changed {
-            announce(&c, &producer, &own, &stop)?;
+            announce(c, producer, own, stop)?;
         }
         let all_live = parts.values().all(|s| s.live);
         ready.set_materializer(
@@ -1033,15 +1226,16 @@ pub fn run_materializer(
         }
         if last_lag.elapsed() >= LAG_EVERY {
             last_lag = Instant::now();
-            report_lag(&consumer, "materialize");
+            report_lag(consumer, "materialize");
         }
     }
-    for w in workers.iter_mut() {
+    pool.drain()?;
+    for i in 0..threads {
+        let mut w = pool.worker(i);
         // What is held is published before the stage stops.
-        w.release(&store, &producer, true, &stop)?;
-        w.flush(&store, &producer, &stop)?;
+        w.release(store, producer, true, stop)?;
+        w.flush(store, producer, stop)?;
     }
-    let _ = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync);
     Ok(())
 }
 
