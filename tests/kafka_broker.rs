@@ -275,9 +275,20 @@ fn wait_contexts(s: &Server, want: &HashMap<String, Value>, secs: u64) {
 }
 
 fn start_kafka(dir: &Path, name: &str, broker: &str, group: &str) -> Server {
+    start_kafka_with(dir, name, broker, group, "")
+}
+
+/// `start_kafka` with more TOML (whole tables) in its config file.
+fn start_kafka_with(dir: &Path, name: &str, broker: &str, group: &str, toml: &str) -> Server {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let cfg = kafka_config(dir, Some(&addr));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&cfg)
+        .unwrap()
+        .write_all(toml.as_bytes())
+        .unwrap();
     Server::start_at(
         &dir.join(name),
         &addr,
@@ -483,4 +494,68 @@ fn a_restarted_instance_resumes_every_input_partition_where_it_stopped() {
         Some(second),
         "after the restart the routing stage consumed exactly what was produced while it was down"
     );
+}
+
+/// With `snapshot.min_interval_ms`, a change that comes within the interval
+/// is held; once nothing else arrives, the idle materializing worker
+/// publishes it when the interval ends (not only at the next record or at
+/// shutdown).
+#[test]
+fn a_held_snapshot_is_published_when_its_interval_ends_with_no_more_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let s = start_kafka_with(
+        dir.path(),
+        "k1",
+        &broker.addr,
+        "g-hold",
+        "\n[snapshot]\nmin_interval_ms = 4000\n",
+    );
+    produce_settings(&broker.addr);
+    s.wait_ready(Duration::from_secs(60));
+    let event = |n: usize| {
+        (
+            "hold-u".to_string(),
+            json!({"id": format!("h{n}"), "user_id": "hold-u", "type": "article_viewed",
+                "created_at": format!("2026-11-20T10:00:0{n}Z"),
+                "properties": {"article": {"display_name": format!("A{n}")}}})
+            .to_string(),
+        )
+    };
+    // The settings are applied before the first event shows.
+    s.wait_for(30, "visibility settings applied", |s| {
+        let (_, v) = s.get("/api/admin/visibility");
+        (v["shown_event_types"].as_array().map(|a| a.len()) == Some(2)).then_some(())
+    });
+    kcat_produce(&broker.addr, "zendesk.events", &[event(1)]);
+    let snapshots_of_user = || -> Vec<Value> {
+        kcat_consume(&broker.addr, "context.snapshots")
+            .into_iter()
+            .filter(|(_, _, k, _)| k == "hold-u")
+            .map(|(_, _, _, v)| serde_json::from_str(&v).unwrap())
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while snapshots_of_user().is_empty() {
+        assert!(Instant::now() < deadline, "first snapshot not published");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Within the interval of the first publish: held.
+    kcat_produce(&broker.addr, "zendesk.events", &[event(2)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let snaps = snapshots_of_user();
+        let last = snaps.last().unwrap();
+        if last["events"].as_array().map(|a| a.len()) == Some(2) {
+            assert_eq!(snaps.len(), 2, "one snapshot per publish: {snaps:?}");
+            assert!(last["version"].as_u64() > snaps[0]["version"].as_u64());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held snapshot was not published: {snaps:?}\n{}",
+            s.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
