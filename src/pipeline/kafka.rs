@@ -855,6 +855,9 @@ struct Pool {
     queues: Mutex<Vec<mpsc::SyncSender<Cmd>>>,
     /// The first error of a worker; the stage stops with it.
     failed: Mutex<Option<PipelineError>>,
+    /// Set with `failed` and never cleared: after a failure no worker
+    /// commits anything more (its records would be skipped on restart).
+    broken: AtomicBool,
     /// Per partition, the offset after the last record the workers committed.
     done: Mutex<BTreeMap<i32, i64>>,
 }
@@ -878,6 +881,7 @@ impl Pool {
             workers: workers.into_iter().map(Mutex::new).collect(),
             queues: Mutex::new(queues),
             failed: Mutex::new(None),
+            broken: AtomicBool::new(false),
             done: Mutex::new(BTreeMap::new()),
         });
         let handles = receivers
@@ -955,13 +959,14 @@ impl Pool {
     fn fail(&self, e: PipelineError) {
         tracing::error!(error = %e, "a materializing worker failed");
         self.failed.lock().expect("lock").get_or_insert(e);
+        self.broken.store(true, Ordering::Release);
     }
 
     fn has_failed(&self) -> bool {
-        self.failed.lock().expect("lock").is_some()
+        self.broken.load(Ordering::Acquire)
     }
 
-    /// The first error of a worker, if one failed.
+    /// The first error of a worker, if one failed (once).
     fn check(&self) -> Result<(), PipelineError> {
         match self.failed.lock().expect("lock").take() {
             Some(e) => Err(e),
@@ -978,8 +983,16 @@ impl Pool {
         }
     }
 
-    /// Waits until every worker has done everything handed to it; then
-    /// `worker` does not wait.
+    /// Waits until every worker has done everything handed to it (then
+    /// `worker` does not wait), and returns a worker's error if one failed
+    /// (the stage's loop; it stops with it).
+    fn sync(&self) -> Result<(), PipelineError> {
+        self.drain()?;
+        self.check()
+    }
+
+    /// Waits until every worker has done everything handed to it (a failed
+    /// worker skips its shares; its error stays for `check`).
     fn drain(&self) -> Result<(), PipelineError> {
         let queues = self.queues.lock().expect("lock").clone();
         let mut acks = Vec::with_capacity(queues.len());
@@ -991,7 +1004,7 @@ impl Pool {
         for rx in acks {
             rx.recv().map_err(|_| worker_gone())?;
         }
-        self.check()
+        Ok(())
     }
 
     /// The offsets after the records committed since the last call.
@@ -1101,7 +1114,7 @@ fn materialize_loop(
         if !events.is_empty() {
             // What was sent for partitions that may move is acknowledged
             // before another instance reads their snapshots.
-            pool.drain()?;
+            pool.sync()?;
             for i in 0..threads {
                 pool.worker(i).flush(store, producer, stop)?;
             }
@@ -1183,7 +1196,7 @@ fn materialize_loop(
         if !due.is_empty() {
             // Every restoring record handed out is applied first (and more
             // partitions may have finished meanwhile).
-            pool.drain()?;
+            pool.sync()?;
             due = restored(&parts);
         }
         let mut seen = if due.is_empty() {
@@ -1229,7 +1242,7 @@ fn materialize_loop(
             report_lag(consumer, "materialize");
         }
     }
-    pool.drain()?;
+    pool.sync()?;
     for i in 0..threads {
         let mut w = pool.worker(i);
         // What is held is published before the stage stops.
