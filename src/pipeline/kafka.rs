@@ -869,7 +869,7 @@ impl Pool {
         store: &Store,
         producer: &KafkaProducer,
         stop: &Arc<AtomicBool>,
-    ) -> (Arc<Pool>, Vec<std::thread::JoinHandle<()>>) {
+    ) -> Result<(Arc<Pool>, Vec<std::thread::JoinHandle<()>>), PipelineError> {
         let mut queues = Vec::with_capacity(workers.len());
         let mut receivers = Vec::with_capacity(workers.len());
         for _ in &workers {
@@ -884,19 +884,26 @@ impl Pool {
             broken: AtomicBool::new(false),
             done: Mutex::new(BTreeMap::new()),
         });
-        let handles = receivers
-            .into_iter()
-            .enumerate()
-            .map(|(i, rx)| {
-                let (pool, store, producer, stop) =
-                    (pool.clone(), store.clone(), producer.clone(), stop.clone());
-                std::thread::Builder::new()
-                    .name(format!("materialize-{i}"))
-                    .spawn(move || pool.work(i, rx, &store, &producer, &stop))
-                    .expect("spawn a materializing worker")
-            })
-            .collect();
-        (pool, handles)
+        let mut handles = Vec::with_capacity(receivers.len());
+        for (i, rx) in receivers.into_iter().enumerate() {
+            let (p, store, producer, stop) =
+                (pool.clone(), store.clone(), producer.clone(), stop.clone());
+            match std::thread::Builder::new()
+                .name(format!("materialize-{i}"))
+                .spawn(move || p.work(i, rx, &store, &producer, &stop))
+            {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    pool.close(handles);
+                    return Err(PipelineError::Store(
+                        crate::state::StoreError::Incompatible(format!(
+                            "cannot start materializing worker {i}: {e}"
+                        )),
+                    ));
+                }
+            }
+        }
+        Ok((pool, handles))
     }
 
     /// A worker, once the loop has `drain`ed (else it waits for its share).
@@ -1068,7 +1075,7 @@ pub fn run_materializer(
             Worker::new(share(true), share(false))
         })
         .collect();
-    let (pool, handles) = Pool::start(workers, &store, &producer, &stop);
+    let (pool, handles) = Pool::start(workers, &store, &producer, &stop)?;
     let _ = consumer.context().pool.set(pool.clone());
     let result = materialize_loop(&c, &store, &producer, &consumer, &pool, &own, &ready, &stop);
     pool.close(handles);
