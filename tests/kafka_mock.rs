@@ -266,3 +266,35 @@ fn failed_deliveries_are_sent_again_in_order() {
         assert_eq!(versions.iter().max(), Some(&newest), "{versions:?}");
     }
 }
+
+/// `KafkaProducer::flush` (what a revoke and a stop wait on) returns only
+/// once every record sent is acknowledged. rdkafka's `flush(timeout)`
+/// charges 100 ms of its budget per delivery event it serves, so with
+/// many produce requests in flight it gave up early.
+#[test]
+fn producer_flush_waits_until_every_record_is_acknowledged() {
+    let mock = MockCluster::new(1).expect("mock cluster");
+    mock.create_topic("t", 8, 1).unwrap();
+    let mut c = contextd::config::Config {
+        brokers: Some(mock.bootstrap_servers()),
+        ..Default::default()
+    };
+    // Small produce requests: one delivery event per few records.
+    c.kafka.producer.insert("linger.ms".into(), "0".into());
+    c.kafka
+        .producer
+        .insert("batch.num.messages".into(), "5".into());
+    let p = contextd::log::kafka::KafkaProducer::new(&c).unwrap();
+    let recs: Vec<contextd::log::OutRecord> = (0..20_000)
+        .map(|i| contextd::log::OutRecord {
+            topic: "t".into(),
+            partition: Some(i % 8),
+            key: None,
+            value: vec![7u8; 100],
+            timestamp_ms: 0,
+        })
+        .collect();
+    let _acks = p.send_all_nowait(&recs).unwrap();
+    p.flush();
+    assert_eq!(p.in_flight(), 0, "records still in flight after flush");
+}

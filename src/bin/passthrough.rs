@@ -189,9 +189,21 @@ fn send(p: &Out, topic: &str, key: Option<&[u8]>, value: &[u8]) -> Result<()> {
     }
 }
 
+/// Waits up to 120 s of wall time for every delivery report. (rdkafka's
+/// `flush(timeout)` charges 100 ms of its budget per delivery event it
+/// serves, so with many produce requests in flight it gave up after
+/// seconds.)
 fn flush(p: &Out) -> Result<()> {
-    p.flush(Duration::from_secs(120))
-        .context("producer flush timed out")?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while p.in_flight_count() > 0 {
+        if Instant::now() >= deadline {
+            bail!(
+                "producer flush timed out: {} records in flight after 120 s",
+                p.in_flight_count()
+            );
+        }
+        let _ = p.flush(Duration::from_millis(100));
+    }
     let d = p.context();
     if d.failed.load(Ordering::Relaxed) > 0 {
         let first = d.first_error.lock().unwrap().clone().unwrap_or_default();

@@ -252,10 +252,33 @@ impl KafkaProducer {
         Self::await_all(futs).await
     }
 
+    /// Waits until every record sent is acknowledged or failed, for up to
+    /// `FLUSH_WAIT` of wall time. (rdkafka's `flush(timeout)` charges its
+    /// poll interval, 100 ms, per delivery event it serves, so with many
+    /// produce requests in flight it returns long before its timeout,
+    /// records still in flight.)
     pub fn flush(&self) {
-        let _ = self.inner.flush(Duration::from_secs(10));
+        let deadline = Instant::now() + FLUSH_WAIT;
+        while self.inner.in_flight_count() > 0 {
+            if Instant::now() >= deadline {
+                tracing::warn!(
+                    in_flight = self.inner.in_flight_count(),
+                    "records still unacknowledged after waiting {FLUSH_WAIT:?}"
+                );
+                return;
+            }
+            let _ = self.inner.flush(Duration::from_millis(100));
+        }
+    }
+
+    /// Records sent and not yet acknowledged (or failed).
+    pub fn in_flight(&self) -> i32 {
+        self.inner.in_flight_count()
     }
 }
+
+/// How long `KafkaProducer::flush` waits for acks.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
 
 /// The acks of records sent by `send_all_nowait`.
 pub struct Acks {
