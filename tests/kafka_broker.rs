@@ -94,7 +94,6 @@ fn kcat_produce(broker: &str, topic: &str, lines: &[(String, String)]) {
     );
 }
 
-/// (partition, offset, key, value) of every record of a topic, via kcat.
 /// The visibility settings record (`SETTINGS`), produced with kcat.
 fn produce_settings(broker: &str) {
     kcat_produce(
@@ -104,6 +103,7 @@ fn produce_settings(broker: &str) {
     );
 }
 
+/// (partition, offset, key, value) of every record of a topic, via kcat.
 fn kcat_consume(broker: &str, topic: &str) -> Vec<(i32, i64, String, String)> {
     let out = Command::new("kcat")
         .args([
@@ -535,27 +535,15 @@ fn a_held_snapshot_is_published_when_its_interval_ends_with_no_more_records() {
             .map(|(_, _, _, v)| serde_json::from_str(&v).unwrap())
             .collect()
     };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while snapshots_of_user().is_empty() {
-        assert!(Instant::now() < deadline, "first snapshot not published");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    s.wait_for(60, "the first snapshot published", |_| {
+        (!snapshots_of_user().is_empty()).then_some(())
+    });
     // Within the interval of the first publish: held.
     kcat_produce(&broker.addr, "zendesk.events", &[event(2)]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let snaps = s.wait_for(30, "the held snapshot published", |_| {
         let snaps = snapshots_of_user();
-        let last = snaps.last().unwrap();
-        if last["events"].as_array().map(|a| a.len()) == Some(2) {
-            assert_eq!(snaps.len(), 2, "one snapshot per publish: {snaps:?}");
-            assert!(last["version"].as_u64() > snaps[0]["version"].as_u64());
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the held snapshot was not published: {snaps:?}\n{}",
-            s.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        (snaps.last()?["events"].as_array().map(|a| a.len()) == Some(2)).then_some(snaps)
+    });
+    assert_eq!(snaps.len(), 2, "one snapshot per publish: {snaps:?}");
+    assert!(snaps[1]["version"].as_u64() > snaps[0]["version"].as_u64());
 }
