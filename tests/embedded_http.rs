@@ -580,3 +580,53 @@ fn a_burst_for_one_user_is_held_and_published_as_one_snapshot() {
     assert_eq!(c["version"], 3);
     assert_eq!(shown(&c), ["o5", "o4", "o3", "o2", "o1"]);
 }
+
+/// The process runs with transparent huge pages off (mimalloc's arenas
+/// would otherwise fault in 2 MiB pages, zeroed whole at first touch),
+/// unless the operator sets mimalloc's own `MIMALLOC_ALLOW_THP`.
+#[test]
+fn transparent_huge_pages_are_off_unless_the_operator_allows_them() {
+    fn field(status: &str) -> String {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:"))
+            .map(|v| v.trim().to_string())
+            .expect("the kernel reports THP_enabled")
+    }
+    fn thp_enabled(env: &[(&str, &str)]) -> String {
+        let dir = tempfile::tempdir().unwrap();
+        let port = common::free_port();
+        let addr = format!("127.0.0.1:{port}");
+        let mut child = common::command(&[
+            "run",
+            "--data-dir",
+            dir.path().join("d").to_str().unwrap(),
+            "--http-addr",
+            &addr,
+        ])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+        // Listening means main has long run its first line.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "contextd did not listen"
+            );
+            assert!(child.try_wait().unwrap().is_none(), "contextd exited");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        field(&status)
+    }
+    assert_eq!(thp_enabled(&[]), "0");
+    // Allowed, the process has what this test process has (1 on a kernel
+    // built with transparent huge pages).
+    let ours = field(&std::fs::read_to_string("/proc/self/status").unwrap());
+    assert_eq!(thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]), ours);
+}
