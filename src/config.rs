@@ -177,7 +177,7 @@ impl Default for StorageConfig {
         StorageConfig {
             block_cache_mb: 128,
             write_buffer_mb: 32,
-            user_cache_mb: 128,
+            user_cache_mb: 256,
             sync_writes: false,
             snapshot_log_retention: 100_000,
             log_segment_mb: 64,

@@ -256,6 +256,17 @@ impl EncodedEvents {
         self.events.iter().map(|e| e.bytes.len()).sum()
     }
 
+    /// Memory held (the user cache's estimate): the entries, and their
+    /// ids' and bytes' buffers with an eighth for the allocator's rounding.
+    pub fn memory(&self) -> usize {
+        let heap: usize = self
+            .events
+            .iter()
+            .map(|e| e.id.capacity() + e.bytes.capacity())
+            .sum();
+        self.events.capacity() * std::mem::size_of::<ShownEvent>() + heap + heap / 8
+    }
+
     /// Forgets the event `id` (dropped from the timeline).
     pub fn remove(&mut self, created_at_ns: i64, id: &str) {
         self.events

@@ -553,7 +553,7 @@ impl Materializer {
         p: u32,
         mut w: apply::Working,
     ) {
-        let len = store.put_user(batch, p, &mut w.state) + w.timeline_bytes();
+        let len = store.put_user(batch, p, &mut w.state);
         w.resume();
         self.cache.put(p, w, len);
     }

@@ -7,7 +7,9 @@ use crate::model::{
     ProfileRef, Record, StoredEvent, UserState, FORMAT_VERSION,
 };
 use prost_types::{value::Kind, Struct};
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::sync::OnceLock;
 
 /// Kind of a catalog entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -80,13 +82,80 @@ pub enum Outcome {
     Rejected(Rejection),
 }
 
+/// The ids of a timeline, for duplicate checks in O(1): a count per 64-bit
+/// hash of an id, not the ids themselves (a cached user of 1,000 events
+/// held every id twice). A hash found is confirmed against the timeline,
+/// so two ids of one hash are still told apart.
+#[derive(Default)]
+struct IdIndex(HashMap<u64, u32, BuildHasherDefault<Prehashed>>);
+
+/// The keys of `IdIndex` are hashes already.
+#[derive(Default)]
+struct Prehashed(u64);
+
+impl Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+/// One keyed hash for every id index of the process (SipHash with random
+/// keys: ids come from outside).
+fn id_hash(id: &str) -> u64 {
+    static KEYS: OnceLock<RandomState> = OnceLock::new();
+    KEYS.get_or_init(RandomState::new).hash_one(id)
+}
+
+impl IdIndex {
+    fn new<'a>(ids: impl Iterator<Item = &'a str>) -> IdIndex {
+        let mut index = IdIndex::default();
+        for id in ids {
+            index.insert(id);
+        }
+        index
+    }
+
+    fn insert(&mut self, id: &str) {
+        *self.0.entry(id_hash(id)).or_insert(0) += 1;
+    }
+
+    fn remove(&mut self, id: &str) {
+        let h = id_hash(id);
+        if let Some(n) = self.0.get_mut(&h) {
+            *n -= 1;
+            if *n == 0 {
+                self.0.remove(&h);
+            }
+        }
+    }
+
+    /// Whether `timeline` holds `id` (newest first: duplicates are mostly
+    /// recent ones).
+    fn holds(&self, id: &str, timeline: &VecDeque<StoredEvent>) -> bool {
+        self.0.contains_key(&id_hash(id)) && timeline.iter().rev().any(|e| e.id == id)
+    }
+
+    /// Bytes of its table.
+    fn table_bytes(&self) -> usize {
+        self.0.capacity() * (std::mem::size_of::<(u64, u32)>() + 1)
+    }
+}
+
 /// A user's state while a batch is applied to it: the timeline as a deque
 /// (appending the newest and dropping the oldest are O(1)) with an index of
 /// its ids (duplicate checks are O(1)).
 pub struct Working {
     pub state: UserState,
     timeline: VecDeque<StoredEvent>,
-    ids: HashSet<String>,
+    ids: IdIndex,
     /// Properties of events stored by this batch (event id -> encoded Struct):
     /// they are written once, beside the timeline, never rewritten with it.
     pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
@@ -126,7 +195,7 @@ impl TimelineOp {
 impl Working {
     pub fn new(mut state: UserState) -> Working {
         let timeline = VecDeque::from(std::mem::take(&mut state.timeline));
-        let ids = timeline.iter().map(|e| e.id.clone()).collect();
+        let ids = IdIndex::new(timeline.iter().map(|e| e.id.as_str()));
         let timeline_bytes = timeline.iter().map(stored_len).sum();
         Working {
             state,
@@ -144,6 +213,11 @@ impl Working {
     /// would hold them).
     pub fn timeline_bytes(&self) -> usize {
         self.timeline_bytes
+    }
+
+    /// Bytes of the id index's table (the user cache's estimate).
+    pub fn index_bytes(&self) -> usize {
+        self.ids.table_bytes()
     }
 
     pub fn timeline(&self) -> &VecDeque<StoredEvent> {
@@ -299,7 +373,7 @@ fn apply_event(
     let Some(event) = &rec.event else {
         return Outcome::Applied;
     };
-    if w.ids.contains(&event.id) {
+    if w.ids.holds(&event.id, &w.timeline) {
         return if rec.profile.is_some() {
             Outcome::Applied
         } else {
@@ -313,7 +387,7 @@ fn apply_event(
         .timeline
         .back()
         .is_none_or(|e| event_order(e) <= event_order(&event));
-    w.ids.insert(event.id.clone());
+    w.ids.insert(&event.id);
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
@@ -424,6 +498,31 @@ fn apply_profile_op(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_id_index_counts_hashes_and_confirms_against_the_timeline() {
+        let tl: VecDeque<StoredEvent> = ["a", "b"]
+            .iter()
+            .map(|id| StoredEvent {
+                id: id.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let mut ix = IdIndex::new(tl.iter().map(|e| e.id.as_str()));
+        assert!(ix.holds("a", &tl) && ix.holds("b", &tl));
+        assert!(!ix.holds("c", &tl));
+        // A hash present for an id the timeline does not hold (what two ids
+        // of one hash look like): not a duplicate.
+        ix.insert("c");
+        assert!(!ix.holds("c", &tl));
+        // Counted: one of two entries of a hash removed leaves the other.
+        ix.insert("a");
+        ix.remove("a");
+        assert!(ix.holds("a", &tl));
+        ix.remove("a");
+        assert!(!ix.holds("a", &tl));
+        assert!(ix.table_bytes() > 0);
+    }
+
     use super::*;
     use serde_json::json;
 

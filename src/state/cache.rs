@@ -11,22 +11,30 @@
 use super::apply::Working;
 use std::collections::HashMap;
 
-/// Bytes of memory per byte of encoded state (strings and the id index).
-const MEMORY_PER_ENCODED_BYTE: usize = 4;
-/// Heap blocks of even an empty user (its key, id, id index, timeline
-/// buffer) with the allocator's rounding, besides the structs themselves.
-const ALLOCATIONS_PER_USER: usize = 256;
+/// Bytes of memory per encoded byte of a user's value (profiles and
+/// their attributes: strings, maps and their nodes).
+const MEMORY_PER_VALUE_BYTE: usize = 4;
+/// Heap per encoded byte of the timeline's events, besides their structs
+/// (their strings, with the allocator's rounding).
+const HEAP_PER_TIMELINE_BYTE: f64 = 1.5;
+/// Heap blocks of even an empty user (its key, id, timeline buffer) with
+/// the allocator's rounding, besides the structs themselves.
+const ALLOCATIONS_PER_USER: usize = 384;
 
-/// Estimated memory of a cached user: the structs (the map's slot and one
-/// per timeline event) plus the heap behind them. Users of one or two
-/// events are mostly structs: counting their encoded bytes alone took a
-/// budget of 96 MiB for about 190 MiB of memory (1M-user benchmark).
-fn estimate(working: &Working, encoded_len: usize) -> usize {
-    let shown = working.shown_events.encoded_len();
-    std::mem::size_of::<((u32, String), Entry)>()
-        + ALLOCATIONS_PER_USER
+/// A slot of the cache's table (the map holds the states themselves).
+const SLOT: usize = std::mem::size_of::<((u32, String), Entry)>() + 1;
+
+/// Estimated memory of a cached user besides its slot in the cache's
+/// table: one struct per timeline event, the id index, the heap behind
+/// them, the encoded events of its last snapshot. `tests/user_cache_memory.rs`
+/// measures it against the heap for users of 1, 50 and 1,000 events.
+fn estimate(working: &Working, value_len: usize) -> usize {
+    let shown = working.shown_events.memory();
+    ALLOCATIONS_PER_USER
         + working.timeline().len() * std::mem::size_of::<crate::model::StoredEvent>()
-        + encoded_len.saturating_mul(MEMORY_PER_ENCODED_BYTE)
+        + working.index_bytes()
+        + (working.timeline_bytes() as f64 * HEAP_PER_TIMELINE_BYTE) as usize
+        + value_len.saturating_mul(MEMORY_PER_VALUE_BYTE)
         + shown
 }
 
@@ -38,7 +46,10 @@ struct Entry {
 
 pub struct UserCache {
     map: HashMap<(u32, String), Entry>,
-    bytes: usize,
+    /// The users' estimates, summed (their slots in the table apart).
+    users: usize,
+    /// What `contextd_user_cache_bytes` was last moved to, for this cache.
+    reported: usize,
     budget: usize,
     clock: u64,
 }
@@ -47,7 +58,8 @@ impl UserCache {
     pub fn new(budget_bytes: usize) -> UserCache {
         UserCache {
             map: HashMap::new(),
-            bytes: 0,
+            users: 0,
+            reported: 0,
             budget: budget_bytes,
             clock: 0,
         }
@@ -56,32 +68,34 @@ impl UserCache {
     /// Takes a user's state out (the caller puts it back after the batch).
     pub fn take(&mut self, p: u32, user_id: &str) -> Option<Working> {
         let e = self.map.remove(&(p, user_id.to_string()))?;
-        self.set_bytes(self.bytes - e.bytes);
+        self.users -= e.bytes;
+        self.report();
         Some(e.working)
     }
 
-    /// Sets the estimate held, and moves `contextd_user_cache_bytes` (the
-    /// sum over every materializing thread's cache) by the difference.
-    fn set_bytes(&mut self, bytes: usize) {
+    /// Moves `contextd_user_cache_bytes` (the sum over every materializing
+    /// thread's cache) to this cache's estimate.
+    fn report(&mut self) {
+        let bytes = self.bytes();
         let gauge = metrics::gauge!("contextd_user_cache_bytes");
-        if bytes >= self.bytes {
-            gauge.increment((bytes - self.bytes) as f64);
+        if bytes >= self.reported {
+            gauge.increment((bytes - self.reported) as f64);
         } else {
-            gauge.decrement((self.bytes - bytes) as f64);
+            gauge.decrement((self.reported - bytes) as f64);
         }
-        self.bytes = bytes;
+        self.reported = bytes;
     }
 
-    /// Keeps a user's state (`encoded_len`: its size in the store; the
-    /// encoded snapshot events kept with it count as they are).
-    pub fn put(&mut self, p: u32, working: Working, encoded_len: usize) {
-        let bytes = estimate(&working, encoded_len);
+    /// Keeps a user's state (`value_len`: the encoded size of its value in
+    /// the store, the timeline apart).
+    pub fn put(&mut self, p: u32, working: Working, value_len: usize) {
+        let bytes = estimate(&working, value_len);
         if bytes > self.budget / 4 {
             return; // one user never fills the cache
         }
         self.clock += 1;
         let key = (p, working.state.user_id.clone());
-        let mut total = self.bytes + bytes;
+        self.users += bytes;
         if let Some(old) = self.map.insert(
             key,
             Entry {
@@ -90,12 +104,12 @@ impl UserCache {
                 used: self.clock,
             },
         ) {
-            total -= old.bytes;
+            self.users -= old.bytes;
         }
-        self.set_bytes(total);
-        if self.bytes > self.budget {
+        if self.bytes() > self.budget {
             self.evict();
         }
+        self.report();
     }
 
     /// Drops the least recently used users until a quarter of the budget is free.
@@ -104,36 +118,36 @@ impl UserCache {
             self.map.iter().map(|(k, e)| (e.used, k.clone())).collect();
         by_age.sort_unstable();
         let target = self.budget / 4 * 3;
-        let mut total = self.bytes;
         for (_, k) in by_age {
-            if total <= target {
+            if self.bytes() <= target {
                 break;
             }
             if let Some(e) = self.map.remove(&k) {
-                total -= e.bytes;
+                self.users -= e.bytes;
             }
         }
-        self.set_bytes(total);
         metrics::counter!("contextd_user_cache_evictions_total").increment(1);
     }
 
     /// Forgets the users of partition `p`.
     pub fn forget_partition(&mut self, p: u32) {
-        let mut total = self.bytes;
+        let mut users = self.users;
         self.map.retain(|(q, _), e| {
             if *q == p {
-                total -= e.bytes;
+                users -= e.bytes;
                 false
             } else {
                 true
             }
         });
-        self.set_bytes(total);
+        self.users = users;
+        self.report();
     }
 
     pub fn clear(&mut self) {
         self.map.clear();
-        self.set_bytes(0);
+        self.users = 0;
+        self.report();
     }
 
     pub fn len(&self) -> usize {
@@ -144,15 +158,21 @@ impl UserCache {
         self.map.is_empty()
     }
 
-    /// Estimated memory held, bytes.
+    /// Estimated memory held, bytes: the users and the table's slots (a
+    /// table keeps its size as users leave it).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.users + self.table_bytes()
+    }
+
+    /// The table's slots: its capacity is 7/8 of them.
+    fn table_bytes(&self) -> usize {
+        self.map.capacity() * SLOT / 7 * 8
     }
 }
 
 impl Drop for UserCache {
     fn drop(&mut self) {
-        self.set_bytes(0);
+        metrics::gauge!("contextd_user_cache_bytes").decrement(self.reported as f64);
     }
 }
 
@@ -169,19 +189,21 @@ mod tests {
     fn take_returns_what_was_put_and_budget_evicts_the_oldest() {
         let one = estimate(&w("a"), 100);
         assert!(one > 400, "encoded bytes x4 plus the structs: {one}");
-        let budget = one * 10;
+        let budget = one * 10 + 32 * SLOT / 7 * 8;
         let mut c = UserCache::new(budget);
         c.put(0, w("a"), 100);
         c.put(0, w("b"), 100);
-        assert_eq!(c.bytes(), 2 * one);
+        assert_eq!(c.users, 2 * one);
+        assert_eq!(c.bytes(), 2 * one + c.table_bytes());
+        assert!(c.table_bytes() >= 2 * SLOT, "the table counts");
         assert!(c.take(0, "a").is_some());
         assert!(c.take(0, "a").is_none());
-        assert_eq!(c.bytes(), one);
+        assert_eq!(c.users, one);
         c.put(0, w("a"), 100); // now the newest
-        for i in 0..9 {
+        for i in 0..20 {
             c.put(1, w(&format!("x{i}")), 100);
         }
-        assert!(c.bytes() <= budget);
+        assert!(c.bytes() <= budget, "{} > {budget}", c.bytes());
         assert!(
             c.take(0, "b").is_none(),
             "least recently used evicted first"
@@ -190,7 +212,7 @@ mod tests {
 
     #[test]
     fn forget_partition_and_oversized_users() {
-        let mut c = UserCache::new(estimate(&w("a"), 100) * 10);
+        let mut c = UserCache::new(estimate(&w("a"), 100) * 10 + 16 * SLOT);
         c.put(0, w("a"), 100);
         c.put(1, w("b"), 100);
         c.forget_partition(0);
@@ -202,6 +224,7 @@ mod tests {
             "a user over a quarter of the budget is not kept"
         );
         c.clear();
-        assert!(c.is_empty() && c.bytes() == 0);
+        assert!(c.is_empty() && c.users == 0);
+        assert_eq!(c.bytes(), c.table_bytes(), "the table stays allocated");
     }
 }
