@@ -91,7 +91,7 @@ fn bench(c: &mut Criterion) {
         apply(&mut w, &mut r, ApplyLimits::default(), &mut cat);
     }
     let full = w.into_state();
-    let settings = snapshot::prepared(Settings {
+    let settings = std::sync::Arc::new(snapshot::prepared(Settings {
         zendesk_events: true,
         events_api: true,
         profiles_api: true,
@@ -100,7 +100,7 @@ fn bench(c: &mut Criterion) {
             TypeRef::new("zendesk", "help_center_searched"),
         ],
         shown_profile_types: vec![],
-    });
+    }));
     g.throughput(Throughput::Elements(1));
     g.bench_function("snapshot_unchanged_check", |b| {
         b.iter(|| black_box(snapshot::visible_hash(&full, &settings, 50)))

@@ -11,6 +11,7 @@ use crate::model::{
 use prost::Message;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use std::sync::Arc;
 
 const ZENDESK: &str = "zendesk";
 
@@ -169,16 +170,29 @@ pub fn content_hash(content: &ContextSnapshot) -> Vec<u8> {
 
 /// What a snapshot of `state` shows: the shown events, newest first, and
 /// the shown profiles, encoded (`SnapshotProfile`).
+/// `known`: events known to be shown under `settings`, newest first (their
+/// types are not checked again).
 fn shown_parts<'a>(
     state: &'a UserState,
     settings: &Settings,
     max_events: usize,
+    known: &[ShownEvent],
 ) -> (Vec<&'a StoredEvent>, Vec<Vec<u8>>) {
+    let mut known = known.iter().peekable();
     let events = state
         .timeline
         .iter()
         .rev()
-        .filter(|e| event_shown(settings, &e.source, &e.r#type))
+        .filter(|e| {
+            if known.peek().is_some() {
+                let want = (e.created_at_ns, e.id.as_str());
+                while known.next_if(|k| k.order() > want).is_some() {}
+                if known.next_if(|k| k.order() == want).is_some() {
+                    return true;
+                }
+            }
+            event_shown(settings, &e.source, &e.r#type)
+        })
         .take(max_events)
         .collect();
     let profiles = state
@@ -210,7 +224,7 @@ fn parts_hash(user_id: &str, events: &[&StoredEvent], profiles: &[Vec<u8>]) -> V
 /// The same hash as `content_hash(&build(..))`, without building the
 /// snapshot.
 pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
-    let (events, profiles) = shown_parts(state, settings, max_events);
+    let (events, profiles) = shown_parts(state, settings, max_events, &[]);
     parts_hash(&state.user_id, &events, &profiles)
 }
 
@@ -221,6 +235,11 @@ pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -
 #[derive(Debug, Default, Clone)]
 pub struct EncodedEvents {
     events: Vec<ShownEvent>,
+    /// The settings these events were chosen under. The next snapshot made
+    /// under the same settings (the same `Arc`: held here, so never a new
+    /// one at the same address) knows these events are shown without
+    /// checking their types again.
+    settings: Option<Arc<Settings>>,
 }
 
 #[derive(Debug, Clone)]
@@ -346,16 +365,21 @@ fn put_bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
 /// If the visible content changed since the last snapshot published, bumps
 /// the state's version and returns the new snapshot, encoded (protobuf).
 /// `shown`: the encoded events of the last snapshot (reused, then replaced
-/// by this snapshot's); the properties of the others come from `bodies`.
+/// by this snapshot's; made under the same `settings`, they are known shown);
+/// the properties of the others come from `bodies`.
 pub fn next_snapshot(
     state: &mut UserState,
-    settings: &Settings,
+    settings: &Arc<Settings>,
     max_events: usize,
     at_ns: i64,
     shown: &mut EncodedEvents,
     bodies: &impl Bodies,
 ) -> Option<Vec<u8>> {
-    let (events, profiles) = shown_parts(state, settings, max_events);
+    let known: &[ShownEvent] = match &shown.settings {
+        Some(s) if Arc::ptr_eq(s, settings) => &shown.events,
+        _ => &[],
+    };
+    let (events, profiles) = shown_parts(state, settings, max_events, known);
     let hash = parts_hash(&state.user_id, &events, &profiles);
     if hash == state.snapshot_hash {
         return None;
@@ -393,6 +417,7 @@ pub fn next_snapshot(
             },
         })
         .collect();
+    shown.settings = Some(settings.clone());
     let version = state.snapshot_version + 1;
     let parts: Vec<&[u8]> = shown.events.iter().map(|e| e.bytes.as_slice()).collect();
     let snap = encode_snapshot(&state.user_id, version, at_ns, &profiles, &parts);
@@ -554,7 +579,7 @@ mod tests {
 
     fn next(s: &mut UserState, on: &Settings, at: i64) -> Option<ContextSnapshot> {
         let mut shown = EncodedEvents::new();
-        next_snapshot(s, on, 50, at, &mut shown, &())
+        next_snapshot(s, &Arc::new(on.clone()), 50, at, &mut shown, &())
             .map(|b| ContextSnapshot::decode(&b[..]).unwrap())
     }
 
@@ -626,7 +651,7 @@ mod tests {
             r#type: "email".into(),
             value: "jane@example.com".into(),
         }];
-        let on = settings(true, true, true);
+        let on = Arc::new(settings(true, true, true));
         let mut shown = EncodedEvents::new();
         for (round, max) in [(1u64, 50usize), (2, 2), (3, 50)] {
             // Each round shows a different set, so a new snapshot is due;
@@ -643,12 +668,41 @@ mod tests {
     }
 
     #[test]
+    fn events_known_shown_are_checked_again_under_new_settings() {
+        // The last snapshot's events are taken as shown only under the very
+        // settings they were chosen under: new settings (a new `Arc`; the
+        // events hold the old one, so none gets its address) check every
+        // type again.
+        let mut s = state();
+        let mut shown = EncodedEvents::new();
+        let all = Arc::new(settings(true, true, true));
+        next_snapshot(&mut s, &all, 50, 1, &mut shown, &()).unwrap();
+        assert_eq!(shown.len(), 4, "a, b, c, d");
+        s.timeline.push(event("f", "zendesk", "article_viewed", 5));
+        let got = next_snapshot(&mut s, &all, 50, 2, &mut shown, &()).unwrap();
+        let want = build(&s, &all, 50, &());
+        assert_eq!(
+            ids(&ContextSnapshotBytes::decode(&got[..]).unwrap()),
+            ids(&want)
+        );
+        // Zendesk events off: a, c, d and f are hidden though `shown` holds them.
+        let zendesk_off = Arc::new(settings(false, true, true));
+        drop(all);
+        let got = next_snapshot(&mut s, &zendesk_off, 50, 3, &mut shown, &()).unwrap();
+        assert_eq!(ids(&ContextSnapshotBytes::decode(&got[..]).unwrap()), ["b"]);
+        let mut want = build(&s, &zendesk_off, 50, &());
+        want.version = 3;
+        want.updated_at = Some(time::to_timestamp(3));
+        assert_eq!(got, want.encode_to_vec());
+    }
+
+    #[test]
     fn kept_events_follow_a_timeline_that_moves() {
         // New events in front, old ones trimmed, one inserted in the middle
         // (an older created_at), one id dropped and sent again with other
         // content: every snapshot is the bytes `build` encodes.
         let mut s = state();
-        let on = settings(true, true, true);
+        let on = Arc::new(settings(true, true, true));
         let mut shown = EncodedEvents::new();
         let check = |s: &mut UserState, shown: &mut EncodedEvents, max: usize, round: u64| {
             let got = next_snapshot(s, &on, max, round as i64, shown, &()).expect("changed");

@@ -16,6 +16,7 @@ use prost::Message;
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
+use std::sync::Arc;
 
 /// mimalloc (the binary's allocator), counting every live block at the
 /// size of its mimalloc size class (multiples of 8 bytes up to 64, then
@@ -94,7 +95,7 @@ fn events(n: usize) -> Vec<StoredEvent> {
 /// A user of `events` as the materializing stage caches it after a batch;
 /// returns it with the encoded length of its value, timeline apart (what
 /// `write_back` passes).
-fn cached_user(id: &str, events: &[StoredEvent], settings: &Settings) -> (Working, usize) {
+fn cached_user(id: &str, events: &[StoredEvent], settings: &Arc<Settings>) -> (Working, usize) {
     let mut w = Working::new(new_user(id));
     let mut cat = CatalogDelta::new();
     for e in events {
@@ -125,7 +126,7 @@ fn cached_user(id: &str, events: &[StoredEvent], settings: &Settings) -> (Workin
 /// (estimate, heap) in bytes for `users` users of `per_user` events each.
 fn measure(users: usize, per_user: usize) -> (usize, usize) {
     let all = events(per_user);
-    let settings = snapshot::prepared(Settings {
+    let settings = Arc::new(snapshot::prepared(Settings {
         zendesk_events: true,
         events_api: true,
         profiles_api: true,
@@ -135,7 +136,7 @@ fn measure(users: usize, per_user: usize) -> (usize, usize) {
             .map(|e| TypeRef::new(e.source.clone(), e.r#type.clone()))
             .collect(),
         shown_profile_types: Vec::new(),
-    });
+    }));
     let mut cache = UserCache::new(usize::MAX / 2);
     let built: Vec<_> = (0..users)
         .map(|i| cached_user(&format!("user-{i:08}"), &all, &settings))

@@ -569,7 +569,7 @@ impl Materializer {
         batch: &mut WriteBatch,
         out: &mut Vec<OutRecord>,
         p: u32,
-        settings: &Settings,
+        settings: &Arc<Settings>,
         state: &mut crate::model::UserState,
         at_ns: i64,
         pending: Option<&HashMap<String, Vec<u8>>>,
