@@ -1,6 +1,6 @@
 //! Zendesk product events (CONTRACT §3.1) and custom events (§3.2).
 
-use super::fields::{self, invalid, Obj};
+use super::fields::{self, at, invalid, Obj};
 use super::{ErrorCode, Normalized, Rejection};
 use crate::model::{json, ProfileRef, StoredEvent};
 use serde_json::Value;
@@ -44,15 +44,23 @@ fn build_event(
     kind: &str,
     log_time_ns: i64,
 ) -> Result<StoredEvent, Rejection> {
-    let description = fields::opt_str(o, "description", &format!("{path}.description"))?
-        .unwrap_or("")
-        .to_string();
-    let created_at_ns =
-        fields::timestamp(o, "created_at", &format!("{path}.created_at"), log_time_ns)?;
+    let description = at(
+        || format!("{path}.description"),
+        |f| fields::opt_str(o, "description", f),
+    )?
+    .unwrap_or("")
+    .to_string();
+    let created_at_ns = at(
+        || format!("{path}.created_at"),
+        |f| fields::timestamp(o, "created_at", f, log_time_ns),
+    )?;
     let empty = Obj::new();
-    let properties =
-        fields::opt_obj(o, "properties", &format!("{path}.properties"))?.unwrap_or(&empty);
-    let id = match event_id(o, &format!("{path}.id"))? {
+    let properties = at(
+        || format!("{path}.properties"),
+        |f| fields::opt_obj(o, "properties", f),
+    )?
+    .unwrap_or(&empty);
+    let id = match at(|| format!("{path}.id"), |f| event_id(o, f))? {
         Some(id) => id,
         None => derived_id(source, kind, &description, created_at_ns, properties),
     };
@@ -89,7 +97,10 @@ pub fn zendesk_event(o: &Obj, log_time_ns: i64) -> Result<Normalized, Rejection>
     };
     if let (Some(value_key), Some(Value::Object(props))) = (value_key, o.get("properties")) {
         let id_type = fields::opt_str(props, "identity_type", "properties.identity_type")?;
-        let value = fields::opt_str(props, value_key, &format!("properties.{value_key}"))?;
+        let value = at(
+            || format!("properties.{value_key}"),
+            |f| fields::opt_str(props, value_key, f),
+        )?;
         if let (Some(t), Some(v)) = (id_type, value) {
             let id = fields::normalize_identifier(t, v);
             if !id.r#type.is_empty() && !id.value.is_empty() {
@@ -253,6 +264,46 @@ mod tests {
             code(zd(json!({"user_id": "1", "type": "x", "description": 5}))),
             "invalid_field"
         );
+    }
+
+    #[test]
+    fn rejections_name_the_field() {
+        let msg = |r: Result<Normalized, Rejection>| r.unwrap_err().message;
+        for (field, value, want) in [
+            (
+                "created_at",
+                json!("yesterday"),
+                "event.created_at is not an RFC 3339 timestamp",
+            ),
+            (
+                "created_at",
+                json!(5),
+                "event.created_at must be an RFC 3339 timestamp string",
+            ),
+            (
+                "description",
+                json!(5),
+                "event.description must be a string",
+            ),
+            (
+                "properties",
+                json!([1]),
+                "event.properties must be an object",
+            ),
+            ("id", json!(true), "event.id must be a string"),
+        ] {
+            let mut v = json!({"user_id": "1", "type": "x"});
+            v[field] = value;
+            let m = msg(zd(v));
+            assert!(m.starts_with(want), "{field}: {m}");
+        }
+        let m = msg(zd(json!({"user_id": "7", "type": "identity_created",
+            "properties": {"identity_type": "email", "value": 5}})));
+        assert!(m.starts_with("properties.value must be a string"), "{m}");
+        let mut v = custom(json!({"source": "shop", "type": "order"}));
+        v["profile"]["identifiers"] =
+            json!([{"type": "email", "value": "a@b.example"}, {"type": "email"}]);
+        assert_eq!(msg(ce(v)), "profile.identifiers[1].value is required");
     }
 
     #[test]

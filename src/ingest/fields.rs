@@ -44,6 +44,16 @@ pub fn kind_name(v: &Value) -> &'static str {
     }
 }
 
+/// `check(path)` with `path` made only if the check fails: error messages
+/// name the field, and the records that pass (nearly all) make no string.
+/// `check` must not depend on its path but for the message.
+pub fn at<T>(
+    path: impl FnOnce() -> String,
+    check: impl Fn(&str) -> Result<T, Rejection>,
+) -> Result<T, Rejection> {
+    check("").or_else(|_| check(&path()))
+}
+
 pub fn missing(path: &str) -> Rejection {
     Rejection::new(ErrorCode::MissingField, format!("{path} is required"))
 }
@@ -201,21 +211,21 @@ pub fn identifiers(o: &Obj, key: &str, path: &str) -> Result<Vec<Identifier>, Re
     };
     let mut out = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        let p = format!("{path}[{i}]");
+        let p = || format!("{path}[{i}]");
         let Value::Object(m) = item else {
             return Err(invalid(
-                &p,
+                &p(),
                 format_args!("must be an object, got {}", kind_name(item)),
             ));
         };
-        let kind = req_str(m, "type", &format!("{p}.type"))?;
-        let value = req_str(m, "value", &format!("{p}.value"))?;
+        let kind = at(|| format!("{}.type", p()), |f| req_str(m, "type", f))?;
+        let value = at(|| format!("{}.value", p()), |f| req_str(m, "value", f))?;
         let id = normalize_identifier(kind, value);
         if id.r#type.is_empty() {
-            return Err(missing(&format!("{p}.type")));
+            return Err(missing(&format!("{}.type", p())));
         }
         if id.value.is_empty() {
-            return Err(missing(&format!("{p}.value")));
+            return Err(missing(&format!("{}.value", p())));
         }
         out.push(id);
     }

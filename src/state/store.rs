@@ -95,6 +95,13 @@ fn cf_options(o: &StoreOptions, cache: &Cache, name: &str) -> Options {
         rocksdb::DBCompressionType::Lz4,
         rocksdb::DBCompressionType::Lz4,
     ]);
+    if name == CF_IDENT || name == CF_USERS {
+        // Point lookups (every identifier the routing stage resolves, every
+        // user not cached) mostly find keys flushed long ago: a bloom
+        // filter over the memtable's keys skips searching it for them.
+        c.set_memtable_prefix_bloom_ratio(0.05);
+        c.set_memtable_whole_key_filtering(true);
+    }
     if name == CF_USERS {
         // A user's value is small (the timeline is stored per event)
         // unless it holds many profiles; large ones go to blob files:
