@@ -15,7 +15,7 @@ use clap::Parser;
 /// its arenas, and every fresh one is a 2 MiB page the kernel zeroes at its
 /// first touch, however little of it is used: in the embedded scenario
 /// that zeroing was about 6% of all CPU samples, and turning it off took
-/// 8% off the CPU per record (five alternated pairs, BENCHMARKS.md item 41).
+/// 6–8% off the CPU per record (alternated pairs, BENCHMARKS.md item 41).
 /// The flag is the process's, so it covers RocksDB's allocations as well.
 fn disable_transparent_huge_pages() {
     if std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
