@@ -21,7 +21,8 @@ const HEAP_PER_TIMELINE_BYTE: f64 = 1.5;
 /// the allocator's rounding, besides the structs themselves.
 const ALLOCATIONS_PER_USER: usize = 384;
 
-/// A slot of the cache's table (the map holds the states themselves).
+/// A slot of the cache's table (the states are boxed: a table keeps its
+/// size as users leave it, so its slots stay small).
 const SLOT: usize = std::mem::size_of::<((u32, String), Entry)>() + 1;
 
 /// Estimated memory of a cached user besides its slot in the cache's
@@ -30,7 +31,8 @@ const SLOT: usize = std::mem::size_of::<((u32, String), Entry)>() + 1;
 /// measures it against the heap for users of 1, 50 and 1,000 events.
 fn estimate(working: &Working, value_len: usize) -> usize {
     let shown = working.shown_events.memory();
-    ALLOCATIONS_PER_USER
+    std::mem::size_of::<Working>()
+        + ALLOCATIONS_PER_USER
         + working.timeline().len() * std::mem::size_of::<crate::model::StoredEvent>()
         + working.index_bytes()
         + (working.timeline_bytes() as f64 * HEAP_PER_TIMELINE_BYTE) as usize
@@ -39,7 +41,7 @@ fn estimate(working: &Working, value_len: usize) -> usize {
 }
 
 struct Entry {
-    working: Working,
+    working: Box<Working>,
     bytes: usize,
     used: u64,
 }
@@ -70,7 +72,7 @@ impl UserCache {
         let e = self.map.remove(&(p, user_id.to_string()))?;
         self.users -= e.bytes;
         self.report();
-        Some(e.working)
+        Some(*e.working)
     }
 
     /// Moves `contextd_user_cache_bytes` (the sum over every materializing
@@ -99,7 +101,7 @@ impl UserCache {
         if let Some(old) = self.map.insert(
             key,
             Entry {
-                working,
+                working: Box::new(working),
                 bytes,
                 used: self.clock,
             },
