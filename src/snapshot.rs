@@ -168,33 +168,44 @@ pub fn content_hash(content: &ContextSnapshot) -> Vec<u8> {
     h.finalize().to_vec()
 }
 
+/// A shown event, with the index of its entry among the last snapshot's.
+type ShownPart<'a> = (&'a StoredEvent, Option<usize>);
+
 /// What a snapshot of `state` shows: the shown events, newest first, and
 /// the shown profiles, encoded (`SnapshotProfile`).
-/// `known`: events known to be shown under `settings`, newest first (their
-/// types are not checked again).
+/// `last`: the events of the user's last snapshot, newest first; each shown
+/// event is paired with the index of its entry there, if any (found by one
+/// merge on (created_at, id), the timeline's order). `last_settings`:
+/// whether `last` was chosen under these very settings, so its events are
+/// shown without checking their types again.
 fn shown_parts<'a>(
     state: &'a UserState,
     settings: &Settings,
     max_events: usize,
-    known: &[ShownEvent],
-) -> (Vec<&'a StoredEvent>, Vec<Vec<u8>>) {
-    let mut known = known.iter().peekable();
-    let events = state
-        .timeline
-        .iter()
-        .rev()
-        .filter(|e| {
-            if known.peek().is_some() {
-                let want = (e.created_at_ns, e.id.as_str());
-                while known.next_if(|k| k.order() > want).is_some() {}
-                if known.next_if(|k| k.order() == want).is_some() {
-                    return true;
-                }
+    last: &[ShownEvent],
+    last_settings: bool,
+) -> (Vec<ShownPart<'a>>, Vec<Vec<u8>>) {
+    let mut events = Vec::new();
+    let mut next = 0;
+    for e in state.timeline.iter().rev() {
+        if events.len() == max_events {
+            break;
+        }
+        let mut found = None;
+        if next < last.len() {
+            let want = (e.created_at_ns, e.id.as_str());
+            while next < last.len() && last[next].order() > want {
+                next += 1;
             }
-            event_shown(settings, &e.source, &e.r#type)
-        })
-        .take(max_events)
-        .collect();
+            if next < last.len() && last[next].order() == want {
+                found = Some(next);
+                next += 1;
+            }
+        }
+        if (found.is_some() && last_settings) || event_shown(settings, &e.source, &e.r#type) {
+            events.push((e, found));
+        }
+    }
     let profiles = state
         .profiles
         .iter()
@@ -206,7 +217,11 @@ fn shown_parts<'a>(
 
 /// `content_hash` of the snapshot these parts make: stored events never
 /// change once their id is held, so they are identified by (id, created_at).
-fn parts_hash(user_id: &str, events: &[&StoredEvent], profiles: &[Vec<u8>]) -> Vec<u8> {
+fn parts_hash<'a>(
+    user_id: &str,
+    events: impl Iterator<Item = &'a StoredEvent>,
+    profiles: &[Vec<u8>],
+) -> Vec<u8> {
     let mut h = Sha256::new();
     h.update(user_id.as_bytes());
     for e in events {
@@ -224,8 +239,8 @@ fn parts_hash(user_id: &str, events: &[&StoredEvent], profiles: &[Vec<u8>]) -> V
 /// The same hash as `content_hash(&build(..))`, without building the
 /// snapshot.
 pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
-    let (events, profiles) = shown_parts(state, settings, max_events, &[]);
-    parts_hash(&state.user_id, &events, &profiles)
+    let (events, profiles) = shown_parts(state, settings, max_events, &[], false);
+    parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles)
 }
 
 /// The wire form of the events the last snapshot showed, kept between
@@ -375,36 +390,35 @@ pub fn next_snapshot(
     shown: &mut EncodedEvents,
     bodies: &impl Bodies,
 ) -> Option<Vec<u8>> {
-    let known: &[ShownEvent] = match &shown.settings {
-        Some(s) if Arc::ptr_eq(s, settings) => &shown.events,
-        _ => &[],
-    };
-    let (events, profiles) = shown_parts(state, settings, max_events, known);
-    let hash = parts_hash(&state.user_id, &events, &profiles);
+    let same_settings = matches!(&shown.settings, Some(s) if Arc::ptr_eq(s, settings));
+    let (events, profiles) = shown_parts(state, settings, max_events, &shown.events, same_settings);
+    let hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
     if hash == state.snapshot_hash {
         return None;
     }
-    // Both lists are newest first: one merge finds the events shown last
-    // time (their entries move over as they are); the others are encoded,
-    // with the properties not inline fetched in one call.
-    let mut last = std::mem::take(&mut shown.events).into_iter().peekable();
-    let mut kept: Vec<Option<ShownEvent>> = Vec::with_capacity(events.len());
-    let mut missing: Vec<&StoredEvent> = Vec::new();
-    for e in &events {
-        let want = (e.created_at_ns, e.id.as_str());
-        while last.next_if(|l| l.order() > want).is_some() {}
-        let found = last.next_if(|l| l.order() == want);
-        if found.is_none() && e.properties.is_empty() {
-            missing.push(e);
-        }
-        kept.push(found);
-    }
+    // The events shown last time move over as they are (their entries were
+    // found by `shown_parts`'s merge); the others are encoded, with the
+    // properties not inline fetched in one call.
+    let mut last: Vec<Option<ShownEvent>> = std::mem::take(&mut shown.events)
+        .into_iter()
+        .map(Some)
+        .collect();
+    let kept: Vec<Option<ShownEvent>> = events
+        .iter()
+        .map(|(_, found)| found.and_then(|i| last[i].take()))
+        .collect();
     drop(last);
+    let missing: Vec<&StoredEvent> = events
+        .iter()
+        .zip(&kept)
+        .filter(|((e, _), k)| k.is_none() && e.properties.is_empty())
+        .map(|((e, _), _)| *e)
+        .collect();
     let mut fetched = bodies.properties_many(&missing).into_iter();
     shown.events = events
         .iter()
         .zip(kept)
-        .map(|(e, kept)| match kept {
+        .map(|((e, _), kept)| match kept {
             Some(k) => k,
             None => ShownEvent {
                 created_at_ns: e.created_at_ns,

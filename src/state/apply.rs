@@ -118,13 +118,14 @@ impl IdIndex {
     fn new<'a>(ids: impl Iterator<Item = &'a str>) -> IdIndex {
         let mut index = IdIndex::default();
         for id in ids {
-            index.insert(id);
+            index.insert(id_hash(id));
         }
         index
     }
 
-    fn insert(&mut self, id: &str) {
-        *self.0.entry(id_hash(id)).or_insert(0) += 1;
+    /// Counts an id by its `id_hash`.
+    fn insert(&mut self, hash: u64) {
+        *self.0.entry(hash).or_insert(0) += 1;
     }
 
     fn remove(&mut self, id: &str) {
@@ -137,15 +138,14 @@ impl IdIndex {
         }
     }
 
-    /// Whether `timeline` holds `id` (newest first: duplicates are mostly
-    /// recent ones).
-    fn holds(&self, id: &str, timeline: &VecDeque<StoredEvent>) -> bool {
-        self.0.contains_key(&id_hash(id)) && timeline.iter().rev().any(|e| e.id == id)
+    /// Whether `timeline` holds `id` (`hash`: its `id_hash`), looked for
+    /// newest first: duplicates are mostly recent ones.
+    fn holds(&self, hash: u64, id: &str, timeline: &VecDeque<StoredEvent>) -> bool {
+        self.0.contains_key(&hash) && timeline.iter().rev().any(|e| e.id == id)
     }
 
-    /// Bytes of its table (its capacity is 7/8 of its slots).
     fn table_bytes(&self) -> usize {
-        self.0.capacity() * (std::mem::size_of::<(u64, u32)>() + 1) / 7 * 8
+        crate::state::cache::table_bytes(self.0.capacity(), std::mem::size_of::<(u64, u32)>())
     }
 }
 
@@ -373,7 +373,8 @@ fn apply_event(
     let Some(event) = &rec.event else {
         return Outcome::Applied;
     };
-    if w.ids.holds(&event.id, &w.timeline) {
+    let hash = id_hash(&event.id);
+    if w.ids.holds(hash, &event.id, &w.timeline) {
         return if rec.profile.is_some() {
             Outcome::Applied
         } else {
@@ -387,7 +388,7 @@ fn apply_event(
         .timeline
         .back()
         .is_none_or(|e| event_order(e) <= event_order(&event));
-    w.ids.insert(&event.id);
+    w.ids.insert(hash);
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
@@ -511,18 +512,19 @@ mod tests {
             })
             .collect();
         let mut ix = IdIndex::new(tl.iter().map(|e| e.id.as_str()));
-        assert!(ix.holds("a", &tl) && ix.holds("b", &tl));
-        assert!(!ix.holds("c", &tl));
+        let holds = |ix: &IdIndex, id: &str| ix.holds(id_hash(id), id, &tl);
+        assert!(holds(&ix, "a") && holds(&ix, "b"));
+        assert!(!holds(&ix, "c"));
         // A hash present for an id the timeline does not hold (what two ids
         // of one hash look like): not a duplicate.
-        ix.insert("c");
-        assert!(!ix.holds("c", &tl));
+        ix.insert(id_hash("c"));
+        assert!(!holds(&ix, "c"));
         // Counted: one of two entries of a hash removed leaves the other.
-        ix.insert("a");
+        ix.insert(id_hash("a"));
         ix.remove("a");
-        assert!(ix.holds("a", &tl));
+        assert!(holds(&ix, "a"));
         ix.remove("a");
-        assert!(!ix.holds("a", &tl));
+        assert!(!holds(&ix, "a"));
         assert!(ix.table_bytes() > 0);
     }
 

@@ -21,9 +21,15 @@ const HEAP_PER_TIMELINE_BYTE: f64 = 1.5;
 /// the allocator's rounding, besides the structs themselves.
 const ALLOCATIONS_PER_USER: usize = 384;
 
+/// Bytes of a hash table of `capacity` entries of `entry` bytes: its
+/// capacity is 7/8 of its slots, each with a control byte.
+pub fn table_bytes(capacity: usize, entry: usize) -> usize {
+    capacity * (entry + 1) / 7 * 8
+}
+
 /// A slot of the cache's table (the states are boxed: a table keeps its
 /// size as users leave it, so its slots stay small).
-const SLOT: usize = std::mem::size_of::<((u32, String), Entry)>() + 1;
+const SLOT: usize = std::mem::size_of::<((u32, String), Entry)>();
 
 /// Estimated memory of a cached user besides its slot in the cache's
 /// table: one struct per timeline event, the id index, the heap behind
@@ -166,9 +172,8 @@ impl UserCache {
         self.users + self.table_bytes()
     }
 
-    /// The table's slots: its capacity is 7/8 of them.
     fn table_bytes(&self) -> usize {
-        self.map.capacity() * SLOT / 7 * 8
+        table_bytes(self.map.capacity(), SLOT)
     }
 }
 
