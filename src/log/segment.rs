@@ -162,6 +162,8 @@ impl Segment {
     /// into the file from where they are, with no buffer in between.
     pub fn append_parts(&self, parts: &mut [IoSlice<'_>]) -> Result<(), LogError> {
         let mut parts = parts;
+        // Leading empty parts go first: a write of nothing but empty parts
+        // would return 0.
         IoSlice::advance_slices(&mut parts, 0);
         while !parts.is_empty() {
             match (&self.file).write_vectored(parts) {
