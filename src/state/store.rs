@@ -135,6 +135,19 @@ impl Store {
         db_opts.set_max_background_jobs(o.background_jobs);
         db_opts.set_db_write_buffer_size(o.write_buffer_bytes * 4);
         db_opts.set_max_total_wal_size(256 << 20);
+        // Compactions run at the lowest CPU priority (nice 19, set by each
+        // compaction thread when it next takes a job): on a busy machine
+        // they no longer take a core from the pipeline's threads for a
+        // second at a time, the half-load tail (BENCHMARKS.md, item 47).
+        // Flushes keep theirs: a memtable not flushed in time stalls writes.
+        // RocksDB's own backpressure (slower writes past 20 level-0 files)
+        // still bounds how far compactions can fall behind.
+        let mut env = rocksdb::Env::new().map_err(|source| StoreError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        env.lower_thread_pool_cpu_priority();
+        db_opts.set_env(&env);
         let cfs = ALL_CFS
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
@@ -670,6 +683,48 @@ mod tests {
             created_at_ns: at,
             ..Default::default()
         }
+    }
+
+    /// A compaction thread lowers its CPU priority to nice 19 when it runs
+    /// a job; the flush thread keeps the process's.
+    #[test]
+    fn compactions_run_at_the_lowest_cpu_priority() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        for round in 0..2u8 {
+            for i in 0..100u32 {
+                store
+                    .db()
+                    .put_cf(store.cf(CF_BODIES), i.to_be_bytes(), [round; 64])
+                    .unwrap();
+            }
+            store.flush().unwrap();
+        }
+        store
+            .db()
+            .compact_range_cf(store.cf(CF_BODIES), None::<&[u8]>, None::<&[u8]>);
+        // (name, nice) of this process's threads, from /proc (field 19 of
+        // `stat`, after the name in parentheses).
+        let threads: Vec<(String, i64)> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter_map(|st| {
+                let (head, rest) = st.rsplit_once(')')?;
+                let name = head.split_once('(')?.1.to_string();
+                let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
+                Some((name, nice))
+            })
+            .collect();
+        // The pool is the process's (tests share it): the thread that ran
+        // this compaction is one of them.
+        assert!(
+            threads.iter().any(|(n, v)| n == "rocksdb:low" && *v == 19),
+            "{threads:?}"
+        );
+        assert!(
+            threads.iter().any(|(n, v)| n == "rocksdb:high" && *v == 0),
+            "{threads:?}"
+        );
     }
 
     #[test]
