@@ -95,6 +95,39 @@ fn snap_profile(p: &Profile) -> SnapshotProfile {
     }
 }
 
+/// `snap_profile(p).encode_to_vec()`, without copying the profile (its
+/// attributes are a tree of maps) first.
+fn encode_profile(p: &Profile) -> Vec<u8> {
+    use prost::encoding::{message, string};
+    let mut buf = Vec::with_capacity(
+        p.source.len()
+            + p.r#type.len()
+            + p.name.as_ref().map_or(0, String::len)
+            + p.identifiers
+                .iter()
+                .map(|i| i.encoded_len() + 2)
+                .sum::<usize>()
+            + p.attributes.as_ref().map_or(0, |a| a.encoded_len() + 4)
+            + 48,
+    );
+    if !p.source.is_empty() {
+        string::encode(1, &p.source, &mut buf);
+    }
+    if !p.r#type.is_empty() {
+        string::encode(2, &p.r#type, &mut buf);
+    }
+    if let Some(name) = &p.name {
+        string::encode(3, name, &mut buf);
+    }
+    message::encode_repeated(4, &p.identifiers, &mut buf);
+    if let Some(attributes) = &p.attributes {
+        message::encode(5, attributes, &mut buf);
+    }
+    message::encode(6, &time::to_timestamp(p.created_at_ns), &mut buf);
+    message::encode(7, &time::to_timestamp(p.updated_at_ns), &mut buf);
+    buf
+}
+
 /// The visible content of a user's context (version and updated_at unset).
 /// `settings` must be `prepared`.
 pub fn build(
@@ -210,7 +243,7 @@ fn shown_parts<'a>(
         .profiles
         .iter()
         .filter(|p| profile_shown(settings, &p.source, &p.r#type))
-        .map(|p| snap_profile(p).encode_to_vec())
+        .map(encode_profile)
         .collect();
     (events, profiles)
 }
@@ -555,6 +588,39 @@ mod tests {
 
     fn ids(s: &ContextSnapshotBytes) -> Vec<&str> {
         s.events.iter().map(|e| e.id.as_str()).collect()
+    }
+
+    #[test]
+    fn profiles_encode_as_their_snapshot_form_does() {
+        let attrs = json::to_struct(
+            json!({"tier": "gold", "n": 3, "tags": ["a", "b"], "nested": {"x": null, "y": true}})
+                .as_object()
+                .unwrap(),
+        );
+        let full = Profile {
+            source: "shop".into(),
+            r#type: "customer".into(),
+            name: Some("Jane".into()),
+            identifiers: vec![
+                Identifier::new("email", "a@x"),
+                Identifier::new("phone", "1"),
+            ],
+            attributes: Some(attrs),
+            created_at_ns: -5,
+            updated_at_ns: 1_700_000_000_123_456_789,
+        };
+        let bare = Profile {
+            name: Some(String::new()),
+            attributes: Some(prost_types::Struct::default()),
+            ..Profile::default()
+        };
+        for p in [full, bare, Profile::default()] {
+            assert_eq!(
+                encode_profile(&p),
+                snap_profile(&p).encode_to_vec(),
+                "{p:?}"
+            );
+        }
     }
 
     #[test]
