@@ -25,6 +25,40 @@ use std::time::{Duration, Instant};
 pub struct StoreLookup<'a> {
     store: &'a Store,
     failed: RefCell<Option<crate::state::StoreError>>,
+    cache: Option<&'a LinkCache>,
+}
+
+/// Links a routing stage has read from the store, kept across its batches
+/// (an identifier key -> its user). Only links found in the store go in: a
+/// stored link is never moved or removed while the process runs (links are
+/// only added; a rebuild runs in a process of its own), so an entry stays
+/// true. Cleared whenever it reaches `LinkCache::MAX` entries.
+#[derive(Default)]
+pub struct LinkCache(RefCell<HashMap<String, String>>);
+
+impl LinkCache {
+    /// Entries held at most (about 6 MiB with typical identifiers).
+    pub const MAX: usize = 65_536;
+
+    fn get(&self, key: &str) -> Option<String> {
+        self.0.borrow().get(key).cloned()
+    }
+
+    fn insert(&self, key: String, user_id: String) {
+        let mut links = self.0.borrow_mut();
+        if links.len() >= Self::MAX {
+            links.clear();
+        }
+        links.insert(key, user_id);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl<'a> StoreLookup<'a> {
@@ -32,6 +66,15 @@ impl<'a> StoreLookup<'a> {
         StoreLookup {
             store,
             failed: RefCell::new(None),
+            cache: None,
+        }
+    }
+
+    /// Reading through `cache` (and filling it with the links it finds).
+    pub fn cached(store: &'a Store, cache: &'a LinkCache) -> StoreLookup<'a> {
+        StoreLookup {
+            cache: Some(cache),
+            ..StoreLookup::new(store)
         }
     }
 
@@ -46,8 +89,19 @@ impl<'a> StoreLookup<'a> {
 
 impl IdentityLookup for StoreLookup<'_> {
     fn linked_user(&self, id: &Identifier) -> Option<String> {
+        let key = self.cache.map(|_| id.key());
+        if let (Some(cache), Some(key)) = (self.cache, &key) {
+            if let Some(u) = cache.get(key) {
+                return Some(u);
+            }
+        }
         match self.store.linked_user(id) {
-            Ok(u) => u,
+            Ok(u) => {
+                if let (Some(cache), Some(key), Some(u)) = (self.cache, key, &u) {
+                    cache.insert(key, u.clone());
+                }
+                u
+            }
             Err(e) => {
                 let mut failed = self.failed.borrow_mut();
                 if failed.is_none() {
@@ -257,6 +311,7 @@ pub struct RouterStep {
     router: Router,
     topics: Vec<(String, u32)>,
     positions: HashMap<(String, i32), i64>,
+    links: LinkCache,
 }
 
 impl RouterStep {
@@ -283,6 +338,7 @@ impl RouterStep {
             router,
             topics,
             positions,
+            links: LinkCache::default(),
         })
     }
 
@@ -294,7 +350,7 @@ impl RouterStep {
         if input.is_empty() {
             return Ok(0);
         }
-        let lookup = StoreLookup::new(store);
+        let lookup = StoreLookup::cached(store, &self.links);
         let routed = self.router.route(&lookup, &input);
         lookup.check()?;
         let mut batch = rocksdb::WriteBatch::default();
@@ -566,6 +622,43 @@ pub fn lag(log: &EmbeddedLog, topics: &super::Topics) -> Result<(i64, i64), Pipe
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_link_cache_keeps_links_found_in_the_store_and_never_misses() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &crate::state::StoreOptions::default()).unwrap();
+        let email = Identifier::new("email", "a@x");
+        let phone = Identifier::new("phone", "1");
+        let link = |id: &Identifier, user: &str| {
+            let mut b = rocksdb::WriteBatch::default();
+            b.put_cf(store.cf(CF_IDENT), keys::ident(&id.key()), user.as_bytes());
+            store.write(b).unwrap();
+        };
+        link(&email, "u1");
+        let cache = LinkCache::default();
+        let lookup = StoreLookup::cached(&store, &cache);
+        assert_eq!(lookup.linked_user(&email).as_deref(), Some("u1"));
+        // Not linked yet: not remembered, so a link made later is seen.
+        assert_eq!(lookup.linked_user(&phone), None);
+        assert_eq!(cache.len(), 1);
+        link(&phone, "u2");
+        assert_eq!(lookup.linked_user(&phone).as_deref(), Some("u2"));
+        lookup.check().unwrap();
+        // Found links are served from the cache, without the store.
+        drop(store);
+        let other = tempfile::tempdir().unwrap();
+        let empty = Store::open(other.path(), &crate::state::StoreOptions::default()).unwrap();
+        let lookup = StoreLookup::cached(&empty, &cache);
+        assert_eq!(lookup.linked_user(&email).as_deref(), Some("u1"));
+        assert_eq!(lookup.linked_user(&phone).as_deref(), Some("u2"));
+        assert_eq!(StoreLookup::new(&empty).linked_user(&email), None);
+        // Bounded: full, it starts over.
+        for i in 0..LinkCache::MAX {
+            cache.insert(format!("k:{i}"), "u".into());
+        }
+        assert!(cache.len() <= LinkCache::MAX);
+        assert!(!cache.is_empty());
+    }
 
     #[test]
     fn quotas_share_a_budget_by_backlog() {

@@ -23,7 +23,7 @@
 //!   of its earlier batches (up to `MAX_IN_FLIGHT`), and after a failed
 //!   delivery sends everything in flight again, in order.
 
-use super::embedded::{Readiness, StoreLookup};
+use super::embedded::{LinkCache, Readiness, StoreLookup};
 use super::materializer::{observe_latency, Materializer};
 use super::router::Router;
 use super::PipelineError;
@@ -206,6 +206,7 @@ pub fn run_router(
     }
     let mut last_lag = Instant::now();
     let started = Instant::now();
+    let links = LinkCache::default();
     while !stop.load(Ordering::Acquire) {
         if own.rejoin_router.swap(false, Ordering::AcqRel) {
             consumer.unsubscribe();
@@ -231,7 +232,7 @@ pub fn run_router(
             continue;
         }
         let t0 = Instant::now();
-        let lookup = StoreLookup::new(&store);
+        let lookup = StoreLookup::cached(&store, &links);
         let routed = router.route(&lookup, &batch);
         lookup.check()?;
         let mut out = routed.out;
