@@ -310,6 +310,7 @@ pub fn settle_partition(
             }
             mat.write_back(store, &mut batch, p, w);
         }
+        mat.count_published();
         commit(std::mem::take(&mut batch), out)?;
     }
     if !batch.is_empty() {

@@ -58,6 +58,9 @@ pub struct Materializer {
     remember: bool,
     /// Users whose next snapshot is held back, written with the state.
     held: HashMap<(u32, String), Held>,
+    /// Snapshots (count, bytes) published since the metrics last counted
+    /// them (`count_published`: once per batch, not per snapshot).
+    published_uncounted: (u64, u64),
     /// Identifier keys known to be linked (in the store, or in a batch
     /// this stage produced): a record's links are looked up in the store
     /// only when not here. Links are only ever added, so an entry stays
@@ -87,6 +90,15 @@ pub struct Materialized {
     /// Log times of the records applied (input timestamps), for
     /// `observe_latency` once the batch is committed.
     pub log_times_ns: Vec<i64>,
+}
+
+/// Counts a record of `topic` (a batch's records come from a few topics:
+/// the metrics are incremented once per batch and topic).
+pub fn count_topic<'a>(counts: &mut Vec<(&'a str, u64)>, topic: &'a str) {
+    match counts.iter_mut().find(|(t, _)| *t == topic) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((topic, 1)),
+    }
 }
 
 /// Records, per record applied, the time from its input timestamp (the
@@ -122,6 +134,16 @@ impl Materializer {
             remember: false,
             held: HashMap::new(),
             linked: HashSet::new(),
+            published_uncounted: (0, 0),
+        }
+    }
+
+    /// Adds the snapshots published since the last call to the metrics.
+    pub fn count_published(&mut self) {
+        let (n, bytes) = std::mem::take(&mut self.published_uncounted);
+        if n > 0 {
+            metrics::counter!("contextd_snapshots_published_total").increment(n);
+            metrics::counter!("contextd_snapshot_bytes_total").increment(bytes);
         }
     }
 
@@ -229,6 +251,7 @@ impl Materializer {
         let mut settings_changed: HashSet<u32> = HashSet::new();
         let mut links_seen: HashSet<String> = HashSet::new();
         let mut applied = 0;
+        let mut applied_by_topic: Vec<(&str, u64)> = Vec::new();
         let mut log_times_ns = Vec::with_capacity(decoded.len());
         for (p, rec, r) in decoded.iter_mut() {
             let p = *p;
@@ -272,8 +295,7 @@ impl Materializer {
                 settings_changed.insert(p);
                 applied += 1;
                 log_times_ns.push(r.log_time_ns);
-                metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
-                    .increment(1);
+                count_topic(&mut applied_by_topic, &rec.topic);
                 continue;
             }
             let t = users
@@ -286,8 +308,7 @@ impl Materializer {
                     applied += 1;
                     log_times_ns.push(r.log_time_ns);
                     t.last_log_ns = t.last_log_ns.max(r.log_time_ns);
-                    metrics::counter!("contextd_records_applied_total", "topic" => rec.topic.clone())
-                        .increment(1);
+                    count_topic(&mut applied_by_topic, &rec.topic);
                 }
                 Outcome::Rejected(err) => {
                     let inp = r.input.clone().unwrap_or_default();
@@ -372,6 +393,11 @@ impl Materializer {
         for (p, next) in positions {
             store.put_i64(&mut batch, CF_PART, &keys::part_offset(p), next);
         }
+        for (topic, n) in applied_by_topic {
+            metrics::counter!("contextd_records_applied_total", "topic" => topic.to_string())
+                .increment(n);
+        }
+        self.count_published();
         if self.linked.len() + links_seen.len() > LINKED_MAX {
             self.linked.clear();
         }
@@ -417,6 +443,7 @@ impl Materializer {
         let mut batch = WriteBatch::default();
         let mut out = Vec::new();
         let published = self.release_into(store, &mut batch, &mut out, Instant::now(), all)?;
+        self.count_published();
         Ok(Materialized {
             batch,
             out,
@@ -634,8 +661,8 @@ impl Materializer {
                 serde_json::to_vec(&snapshot::to_json(&snap)).expect("json")
             }
         };
-        metrics::counter!("contextd_snapshots_published_total").increment(1);
-        metrics::counter!("contextd_snapshot_bytes_total").increment(value.len() as u64);
+        self.published_uncounted.0 += 1;
+        self.published_uncounted.1 += value.len() as u64;
         out.push(OutRecord {
             topic: self.topics.snapshots.clone(),
             partition: Some(p as i32),

@@ -4,6 +4,7 @@
 //! visibility changes in order with its records (replays are deterministic).
 
 use super::deadletter::dead_letter;
+use super::materializer::count_topic;
 use super::Topics;
 use crate::identity::{resolve, IdentityLookup, Overlay};
 use crate::ingest::{self, ErrorCode, InputKind, Limits, Normalized, Rejection};
@@ -47,9 +48,9 @@ impl Router {
     pub fn route(&self, lookup: &impl IdentityLookup, input: &[LogRecord]) -> Routed {
         let mut routed = Routed::default();
         let mut pending: HashMap<String, String> = HashMap::new();
+        let mut consumed: Vec<(&str, u64)> = Vec::new();
         for rec in input {
-            metrics::counter!("contextd_records_consumed_total", "topic" => rec.topic.clone())
-                .increment(1);
+            count_topic(&mut consumed, &rec.topic);
             routed
                 .positions
                 .insert((rec.topic.clone(), rec.partition), rec.offset + 1);
@@ -79,6 +80,10 @@ impl Router {
                 Ok(out) => routed.out.extend(out),
                 Err(e) => routed.out.push(dead_letter(&self.topics.dlq, &e, rec)),
             }
+        }
+        for (topic, n) in consumed {
+            metrics::counter!("contextd_records_consumed_total", "topic" => topic.to_string())
+                .increment(n);
         }
         routed
     }
