@@ -72,6 +72,7 @@ fn build_event(
         properties: json::encode_struct(properties),
         created_at_ns,
         received_at_ns: log_time_ns,
+        body_in_timeline: false,
     })
 }
 

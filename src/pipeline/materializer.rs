@@ -337,15 +337,13 @@ impl Materializer {
             let changes = t.state.end_batch();
             let new_bodies = changes.new_bodies;
             let state = &mut t.state.state;
-            // Only what changed is written: the events stored and dropped,
-            // their properties, and the user's value without its timeline.
+            // Only what changed is written: the events stored (one key each,
+            // properties included) and dropped (and the properties of older
+            // ones kept apart), and the user's value without its timeline.
             store.put_timeline_ops(&mut batch, p, &state.user_id, &changes.timeline_ops);
             let cf = store.cf(keys::CF_BODIES);
             for id in &changes.dropped_bodies {
                 batch.delete_cf(cf, keys::body(p, &state.user_id, id));
-            }
-            for (id, b) in &new_bodies {
-                batch.put_cf(cf, keys::body(p, &state.user_id, id), b);
             }
             // Without publishing (rebuild), snapshot versions are settled
             // after the replay (replay::settle_partition).

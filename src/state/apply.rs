@@ -156,10 +156,12 @@ pub struct Working {
     pub state: UserState,
     timeline: VecDeque<StoredEvent>,
     ids: IdIndex,
-    /// Properties of events stored by this batch (event id -> encoded Struct):
-    /// they are written once, beside the timeline, never rewritten with it.
+    /// Properties of events stored by this batch (event id -> encoded
+    /// Struct), for its snapshot: the store has them in the events'
+    /// timeline values (written once), the cached timeline does not.
     pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
-    /// Ids of events trimmed by this batch whose properties are in the store.
+    /// Ids of events trimmed by this batch whose properties are in the
+    /// `bodies` column family (state written before `body_in_timeline`).
     pub dropped_bodies: Vec<String>,
     /// The events the last snapshot showed, encoded (memory only, while the
     /// user is cached): the next snapshot copies them instead of reading
@@ -177,8 +179,8 @@ pub struct Working {
 /// A change to a user's timeline.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TimelineOp {
-    /// An event stored (its properties are in `new_bodies`): created_at_ns,
-    /// id, and the event encoded (what its key holds).
+    /// An event stored: created_at_ns, id, and the event encoded with its
+    /// properties (what its key holds).
     Put(i64, String, Vec<u8>),
     /// An event dropped: (created_at_ns, id).
     Delete(i64, String),
@@ -383,6 +385,10 @@ fn apply_event(
     }
     let mut event = rec.event.take().expect("checked above");
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);
+    // One key per event: its timeline value, properties included; the
+    // cached timeline keeps the event without them.
+    event.body_in_timeline = true;
+    let op = TimelineOp::put(&event);
     let props = std::mem::take(&mut event.properties);
     let newest = w
         .timeline
@@ -392,10 +398,7 @@ fn apply_event(
     if !props.is_empty() {
         w.new_bodies.insert(event.id.clone(), props);
     }
-    let op = TimelineOp::put(&event);
-    if let TimelineOp::Put(_, _, encoded) = &op {
-        w.timeline_bytes += share_of_timeline(encoded.len());
-    }
+    w.timeline_bytes += stored_len(&event);
     w.timeline_ops.push(op);
     if newest {
         w.timeline.push_back(event);
@@ -413,7 +416,10 @@ fn apply_event(
             w.shown_events.remove(old.created_at_ns, &old.id);
             w.timeline_ops
                 .push(TimelineOp::Delete(old.created_at_ns, old.id.clone()));
-            if w.new_bodies.remove(&old.id).is_none() && old.properties.is_empty() {
+            if w.new_bodies.remove(&old.id).is_none()
+                && old.properties.is_empty()
+                && !old.body_in_timeline
+            {
                 w.dropped_bodies.push(old.id);
             }
         }

@@ -30,6 +30,8 @@ fn user_hash(store: &Store, p: u32, s: &UserState) -> [u8; 32] {
         h.update(b"e");
         let mut full = e.clone();
         full.properties = properties_of(e, &bodies);
+        // Where the properties are stored is not content.
+        full.body_in_timeline = false;
         h.update(StoredEvent::encode_to_vec(&full));
     }
     for p in &s.profiles {

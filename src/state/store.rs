@@ -283,7 +283,7 @@ impl Store {
                 IteratorMode::From(&prefix, Direction::Forward),
             ) {
                 let (_, v) = item?;
-                s.timeline.push(decode(&v, "timeline event")?);
+                s.timeline.push(timeline_event(&v)?);
             }
         }
         Ok(s)
@@ -589,8 +589,57 @@ pub struct StoreBodies<'a> {
     pub pending: Option<&'a std::collections::HashMap<String, Vec<u8>>>,
 }
 
-/// Reads many bodies in one multi-get (sorted keys of one user: one pass
-/// over the memtable and blocks instead of a lookup each).
+/// A timeline value's properties (its other fields skipped).
+#[derive(Clone, PartialEq, prost::Message)]
+struct TimelineBody {
+    #[prost(bytes = "vec", tag = "5")]
+    properties: Vec<u8>,
+}
+
+/// A timeline value without its properties (skipped, not copied): what the
+/// cached timeline holds. The fields of `StoredEvent` but `properties`.
+#[derive(Clone, PartialEq, prost::Message)]
+struct TimelineHead {
+    #[prost(string, tag = "1")]
+    id: String,
+    #[prost(string, tag = "2")]
+    source: String,
+    #[prost(string, tag = "3")]
+    r#type: String,
+    #[prost(string, tag = "4")]
+    description: String,
+    #[prost(int64, tag = "6")]
+    created_at_ns: i64,
+    #[prost(int64, tag = "7")]
+    received_at_ns: i64,
+    #[prost(bool, tag = "8")]
+    body_in_timeline: bool,
+}
+
+/// A stored timeline event, as the cached timeline holds it: properties
+/// stored in its value are left there (`body_in_timeline`); older values
+/// keep theirs (inline, or empty with the properties in `bodies`).
+fn timeline_event(value: &[u8]) -> Result<StoredEvent, StoreError> {
+    let h: TimelineHead = decode(value, "timeline event")?;
+    if !h.body_in_timeline {
+        return decode(value, "timeline event");
+    }
+    Ok(StoredEvent {
+        id: h.id,
+        source: h.source,
+        r#type: h.r#type,
+        description: h.description,
+        properties: Vec::new(),
+        created_at_ns: h.created_at_ns,
+        received_at_ns: h.received_at_ns,
+        body_in_timeline: true,
+    })
+}
+
+/// Reads the properties of many events of one user in one multi-get: from
+/// their timeline values, or for events stored before `body_in_timeline`
+/// from the `bodies` column family (sorted keys of one user: one pass over
+/// the memtable and blocks instead of a lookup each).
 fn multi_get_bodies<'a>(
     store: &Store,
     view: Option<&rocksdb::SnapshotWithThreadMode<'a, DB>>,
@@ -601,10 +650,17 @@ fn multi_get_bodies<'a>(
     if events.is_empty() {
         return Vec::new();
     }
-    let cf = store.cf(CF_BODIES);
+    let (timeline, bodies) = (store.cf(CF_TIMELINE), store.cf(CF_BODIES));
     let keys: Vec<_> = events
         .iter()
-        .map(|e| (cf, keys::body(partition, user_id, &e.id)))
+        .map(|e| {
+            if e.body_in_timeline {
+                let k = keys::timeline_event(partition, user_id, e.created_at_ns, &e.id);
+                (timeline, k)
+            } else {
+                (bodies, keys::body(partition, user_id, &e.id))
+            }
+        })
         .collect();
     let got = match view {
         Some(v) => v.multi_get_cf(keys),
@@ -612,12 +668,17 @@ fn multi_get_bodies<'a>(
     };
     got.into_iter()
         .zip(events)
-        .map(|(r, e)| match r {
-            Ok(v) => v.unwrap_or_default(),
-            Err(err) => {
+        .map(|(r, e)| {
+            let read = r.map_err(StoreError::from).and_then(|v| match v {
+                Some(v) if e.body_in_timeline => {
+                    decode::<TimelineBody>(&v, "timeline event").map(|b| b.properties)
+                }
+                v => Ok(v.unwrap_or_default()),
+            });
+            read.unwrap_or_else(|err| {
                 tracing::error!(error = %err, event = %e.id, "cannot read event properties");
                 Vec::new()
-            }
+            })
         })
         .collect()
 }
@@ -795,6 +856,115 @@ mod tests {
             ["b", "c", "e"]
         );
         assert_eq!(ids(&store.users_page(3, None, 10).unwrap()[1]), ["x"]);
+    }
+
+    /// Events are stored as one key each, properties included; events of
+    /// state written before (properties in `bodies`) stay readable, are
+    /// trimmed with their bodies, and digest the same.
+    #[test]
+    fn event_properties_live_in_the_timeline_and_older_bodies_stay_readable() {
+        use crate::model::{record, EventRecord, Record};
+        use crate::snapshot::Bodies;
+        use crate::state::apply::{apply, ApplyLimits, Working};
+        let props = |v: &str| {
+            crate::model::json::encode_struct(serde_json::json!({ "v": v }).as_object().unwrap())
+        };
+        // The older layout: the timeline value without properties, the
+        // properties under the body key.
+        let old_layout = |store: &Store, e: &StoredEvent, body: &[u8]| {
+            let mut b = WriteBatch::default();
+            b.put_cf(
+                store.cf(CF_TIMELINE),
+                keys::timeline_event(3, "u", e.created_at_ns, &e.id),
+                e.encode_to_vec(),
+            );
+            b.put_cf(store.cf(CF_BODIES), keys::body(3, "u", &e.id), body);
+            store.write(b).unwrap();
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut b = WriteBatch::default();
+        store.put_user(&mut b, 3, &mut new_user("u"));
+        store.write(b).unwrap();
+        old_layout(&store, &event("a", 1), &props("a"));
+        old_layout(&store, &event("b", 2), &props("b"));
+        // A batch stores "c" and trims "a" (at most two events).
+        let mut w = Working::new(store.get_user(3, "u").unwrap().unwrap());
+        let mut c = event("c", 3);
+        c.properties = props("c");
+        let mut rec = Record {
+            log_time_ns: 3,
+            body: Some(record::Body::Event(EventRecord {
+                event: Some(c),
+                profile: None,
+            })),
+            ..Default::default()
+        };
+        let limits = ApplyLimits {
+            max_events_per_user: 2,
+        };
+        apply(&mut w, &mut rec, limits, &mut Default::default());
+        let changes = w.end_batch();
+        assert_eq!(changes.dropped_bodies, ["a"]);
+        let mut b = WriteBatch::default();
+        store.put_timeline_ops(&mut b, 3, "u", &changes.timeline_ops);
+        for id in &changes.dropped_bodies {
+            b.delete_cf(store.cf(CF_BODIES), keys::body(3, "u", id));
+        }
+        store.put_user(&mut b, 3, &mut w.state);
+        store.write(b).unwrap();
+        // "c" is one key, its properties in it; "a" is gone with its body.
+        let get = |cf: &str, k: Vec<u8>| store.get_raw(cf, &k).unwrap();
+        let stored: StoredEvent = decode(
+            &get(CF_TIMELINE, keys::timeline_event(3, "u", 3, "c")).unwrap(),
+            "e",
+        )
+        .unwrap();
+        assert!(stored.body_in_timeline);
+        assert_eq!(stored.properties, props("c"));
+        assert_eq!(get(CF_BODIES, keys::body(3, "u", "c")), None);
+        assert_eq!(get(CF_BODIES, keys::body(3, "u", "a")), None);
+        assert_eq!(get(CF_TIMELINE, keys::timeline_event(3, "u", 1, "a")), None);
+        // Read back: the cached form has no properties; both layouts'
+        // properties are found.
+        let st = store.get_user(3, "u").unwrap().unwrap();
+        let ids: Vec<_> = st.timeline.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["b", "c"]);
+        assert!(st.timeline.iter().all(|e| e.properties.is_empty()));
+        assert_eq!(
+            (
+                st.timeline[0].body_in_timeline,
+                st.timeline[1].body_in_timeline
+            ),
+            (false, true)
+        );
+        let bodies = StoreBodies {
+            store: &store,
+            partition: 3,
+            user_id: "u",
+            pending: None,
+        };
+        let events: Vec<&StoredEvent> = st.timeline.iter().collect();
+        assert_eq!(bodies.properties_many(&events), [props("b"), props("c")]);
+        // The digest is the content's: the same as with "c" in the older layout.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = Store::open(other_dir.path(), &StoreOptions::default()).unwrap();
+        other
+            .db()
+            .put_cf(
+                other.cf(CF_USERS),
+                keys::user(3, "u"),
+                get(CF_USERS, keys::user(3, "u")).unwrap(),
+            )
+            .unwrap();
+        old_layout(&other, &event("b", 2), &props("b"));
+        let mut c = event("c", 3);
+        c.received_at_ns = stored.received_at_ns;
+        old_layout(&other, &c, &props("c"));
+        assert_eq!(
+            crate::state::digest::digest(&store).unwrap(),
+            crate::state::digest::digest(&other).unwrap()
+        );
     }
 
     #[test]
