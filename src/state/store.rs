@@ -858,6 +858,39 @@ mod tests {
         assert_eq!(ids(&store.users_page(3, None, 10).unwrap()[1]), ["x"]);
     }
 
+    /// `TimelineHead` mirrors `StoredEvent` but for the properties: every
+    /// other field survives the cached form (a field added to one and not
+    /// the other fails here).
+    #[test]
+    fn timeline_values_read_back_every_field_but_the_properties() {
+        let full = StoredEvent {
+            id: "e".into(),
+            source: "shop".into(),
+            r#type: "order".into(),
+            description: "d".into(),
+            properties: vec![10, 0],
+            created_at_ns: -3,
+            received_at_ns: 9,
+            body_in_timeline: true,
+        };
+        let cached = timeline_event(&full.encode_to_vec()).unwrap();
+        assert_eq!(
+            cached,
+            StoredEvent {
+                properties: Vec::new(),
+                ..full.clone()
+            }
+        );
+        let head = TimelineHead::decode(&full.encode_to_vec()[..]).unwrap();
+        assert_eq!(head.encoded_len() + 4, full.encoded_len());
+        // Older values keep what they hold (inline properties included).
+        let older = StoredEvent {
+            body_in_timeline: false,
+            ..full
+        };
+        assert_eq!(timeline_event(&older.encode_to_vec()).unwrap(), older);
+    }
+
     /// Events are stored as one key each, properties included; events of
     /// state written before (properties in `bodies`) stay readable, are
     /// trimmed with their bodies, and digest the same.
