@@ -48,9 +48,24 @@ pub fn metrics() -> &'static PrometheusHandle {
             .install_recorder()
             .expect("metrics recorder installed once");
         describe();
+        // Histogram samples wait in the recorder until upkeep folds them
+        // into their buckets; a render does it too, but without anyone
+        // scraping `/metrics` they would pile up (8 bytes per record).
+        let upkeep = handle.clone();
+        std::thread::Builder::new()
+            .name(UPKEEP_THREAD.into())
+            .spawn(move || loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                upkeep.run_upkeep();
+            })
+            .expect("spawn the metrics upkeep thread");
         handle
     })
 }
+
+/// The thread that folds histogram samples into their buckets, and how often.
+const UPKEEP_THREAD: &str = "metrics-upkeep";
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
@@ -111,4 +126,28 @@ fn describe() {
     metrics::gauge!("contextd_ready").set(0.0);
     metrics::counter!("contextd_snapshots_published_total").increment(0);
     metrics::counter!("contextd_identity_conflicts_total").increment(0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The recorder is installed once, with a thread that keeps histogram
+    /// samples from piling up when nobody scrapes.
+    #[test]
+    fn the_recorder_runs_its_upkeep() {
+        let a: *const PrometheusHandle = metrics();
+        let b: *const PrometheusHandle = metrics();
+        assert_eq!(a, b);
+        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim().to_string())
+            .collect();
+        assert_eq!(
+            names.iter().filter(|n| *n == UPKEEP_THREAD).count(),
+            1,
+            "{names:?}"
+        );
+    }
 }
