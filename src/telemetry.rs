@@ -139,11 +139,19 @@ mod tests {
         let a: *const PrometheusHandle = metrics();
         let b: *const PrometheusHandle = metrics();
         assert_eq!(a, b);
-        let names: Vec<String> = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-            .map(|n| n.trim().to_string())
-            .collect();
+        let names = || -> Vec<String> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .map(|n| n.trim().to_string())
+                .collect()
+        };
+        // A new thread names itself once it runs: wait for it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !names().iter().any(|n| n == UPKEEP_THREAD) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let names = names();
         assert_eq!(
             names.iter().filter(|n| *n == UPKEEP_THREAD).count(),
             1,
