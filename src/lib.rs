@@ -39,3 +39,32 @@ pub mod snapshot;
 pub mod state;
 pub mod telemetry;
 pub mod workload;
+
+/// This process's threads as (name, nice), from `/proc` (tests that check
+/// what the process's threads are and how they run).
+#[cfg(test)]
+pub(crate) mod threads {
+    /// (name, nice) from a `stat` file: the name in parentheses, the nice
+    /// field 19 (the 17th after the name).
+    fn name_nice(stat: &str) -> Option<(String, i64)> {
+        let (head, rest) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1.to_string();
+        let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
+        Some((name, nice))
+    }
+
+    /// Every thread of the process.
+    pub fn all() -> Vec<(String, i64)> {
+        std::fs::read_dir("/proc/self/task")
+            .expect("/proc/self/task")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
+            .filter_map(|st| name_nice(&st))
+            .collect()
+    }
+
+    /// The calling thread.
+    pub fn this() -> (String, i64) {
+        name_nice(&std::fs::read_to_string("/proc/thread-self/stat").expect("own stat"))
+            .expect("own stat")
+    }
+}

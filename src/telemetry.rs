@@ -140,10 +140,9 @@ mod tests {
         let b: *const PrometheusHandle = metrics();
         assert_eq!(a, b);
         let names = || -> Vec<String> {
-            std::fs::read_dir("/proc/self/task")
-                .unwrap()
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .map(|n| n.trim().to_string())
+            crate::threads::all()
+                .into_iter()
+                .map(|(name, _)| name)
                 .collect()
         };
         // A new thread names itself once it runs: wait for it.

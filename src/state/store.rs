@@ -764,22 +764,9 @@ mod tests {
         store
             .db()
             .compact_range_cf(store.cf(CF_BODIES), None::<&[u8]>, None::<&[u8]>);
-        // (name, nice) of this process's threads, from /proc (field 19 of
-        // `stat`, after the name in parentheses).
-        let name_nice = |st: String| -> Option<(String, i64)> {
-            let (head, rest) = st.rsplit_once(')')?;
-            let name = head.split_once('(')?.1.to_string();
-            let nice = rest.split_whitespace().nth(16)?.parse().ok()?;
-            Some((name, nice))
-        };
-        let threads: Vec<(String, i64)> = std::fs::read_dir("/proc/self/task")
-            .unwrap()
-            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("stat")).ok())
-            .filter_map(name_nice)
-            .collect();
+        let threads = crate::threads::all();
         // This thread's nice is the process's (e.g. 0, or more under `nice`).
-        let (_, own) = name_nice(std::fs::read_to_string("/proc/thread-self/stat").unwrap())
-            .expect("own stat");
+        let (_, own) = crate::threads::this();
         // The pool is the process's (tests share it): the thread that ran
         // this compaction is one of them.
         assert!(
