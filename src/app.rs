@@ -144,6 +144,11 @@ pub fn open_embedded_with(
     store.drop_column_families(drop)?;
     let opts = LogOptions {
         segment_bytes: c.storage.log_segment_mb.max(1) << 20,
+        direct_topics: if c.storage.snapshot_log_direct_io {
+            vec![c.topics.snapshots.clone()]
+        } else {
+            Vec::new()
+        },
     };
     Ok(Arc::new(EmbeddedLog::open_with(
         store,

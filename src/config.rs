@@ -109,6 +109,10 @@ pub struct StorageConfig {
     /// back and dropped from it (the stages read right behind the end).
     /// 0: off, the OS keeps everything cached until it needs the memory.
     pub log_page_cache_mb: u64,
+    /// Embedded mode: the local `context.snapshots` log is written with
+    /// direct I/O (`O_DIRECT`), past the OS page cache: no stage reads it
+    /// back. Falls back to buffered writes where the file system refuses.
+    pub snapshot_log_direct_io: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
@@ -182,6 +186,7 @@ impl Default for StorageConfig {
             snapshot_log_retention: 100_000,
             log_segment_mb: 64,
             log_page_cache_mb: 16,
+            snapshot_log_direct_io: true,
         }
     }
 }

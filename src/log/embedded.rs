@@ -26,11 +26,14 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 /// Knobs of the embedded log.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LogOptions {
     /// A partition starts a new segment file once its active one holds this
     /// many bytes; retention deletes whole segments.
     pub segment_bytes: u64,
+    /// Topics whose segments are written past the page cache
+    /// (`Segment::open_direct`): ones nothing reads right behind the end.
+    pub direct_topics: Vec<String>,
 }
 
 /// How often the embedded runtime runs `EmbeddedLog::drop_behind`.
@@ -42,6 +45,7 @@ impl Default for LogOptions {
     fn default() -> Self {
         LogOptions {
             segment_bytes: 64 << 20,
+            direct_topics: Vec::new(),
         }
     }
 }
@@ -101,6 +105,8 @@ struct Partition {
     dir: PathBuf,
     /// The next offset readers may read: everything below is committed.
     committed: AtomicI64,
+    /// Segments are opened with `Segment::open_direct`.
+    direct: bool,
     /// Segments by base offset; the last one is appended to.
     segments: RwLock<Vec<Arc<Segment>>>,
     /// The committed end as the writer sees it. Held across offset
@@ -141,17 +147,19 @@ impl EmbeddedLog {
         opts: LogOptions,
     ) -> Result<EmbeddedLog, LogError> {
         let root = store.data_dir().join("log");
-        migrate_from_store(&store, &root, topics, opts)?;
+        migrate_from_store(&store, &root, topics, &opts)?;
         let mut list = Vec::new();
         let mut by_name = HashMap::new();
         for (name, n) in topics {
+            let direct = opts.direct_topics.contains(name);
             let mut partitions = Vec::new();
             for p in 0..*n as i32 {
                 let dir = root.join(folder_name(name)).join(p.to_string());
-                let (segments, end) = recover(&store, &dir, name, p)?;
+                let (segments, end) = recover(&store, &dir, name, p, direct)?;
                 partitions.push(Partition {
                     dir,
                     committed: AtomicI64::new(end.next),
+                    direct,
                     segments: RwLock::new(segments),
                     tail: Mutex::new(end),
                 });
@@ -249,8 +257,29 @@ impl EmbeddedLog {
     /// Appends `records` and writes `batch` atomically. Returns (partition, offset) of each record.
     pub fn commit(
         &self,
+        batch: WriteBatch,
+        records: &[OutRecord],
+    ) -> Result<Vec<(i32, i64)>, LogError> {
+        self.commit_with(batch, records, false)
+    }
+
+    /// `commit`, writing the records of `LogOptions::direct_topics` past the
+    /// page cache: for a stage that is behind, whose output nothing reads
+    /// soon. (It waits for the device instead of leaving the writeback to
+    /// the OS, so a stage that keeps up commits with `commit`.)
+    pub fn commit_direct(
+        &self,
+        batch: WriteBatch,
+        records: &[OutRecord],
+    ) -> Result<Vec<(i32, i64)>, LogError> {
+        self.commit_with(batch, records, true)
+    }
+
+    fn commit_with(
+        &self,
         mut batch: WriteBatch,
         records: &[OutRecord],
+        direct: bool,
     ) -> Result<Vec<(i32, i64)>, LogError> {
         // Each record's partition, and each partition's framed size and
         // entry count, first.
@@ -337,7 +366,7 @@ impl EmbeddedLog {
             let tail = &mut *tails[i];
             let res = self.active_segment(*ti, *p, tail).and_then(|seg| {
                 let old = *tail;
-                seg.append_parts(parts_of).inspect_err(|_| {
+                seg.append_parts(parts_of, direct).inspect_err(|_| {
                     let _ = seg.truncate(old.len);
                 })?;
                 Ok((seg, old))
@@ -401,9 +430,10 @@ impl EmbeddedLog {
             if last.base == tail.base && tail.len < self.opts.segment_bytes {
                 return Ok(last.clone());
             }
+            last.seal()?;
         }
         std::fs::create_dir_all(&part.dir).map_err(|e| LogError::io("create", &part.dir, e))?;
-        let seg = Arc::new(Segment::open(&part.dir, tail.next)?);
+        let seg = Arc::new(open_segment(&part.dir, tail.next, part.direct)?);
         seg.truncate(0)?;
         if self.store.sync_writes() {
             sync_dir(&part.dir)?;
@@ -656,12 +686,22 @@ fn list_segments(dir: &Path) -> Result<Vec<i64>, LogError> {
     Ok(bases)
 }
 
-/// Opens a partition's segments and cuts them back to the committed end.
+fn open_segment(dir: &Path, base: i64, direct: bool) -> Result<Segment, LogError> {
+    if direct {
+        Segment::open_direct(dir, base)
+    } else {
+        Segment::open(dir, base)
+    }
+}
+
+/// Opens a partition's segments and cuts them back to the committed end
+/// (only the active one of a `direct` topic is opened for direct writes).
 fn recover(
     store: &Store,
     dir: &Path,
     topic: &str,
     p: i32,
+    direct: bool,
 ) -> Result<(Vec<Arc<Segment>>, End), LogError> {
     let bases = list_segments(dir)?;
     let end = match store.get_raw(CF_META, &end_key(topic, p))? {
@@ -679,7 +719,7 @@ fn recover(
             remove_file(&path)?;
             continue;
         }
-        let seg = Segment::open(dir, base)?;
+        let seg = open_segment(dir, base, direct && base == end.base)?;
         if base == end.base {
             let len = seg.file_len()?;
             if len < end.len {
@@ -715,7 +755,7 @@ fn migrate_from_store(
     store: &Store,
     root: &Path,
     topics: &[(String, u32)],
-    opts: LogOptions,
+    opts: &LogOptions,
 ) -> Result<(), LogError> {
     let cf = store.cf(CF_LOG);
     if store
@@ -892,7 +932,104 @@ mod tests {
 
     fn open(dir: &Path, topics: &[(String, u32)], segment_bytes: u64) -> EmbeddedLog {
         let store = Store::open(dir, &StoreOptions::default()).unwrap();
-        EmbeddedLog::open_with(store, topics, LogOptions { segment_bytes }).unwrap()
+        EmbeddedLog::open_with(
+            store,
+            topics,
+            LogOptions {
+                segment_bytes,
+                ..LogOptions::default()
+            },
+        )
+        .unwrap()
+    }
+
+    /// A topic written past the page cache: commits land whole, segments
+    /// roll, a reopen cuts the active file's padding back to the committed
+    /// end and appends carry on from there (a failed write's undo is
+    /// `Segment::truncate`, tested in `segment.rs`). Beside it a buffered
+    /// topic. In a dir of the checkout (a tmpfs `/tmp` may refuse direct
+    /// I/O).
+    #[test]
+    fn direct_topics_commit_roll_and_reopen_like_the_others() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let topics = vec![("d".to_string(), 2), ("b".to_string(), 1)];
+        let open_d = |dir: &Path| {
+            let store = Store::open(dir, &StoreOptions::default()).unwrap();
+            let opts = LogOptions {
+                segment_bytes: 20_000,
+                direct_topics: vec!["d".to_string()],
+            };
+            EmbeddedLog::open_with(store, &topics, opts).unwrap()
+        };
+        let value = |i: usize| format!("{i}-{}", "v".repeat(i * 131 % 3000));
+        let log = open_d(dir.path());
+        let mut n = 0;
+        for batch in 0..40 {
+            let recs: Vec<OutRecord> = (0..batch % 7)
+                .map(|j| {
+                    n += 1;
+                    let t = if j % 3 == 2 { "b" } else { "d" };
+                    OutRecord {
+                        partition: Some((n % 2) as i32 * (t == "d") as i32),
+                        ..out(t, Some("k"), &value(n))
+                    }
+                })
+                .collect();
+            if batch % 5 == 3 {
+                log.commit(WriteBatch::default(), &recs).unwrap();
+            } else {
+                log.commit_direct(WriteBatch::default(), &recs).unwrap();
+            }
+        }
+        let before: Vec<Vec<(i64, String)>> = [("d", 0), ("d", 1), ("b", 0)]
+            .iter()
+            .map(|(t, p)| values(&log, t, *p, 0))
+            .collect();
+        assert!(segment_files(dir.path(), "d", 0).len() > 2);
+        {
+            let segs = log.topics[0].partitions[0].segments.read().unwrap();
+            let (last, full) = segs.split_last().unwrap();
+            assert!(last.is_direct());
+            for s in full {
+                assert!(!s.is_direct(), "sealed");
+                let len = std::fs::metadata(s.path()).unwrap().len();
+                assert!(
+                    len >= 20_000 && !len.is_multiple_of(4096),
+                    "no padding: {len}"
+                );
+            }
+        }
+        let active = |log: &EmbeddedLog, p: usize| {
+            let segs = log.topics[0].partitions[p].segments.read().unwrap();
+            segs.last().unwrap().clone()
+        };
+        assert!(active(&log, 0).is_direct());
+        assert!(!log.topics[1].partitions[0].segments.read().unwrap()[0].is_direct());
+        let committed = log.topics[0].partitions[0].tail.lock().unwrap().len;
+        assert!(active(&log, 0).file_len().unwrap() > committed, "padded");
+        drop(log);
+        let log = open_d(dir.path());
+        let reopened: Vec<Vec<(i64, String)>> = [("d", 0), ("d", 1), ("b", 0)]
+            .iter()
+            .map(|(t, p)| values(&log, t, *p, 0))
+            .collect();
+        assert_eq!(reopened, before);
+        assert_eq!(active(&log, 0).file_len().unwrap(), committed);
+        assert!(active(&log, 0).is_direct());
+        let next = log.end_offsets("d")[0];
+        let r = OutRecord {
+            partition: Some(0),
+            ..out("d", Some("k"), "after")
+        };
+        assert_eq!(
+            log.commit_direct(WriteBatch::default(), &[r]).unwrap(),
+            vec![(0, next)]
+        );
+        let mut want = before[0].clone();
+        want.push((next, "after".to_string()));
+        assert_eq!(values(&log, "d", 0, 0), want);
+        drop(log);
+        assert_eq!(values(&open_d(dir.path()), "d", 0, 0), want);
     }
 
     fn values(log: &EmbeddedLog, topic: &str, p: i32, from: i64) -> Vec<(i64, String)> {
@@ -925,6 +1062,7 @@ mod tests {
             &topics,
             LogOptions {
                 segment_bytes: 3 << 20,
+                ..LogOptions::default()
             },
         )
         .unwrap();

@@ -27,6 +27,10 @@ pub const HEAD: usize = HEADER + BODY_FIXED;
 const CHUNK: usize = 256 << 10;
 /// A sparse index point is kept every this many entries.
 const INDEX_EVERY: i64 = 64;
+/// Direct writes start, end and come from memory at multiples of this.
+const BLOCK: usize = 4096;
+/// Bytes per direct write: a commit's bytes are written in pieces this size.
+const DIRECT_BUF: usize = 1 << 20;
 
 /// The framing of one entry: its header and the body's fixed part
 /// (`HEADER + BODY_FIXED` bytes), the checksum over the whole body; the key
@@ -82,6 +86,74 @@ pub struct Segment {
     index: Mutex<Index>,
     /// How far `drop_behind` has gone.
     behind: Mutex<Behind>,
+    /// Set while appends may bypass the page cache (`open_direct`, until
+    /// `seal` or a refusal).
+    direct: Mutex<Option<Direct>>,
+}
+
+/// The writer of a segment opened with `open_direct`: appends go to the
+/// device with `O_DIRECT` from one reused buffer, so they take no page
+/// cache. Direct writes must start and end on a block boundary, so the
+/// segment's last partial block is kept here and written again, with what
+/// follows it, by the next append; until then the file holds that block
+/// padded with zeros (past the committed end, which readers never pass and
+/// which a reopened log cuts the file back to).
+struct Direct {
+    /// Opened with `O_DIRECT`, without `O_APPEND` (writes say where).
+    file: File,
+    /// `DIRECT_BUF + BLOCK` bytes; the block-aligned window of `DIRECT_BUF`
+    /// bytes starts at `pad`. A `Vec` that never grows, so never moves.
+    buf: Vec<u8>,
+    pad: usize,
+    /// File position of the window's first byte (block aligned) and the
+    /// bytes of the segment's last partial block held at its start; `None`
+    /// until read from the file (at the first append, and after a
+    /// truncation, a failed write or a buffered append).
+    at: Option<(u64, usize)>,
+}
+
+impl Direct {
+    /// Appends `parts` at the segment's end. On an error the file may hold
+    /// part of them: the caller truncates it back.
+    fn append(&mut self, read: &File, parts: &[IoSlice<'_>]) -> std::io::Result<()> {
+        let (mut at, mut fill) = match self.at.take() {
+            Some(at) => at,
+            None => {
+                let len = read.metadata()?.len();
+                let at = len & !(BLOCK as u64 - 1);
+                let tail = (len - at) as usize;
+                let pad = self.pad;
+                read.read_exact_at(&mut self.buf[pad..pad + tail], at)?;
+                (at, tail)
+            }
+        };
+        let buf = &mut self.buf[self.pad..self.pad + DIRECT_BUF];
+        for part in parts {
+            let mut bytes: &[u8] = part;
+            while !bytes.is_empty() {
+                let n = bytes.len().min(DIRECT_BUF - fill);
+                buf[fill..fill + n].copy_from_slice(&bytes[..n]);
+                fill += n;
+                bytes = &bytes[n..];
+                if fill == DIRECT_BUF {
+                    self.file.write_all_at(buf, at)?;
+                    at += DIRECT_BUF as u64;
+                    fill = 0;
+                }
+            }
+        }
+        if fill > 0 {
+            let end = fill.next_multiple_of(BLOCK);
+            buf[fill..end].fill(0);
+            self.file.write_all_at(&buf[..end], at)?;
+            let keep = fill & !(BLOCK - 1);
+            buf.copy_within(keep..fill, 0);
+            at += keep as u64;
+            fill -= keep;
+        }
+        self.at = Some((at, fill));
+        Ok(())
+    }
 }
 
 /// Drop-behind positions: the writeback of the bytes below `started` was
@@ -134,7 +206,52 @@ impl Segment {
             file,
             index: Mutex::new(Index::default()),
             behind: Mutex::new(Behind::default()),
+            direct: Mutex::new(None),
         })
+    }
+
+    /// `open`, with appends written past the page cache (`O_DIRECT`) for a
+    /// topic nothing reads right behind its end. Where the file system
+    /// refuses direct I/O the segment is written like any other.
+    pub fn open_direct(dir: &Path, base: i64) -> Result<Segment, LogError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let seg = Segment::open(dir, base)?;
+        match OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&seg.path)
+        {
+            Ok(file) => {
+                let buf = vec![0u8; DIRECT_BUF + BLOCK];
+                let pad = buf.as_ptr().align_offset(BLOCK);
+                *seg.direct.lock().expect("direct lock") = Some(Direct {
+                    file,
+                    buf,
+                    pad,
+                    at: None,
+                });
+            }
+            Err(e) => refused_direct(&seg.path, &e),
+        }
+        Ok(seg)
+    }
+
+    /// Whether appends bypass the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.lock().expect("direct lock").is_some()
+    }
+
+    /// Ends direct writes (the segment is full: a new one takes the
+    /// appends): cuts the padding off and frees the writer's buffer.
+    pub fn seal(&self) -> Result<(), LogError> {
+        if let Some(d) = self.direct.lock().expect("direct lock").take() {
+            if let Some((at, fill)) = d.at {
+                self.file
+                    .set_len(at + fill as u64)
+                    .map_err(|e| LogError::io("truncate", &self.path, e))?;
+            }
+        }
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -152,15 +269,47 @@ impl Segment {
 
     /// Appends already framed entries.
     pub fn append(&self, bytes: &[u8]) -> Result<(), LogError> {
-        (&self.file)
-            .write_all(bytes)
-            .map_err(|e| LogError::io("write", &self.path, e))
+        self.append_parts(&mut [IoSlice::new(bytes)], false)
     }
 
     /// Appends the parts of framed entries back to back (each entry's
-    /// `entry_head`, key and value), with `writev`: the kernel copies them
-    /// into the file from where they are, with no buffer in between.
-    pub fn append_parts(&self, parts: &mut [IoSlice<'_>]) -> Result<(), LogError> {
+    /// `entry_head`, key and value): with `direct` past the page cache if
+    /// the segment was opened with `open_direct`, else with `writev` (the
+    /// kernel copies them into the file from where they are, with no
+    /// buffer in between).
+    pub fn append_parts(&self, parts: &mut [IoSlice<'_>], direct: bool) -> Result<(), LogError> {
+        let mut guard = self.direct.lock().expect("direct lock");
+        if let Some(d) = guard.as_mut() {
+            let end = d.at.map(|(at, fill)| at + fill as u64);
+            if direct {
+                let before = match end {
+                    Some(end) => end,
+                    None => self.file_len()?,
+                };
+                match d.append(&self.file, parts) {
+                    Ok(()) => return Ok(()),
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                        // An alignment the device does not take: this
+                        // segment is written through the page cache from
+                        // here on, from its end before this append.
+                        refused_direct(&self.path, &e);
+                        *guard = None;
+                        self.file
+                            .set_len(before)
+                            .map_err(|e| LogError::io("truncate", &self.path, e))?;
+                    }
+                    Err(e) => return Err(LogError::io("write", &self.path, e)),
+                }
+            } else if let Some(end) = end {
+                // After direct writes the file ends in a padded block: cut
+                // it to the entries' end, where the buffered append goes.
+                d.at = None;
+                self.file
+                    .set_len(end)
+                    .map_err(|e| LogError::io("truncate", &self.path, e))?;
+            }
+        }
+        drop(guard);
         let mut parts = parts;
         // Leading empty parts go first: a write of nothing but empty parts
         // would return 0.
@@ -208,6 +357,9 @@ impl Segment {
 
     /// Cuts the file to `len` bytes (drops what an uncommitted batch wrote).
     pub fn truncate(&self, len: u64) -> Result<(), LogError> {
+        if let Some(d) = self.direct.lock().expect("direct lock").as_mut() {
+            d.at = None;
+        }
         self.file
             .set_len(len)
             .map_err(|e| LogError::io("truncate", &self.path, e))?;
@@ -381,6 +533,10 @@ impl<'a> ChunkReader<'a> {
     }
 }
 
+fn refused_direct(path: &Path, e: &std::io::Error) {
+    tracing::warn!(path = %path.display(), error = %e, "the file system refuses direct I/O; writing through the page cache");
+}
+
 /// `POSIX_FADV_DONTNEED` for the bytes `from..to` of `file` (errors ignored: advice).
 fn advise_dont_need(file: &File, from: u64, to: u64) {
     use std::os::fd::AsRawFd;
@@ -467,6 +623,91 @@ mod tests {
             .all(|r| r.value == vec![r.offset as u8; 128 << 10]));
     }
 
+    /// A segment written past the page cache holds, up to its logical end,
+    /// exactly the framed bytes of what was appended: across partial
+    /// blocks written again, windows of `DIRECT_BUF`, a truncation (a
+    /// failed commit's undo), a reopen and buffered appends in between;
+    /// none of the direct bytes is left in the page cache. In a dir of the checkout (a tmpfs `/tmp` may refuse direct
+    /// I/O); the test fails if this file system refuses it.
+    #[test]
+    fn direct_appends_hold_the_framed_bytes_and_skip_the_page_cache() {
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let seg = Segment::open_direct(dir.path(), 0).unwrap();
+        assert!(seg.is_direct(), "this file system refuses O_DIRECT");
+        let mut want = Vec::new();
+        let mut offset = 0i64;
+        fn append(
+            seg: &Segment,
+            want: &mut Vec<u8>,
+            offset: &mut i64,
+            direct: bool,
+            sizes: &[usize],
+        ) {
+            let values: Vec<Vec<u8>> = sizes
+                .iter()
+                .map(|n| (0..*n).map(|i| (i as i64 * 7 + *offset) as u8).collect())
+                .collect();
+            let heads: Vec<[u8; HEAD]> = values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| entry_head(*offset + i as i64, 5, Some(b"k"), v))
+                .collect();
+            let mut parts = Vec::new();
+            for (h, v) in heads.iter().zip(&values) {
+                encode_entry(want, *offset, 5, Some(b"k"), v);
+                *offset += 1;
+                parts.push(IoSlice::new(h));
+                parts.push(IoSlice::new(b"k"));
+                parts.push(IoSlice::new(v));
+            }
+            seg.append_parts(&mut parts, direct).unwrap();
+        }
+        let prefix = |seg: &Segment, n: usize| {
+            let bytes = std::fs::read(seg.path()).unwrap();
+            assert!(bytes.len() >= n && bytes.len().is_multiple_of(BLOCK));
+            assert!(bytes[n..].iter().all(|b| *b == 0), "zeros past the end");
+            bytes[..n].to_vec()
+        };
+        append(&seg, &mut want, &mut offset, true, &[10, 3000, 1]);
+        append(&seg, &mut want, &mut offset, true, &[5000]);
+        append(
+            &seg,
+            &mut want,
+            &mut offset,
+            true,
+            &[DIRECT_BUF + 123, 700, DIRECT_BUF * 2],
+        );
+        append(&seg, &mut want, &mut offset, true, &[0, 4096 - HEAD - 1]);
+        let len = want.len() as u64;
+        assert_eq!(resident_pages(seg.path(), 0, len), 0);
+        assert_eq!(prefix(&seg, want.len()), want);
+        // A commit that failed is cut off; the next append continues there.
+        let kept = want.len();
+        append(&seg, &mut want, &mut offset, true, &[9000]);
+        seg.truncate(kept as u64).unwrap();
+        want.truncate(kept);
+        offset -= 1;
+        append(&seg, &mut want, &mut offset, true, &[100, 200]);
+        assert_eq!(prefix(&seg, want.len()), want);
+        // Reopened, cut back to the committed end (as `recover` does).
+        drop(seg);
+        let seg = Segment::open_direct(dir.path(), 0).unwrap();
+        seg.truncate(want.len() as u64).unwrap();
+        append(&seg, &mut want, &mut offset, true, &[300]);
+        assert_eq!(prefix(&seg, want.len()), want);
+        let mut out = Vec::new();
+        seg.read("t", 0, 0, offset - 1, 1000, &mut out).unwrap();
+        assert_eq!(out.len(), offset as usize);
+        assert_eq!(out[4].value.len(), DIRECT_BUF + 123);
+        // Buffered appends between direct ones (a stage that caught up).
+        append(&seg, &mut want, &mut offset, false, &[50, 6000]);
+        assert_eq!(std::fs::read(seg.path()).unwrap(), want, "no padding left");
+        append(&seg, &mut want, &mut offset, true, &[70]);
+        append(&seg, &mut want, &mut offset, false, &[80]);
+        append(&seg, &mut want, &mut offset, true, &[90, 5000]);
+        assert_eq!(prefix(&seg, want.len()), want);
+    }
+
     /// Entries appended as parts (more than one `writev` takes: IOV_MAX is
     /// 1,024) are the bytes `encode_entry` frames, and read back.
     #[test]
@@ -500,7 +741,7 @@ mod tests {
             parts.push(IoSlice::new(v));
         }
         assert!(parts.len() > 1024);
-        seg.append_parts(&mut parts).unwrap();
+        seg.append_parts(&mut parts, false).unwrap();
         assert_eq!(std::fs::read(seg.path()).unwrap(), buf);
         let mut out = Vec::new();
         seg.read("t", 0, 0, 699, 1000, &mut out).unwrap();

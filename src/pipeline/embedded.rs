@@ -465,7 +465,14 @@ impl MaterializerStep {
             return Ok((0, 0));
         }
         let m = self.mat.process(log.store(), &input)?;
-        if let Err(e) = log.commit(m.batch, &m.out) {
+        // A full batch: the stage is behind, and its snapshots go past the
+        // page cache (cheaper for the CPU; waits for the device).
+        let committed = if input.len() >= max {
+            log.commit_direct(m.batch, &m.out)
+        } else {
+            log.commit(m.batch, &m.out)
+        };
+        if let Err(e) = committed {
             self.mat.forget_all();
             return Err(e.into());
         }
