@@ -142,19 +142,25 @@ pub fn open_embedded_with(
     let mut store = Store::open(&c.data_dir, store_options)?;
     store.check_partitions(c.partitions)?;
     store.drop_column_families(drop)?;
-    let opts = LogOptions {
+    Ok(Arc::new(EmbeddedLog::open_with(
+        store,
+        &embedded_topics(c),
+        log_options(c),
+    )?))
+}
+
+/// The embedded log's options: segment size, and the topic written past
+/// the page cache while the materializing stage is behind
+/// (`storage.snapshot_log_direct_io`: the local snapshots).
+pub fn log_options(c: &Config) -> LogOptions {
+    LogOptions {
         segment_bytes: c.storage.log_segment_mb.max(1) << 20,
         direct_topics: if c.storage.snapshot_log_direct_io {
             vec![c.topics.snapshots.clone()]
         } else {
             Vec::new()
         },
-    };
-    Ok(Arc::new(EmbeddedLog::open_with(
-        store,
-        &embedded_topics(c),
-        opts,
-    )?))
+    }
 }
 
 /// The embedded pipeline: the routing stage on its thread, the materializing
@@ -385,5 +391,22 @@ impl KafkaRuntime {
         self.producer.flush();
         self.app.store.flush()?;
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_snapshot_log_is_written_direct_unless_turned_off() {
+        let mut c = Config::default();
+        c.topics.snapshots = "out.snaps".into();
+        c.storage.log_segment_mb = 2;
+        let o = log_options(&c);
+        assert_eq!(o.direct_topics, vec!["out.snaps".to_string()]);
+        assert_eq!(o.segment_bytes, 2 << 20);
+        c.storage.snapshot_log_direct_io = false;
+        assert!(log_options(&c).direct_topics.is_empty());
     }
 }

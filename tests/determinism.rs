@@ -2,7 +2,7 @@
 //! split into batches, with restarts at any point, gives the same state
 //! (digest) and the same final snapshots as one uninterrupted run.
 
-use contextd::app::{embedded_topics, limits, materializer_options};
+use contextd::app::{embedded_topics, limits, log_options, materializer_options};
 use contextd::config::Config;
 use contextd::log::embedded::EmbeddedLog;
 use contextd::log::OutRecord;
@@ -99,10 +99,14 @@ fn to_out(r: &Rec, i: usize, c: &Config) -> OutRecord {
     }
 }
 
+/// Opens the data dir's log as `contextd run` does: the snapshots topic
+/// is written past the page cache by batches that fill their budget (the
+/// dirs are in the target dir: a tmpfs `/tmp` may refuse direct I/O).
 fn open(dir: &Path, c: &Config) -> EmbeddedLog {
-    EmbeddedLog::open(
+    EmbeddedLog::open_with(
         Store::open(dir, &c.store_options()).unwrap(),
         &embedded_topics(c),
+        log_options(c),
     )
     .unwrap()
 }
@@ -261,8 +265,8 @@ fn an_event_trimmed_and_sent_again_in_one_batch_shows_its_new_content() {
     // Batches: the settings; the 8 events (ev0 shown, kept encoded); then
     // ev9 trims ev0 and ev0 comes again, newer, with new properties.
     recs.extend([hidden(9, 20), shown(0, 30)]);
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
+    let a = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let b = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1, 0);
     let (db, sb) = run(b.path(), &recs, &[1, 8, 2], &[], 2, 0);
     assert_eq!(da, db);
@@ -292,8 +296,8 @@ fn a_snapshot_held_at_a_restart_is_published_after_it() {
         shown(1, 2),
         shown(2, 3),
     ];
-    let a = tempfile::tempdir().unwrap();
-    let b = tempfile::tempdir().unwrap();
+    let a = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let b = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1, 0);
     // One record per batch, a restart after each, and holds that never end
     // by themselves: every snapshot after the first is held at a restart.
@@ -314,8 +318,8 @@ proptest! {
         shares in 1u32..4,
         interval_ms in prop_oneof![Just(0u64), Just(1), Just(3_600_000)],
     ) {
-        let a = tempfile::tempdir().unwrap();
-        let b = tempfile::tempdir().unwrap();
+        let a = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let b = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
         let (da, sa) = run(a.path(), &recs, &[100_000], &[], 1, 0);
         let (db, sb) = run(b.path(), &recs, &splits, &restarts, shares, interval_ms);
         prop_assert_eq!(da, db);
