@@ -109,9 +109,11 @@ pub struct StorageConfig {
     /// back and dropped from it (the stages read right behind the end).
     /// 0: off, the OS keeps everything cached until it needs the memory.
     pub log_page_cache_mb: u64,
-    /// Embedded mode: the local `context.snapshots` log is written with
-    /// direct I/O (`O_DIRECT`), past the OS page cache: no stage reads it
-    /// back. Falls back to buffered writes where the file system refuses.
+    /// Embedded mode: while the materializing stage is behind (a batch of
+    /// at least `pipeline.batch_records` records), the local
+    /// `context.snapshots` log is written with direct I/O (`O_DIRECT`),
+    /// past the OS page cache: no stage reads it back. Falls back to
+    /// buffered writes where the file system refuses.
     pub snapshot_log_direct_io: bool,
 }
 

@@ -630,3 +630,87 @@ fn transparent_huge_pages_are_off_unless_the_operator_allows_them() {
     let ours = field(&std::fs::read_to_string("/proc/self/status").unwrap());
     assert_eq!(thp_enabled(&[("MIMALLOC_ALLOW_THP", "1")]), ours);
 }
+
+/// A materializing stage that is behind writes its snapshots past the page
+/// cache (BENCHMARKS.md, item 53): with small batches and a long linger a
+/// burst fills the batches, the direct commits are counted, and after a
+/// kill -9 and a restart the local snapshots log holds, as each user's
+/// last snapshot, what `GET /context` serves. (The data dir is in the
+/// target dir: a tmpfs `/tmp` may refuse direct I/O.)
+#[test]
+fn snapshots_written_direct_by_a_stage_behind_are_what_is_served() {
+    use contextd::model::ContextSnapshot;
+    use prost::Message;
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = dir.path().join("d");
+    let cfg = dir.path().join("contextd.toml");
+    std::fs::write(&cfg, "[pipeline]\nbatch_records = 16\nlinger_ms = 100\n").unwrap();
+    let args = ["--config", cfg.to_str().unwrap()];
+    let mut s = Server::start(&data, &args);
+    s.set_visibility(&all_visible(&[("zendesk", "article_viewed")], &[]));
+    let users = 40;
+    let records = 3000;
+    let body: Vec<String> = (0..records)
+        .map(|i| {
+            json!({"id": format!("e{i}"), "user_id": format!("u{}", i % users),
+                   "type": "article_viewed", "created_at": ts(i as u64),
+                   "properties": {"n": i, "pad": "x".repeat(300 + i % 700)}})
+            .to_string()
+        })
+        .collect();
+    let (status, _) = s
+        .post_raw("/api/v1/topics/zendesk.events/records", &body.join("\n"))
+        .unwrap();
+    assert_eq!(status, 202);
+    let served = |s: &Server| -> HashMap<String, (u64, Vec<String>)> {
+        (0..users)
+            .map(|u| {
+                let (_, c) = s.get(&format!("/api/v2/users/u{u}/context"));
+                let ids = c["events"]
+                    .as_array()
+                    .map(|e| e.iter().map(|e| e["id"].as_str().unwrap().into()).collect())
+                    .unwrap_or_default();
+                (format!("u{u}"), (c["version"].as_u64().unwrap_or(0), ids))
+            })
+            .collect()
+    };
+    let newest = |u: usize| format!("e{}", records - users + u);
+    let before = s.wait_for(60, "every record applied", |s| {
+        let all = served(s);
+        (0..users)
+            .all(|u| all[&format!("u{u}")].1.first() == Some(&newest(u)))
+            .then_some(all)
+    });
+    let (_, m) = s.get("/metrics");
+    let direct: f64 = m
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("contextd_direct_commits_total "))
+        .map_or(0.0, |v| v.trim().parse().unwrap());
+    assert!(direct > 0.0, "no batch was written direct: {m}");
+    s.kill9();
+    let mut s = Server::start(&data, &args);
+    assert_eq!(served(&s), before, "served the same after a kill -9");
+    assert_eq!(s.stop(), Some(0));
+    let c = contextd::config::Config {
+        data_dir: data.clone(),
+        ..Default::default()
+    };
+    let log = contextd::app::open_embedded(&c).unwrap();
+    let mut last: HashMap<String, (u64, Vec<String>)> = HashMap::new();
+    for (p, end) in log.end_offsets(&c.topics.snapshots).into_iter().enumerate() {
+        for r in log
+            .read(&c.topics.snapshots, p as i32, 0, end as usize)
+            .unwrap()
+        {
+            let snap = ContextSnapshot::decode(&r.value[..]).unwrap();
+            let ids = snap.events.iter().map(|e| e.id.clone()).collect();
+            last.insert(snap.user_id.clone(), (snap.version, ids));
+        }
+    }
+    assert_eq!(
+        last, before,
+        "the last snapshot published is what is served"
+    );
+}

@@ -355,6 +355,7 @@ impl EmbeddedLog {
         }
         // Write the files; what was written is cut off again if anything fails.
         let mut written: Vec<(usize, Arc<Segment>, u64, End)> = Vec::new();
+        let mut wrote_direct = false;
         let undo = |written: &[(usize, Arc<Segment>, u64, End)]| {
             for (_, seg, old_len, _) in written {
                 if let Err(e) = seg.truncate(*old_len) {
@@ -369,6 +370,7 @@ impl EmbeddedLog {
                 seg.append_parts(parts_of, direct).inspect_err(|_| {
                     let _ = seg.truncate(old.len);
                 })?;
+                wrote_direct |= direct && seg.is_direct();
                 Ok((seg, old))
             });
             match res {
@@ -411,6 +413,9 @@ impl EmbeddedLog {
                 .store(end.next, Ordering::Release);
         }
         drop(tails);
+        if wrote_direct {
+            metrics::counter!("contextd_direct_commits_total").increment(1);
+        }
         if !records.is_empty() {
             *self.generation.lock().expect("gen lock") += 1;
             self.appended.notify_all();

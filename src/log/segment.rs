@@ -627,8 +627,9 @@ mod tests {
     /// exactly the framed bytes of what was appended: across partial
     /// blocks written again, windows of `DIRECT_BUF`, a truncation (a
     /// failed commit's undo), a reopen and buffered appends in between;
-    /// none of the direct bytes is left in the page cache. In a dir of the checkout (a tmpfs `/tmp` may refuse direct
-    /// I/O); the test fails if this file system refuses it.
+    /// none of the direct bytes is left in the page cache. In a dir of the
+    /// checkout (a tmpfs `/tmp` may refuse direct I/O); the test fails if
+    /// this file system refuses it.
     #[test]
     fn direct_appends_hold_the_framed_bytes_and_skip_the_page_cache() {
         let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
