@@ -465,8 +465,9 @@ impl MaterializerStep {
             return Ok((0, 0));
         }
         let m = self.mat.process(log.store(), &input)?;
-        // A full batch: the stage is behind, and its snapshots go past the
-        // page cache (cheaper for the CPU; waits for the device).
+        // At least `max` records (a thread reads up to twice that): the
+        // stage is behind, and its snapshots go past the page cache
+        // (cheaper for the CPU; waits for the device).
         let committed = if input.len() >= max {
             log.commit_direct(m.batch, &m.out)
         } else {
