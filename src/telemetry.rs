@@ -50,7 +50,8 @@ pub fn metrics() -> &'static PrometheusHandle {
         describe();
         // Histogram samples wait in the recorder until upkeep folds them
         // into their buckets; a render does it too, but without anyone
-        // scraping `/metrics` they would pile up (8 bytes per record).
+        // scraping `/metrics` they would pile up (about 16 bytes of memory
+        // per record applied: BENCHMARKS.md, item 52).
         let upkeep = handle.clone();
         std::thread::Builder::new()
             .name(UPKEEP_THREAD.into())
@@ -93,6 +94,10 @@ fn describe() {
     describe_counter!(
         "contextd_snapshots_published_total",
         "Context snapshots published"
+    );
+    describe_counter!(
+        "contextd_direct_commits_total",
+        "Embedded commits whose snapshots were written past the page cache (O_DIRECT): the materializing stage was behind"
     );
     describe_counter!(
         "contextd_snapshot_bytes_total",

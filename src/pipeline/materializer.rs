@@ -13,7 +13,7 @@
 //! each input record is applied once.
 
 use super::deadletter::dead_letter;
-use super::{PipelineError, SnapshotFormat, Topics};
+use super::{count_topic, PipelineError, SnapshotFormat, Topics};
 use crate::ingest::{ErrorCode, Rejection};
 use crate::log::{LogRecord, OutRecord};
 use crate::model::{record, ContextSnapshot, Record, Settings, SnapshotMark};
@@ -90,15 +90,6 @@ pub struct Materialized {
     /// Log times of the records applied (input timestamps), for
     /// `observe_latency` once the batch is committed.
     pub log_times_ns: Vec<i64>,
-}
-
-/// Counts a record of `topic` (a batch's records come from a few topics:
-/// the metrics are incremented once per batch and topic).
-pub fn count_topic<'a>(counts: &mut Vec<(&'a str, u64)>, topic: &'a str) {
-    match counts.iter_mut().find(|(t, _)| *t == topic) {
-        Some((_, n)) => *n += 1,
-        None => counts.push((topic, 1)),
-    }
 }
 
 /// Records, per record applied, the time from its input timestamp (the

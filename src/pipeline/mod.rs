@@ -17,6 +17,15 @@ pub mod router;
 
 use crate::ingest::InputKind;
 
+/// Counts a record of `topic` (a batch's records come from a few topics:
+/// both stages increment their per-topic metrics once per batch and topic).
+pub fn count_topic<'a>(counts: &mut Vec<(&'a str, u64)>, topic: &'a str) {
+    match counts.iter_mut().find(|(t, _)| *t == topic) {
+        Some((_, n)) => *n += 1,
+        None => counts.push((topic, 1)),
+    }
+}
+
 /// Topic names (CONTRACT §2), each configurable.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 #[serde(default)]

@@ -3,8 +3,8 @@
 //! broadcast to every records-log partition, so each partition sees
 //! visibility changes in order with its records (replays are deterministic).
 
+use super::count_topic;
 use super::deadletter::dead_letter;
-use super::materializer::count_topic;
 use super::Topics;
 use crate::identity::{resolve, IdentityLookup, Overlay};
 use crate::ingest::{self, ErrorCode, InputKind, Limits, Normalized, Rejection};
