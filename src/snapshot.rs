@@ -593,9 +593,10 @@ mod tests {
     #[test]
     fn profiles_encode_as_their_snapshot_form_does() {
         let attrs = json::to_struct(
-            json!({"tier": "gold", "n": 3, "tags": ["a", "b"], "nested": {"x": null, "y": true}})
+            &json!({"tier": "gold", "n": 3, "tags": ["a", "b"], "nested": {"x": null, "y": true}})
                 .as_object()
-                .unwrap(),
+                .unwrap()
+                .into(),
         );
         let full = Profile {
             source: "shop".into(),

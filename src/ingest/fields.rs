@@ -1,13 +1,14 @@
 //! Field-level checks shared by the input formats.
 
 use super::{ErrorCode, Limits, Rejection};
+use crate::model::value::{self, Value};
 use crate::model::{time, Identifier};
-use serde_json::{Map, Value};
 
-pub type Obj = Map<String, Value>;
+pub type Obj<'a> = value::Obj<'a>;
 
-/// Bytes -> JSON object, or `too_large` / `invalid_json`.
-pub fn parse_object(bytes: &[u8], limits: Limits) -> Result<Obj, Rejection> {
+/// Bytes -> text of at most `limits.max_record_bytes`, or `too_large` /
+/// `invalid_json`.
+fn record_text(bytes: &[u8], limits: Limits) -> Result<&str, Rejection> {
     if bytes.len() > limits.max_record_bytes {
         return Err(Rejection::new(
             ErrorCode::TooLarge,
@@ -18,18 +19,44 @@ pub fn parse_object(bytes: &[u8], limits: Limits) -> Result<Obj, Rejection> {
             ),
         ));
     }
-    let text = std::str::from_utf8(bytes)
-        .map_err(|e| Rejection::new(ErrorCode::InvalidJson, format!("record is not UTF-8: {e}")))?;
-    match serde_json::from_str::<Value>(text) {
+    std::str::from_utf8(bytes)
+        .map_err(|e| Rejection::new(ErrorCode::InvalidJson, format!("record is not UTF-8: {e}")))
+}
+
+fn not_an_object(v: &Value) -> Rejection {
+    Rejection::new(
+        ErrorCode::InvalidJson,
+        format!("record must be a JSON object, got {}", kind_name(v)),
+    )
+}
+
+fn not_json(e: serde_json::Error) -> Rejection {
+    Rejection::new(
+        ErrorCode::InvalidJson,
+        format!("record is not valid JSON: {e}"),
+    )
+}
+
+/// Bytes -> JSON object as the validators read it (strings borrowed from
+/// `bytes`), or `too_large` / `invalid_json`.
+pub fn parse_record(bytes: &[u8], limits: Limits) -> Result<Obj<'_>, Rejection> {
+    match value::from_str(record_text(bytes, limits)?) {
         Ok(Value::Object(o)) => Ok(o),
-        Ok(other) => Err(Rejection::new(
-            ErrorCode::InvalidJson,
-            format!("record must be a JSON object, got {}", kind_name(&other)),
-        )),
-        Err(e) => Err(Rejection::new(
-            ErrorCode::InvalidJson,
-            format!("record is not valid JSON: {e}"),
-        )),
+        Ok(other) => Err(not_an_object(&other)),
+        Err(e) => Err(not_json(e)),
+    }
+}
+
+/// `parse_record`, as a `serde_json` map to edit (the HTTP API builds
+/// records from request bodies with it).
+pub fn parse_object(
+    bytes: &[u8],
+    limits: Limits,
+) -> Result<serde_json::Map<String, serde_json::Value>, Rejection> {
+    match serde_json::from_str(record_text(bytes, limits)?) {
+        Ok(serde_json::Value::Object(o)) => Ok(o),
+        Ok(other) => Err(not_an_object(&Value::from(&other))),
+        Err(e) => Err(not_json(e)),
     }
 }
 
@@ -67,7 +94,7 @@ pub fn req_str<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a str, Rejecti
     match o.get(key) {
         None | Some(Value::Null) => Err(missing(path)),
         Some(Value::String(s)) if s.is_empty() => Err(missing(path)),
-        Some(Value::String(s)) => Ok(s),
+        Some(Value::String(s)) => Ok(s.as_ref()),
         Some(v) => Err(invalid(
             path,
             format_args!("must be a string, got {}", kind_name(v)),
@@ -79,7 +106,7 @@ pub fn req_str<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a str, Rejecti
 pub fn opt_str<'a>(o: &'a Obj, key: &str, path: &str) -> Result<Option<&'a str>, Rejection> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
+        Some(Value::String(s)) => Ok(Some(s.as_ref())),
         Some(v) => Err(invalid(
             path,
             format_args!("must be a string, got {}", kind_name(v)),
@@ -88,7 +115,7 @@ pub fn opt_str<'a>(o: &'a Obj, key: &str, path: &str) -> Result<Option<&'a str>,
 }
 
 /// A required object.
-pub fn req_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a Obj, Rejection> {
+pub fn req_obj<'a, 'b>(o: &'a Obj<'b>, key: &str, path: &str) -> Result<&'a Obj<'b>, Rejection> {
     match o.get(key) {
         None | Some(Value::Null) => Err(missing(path)),
         Some(Value::Object(m)) => Ok(m),
@@ -100,7 +127,11 @@ pub fn req_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a Obj, Rejecti
 }
 
 /// An optional object (null/absent = `None`, treated as empty).
-pub fn opt_obj<'a>(o: &'a Obj, key: &str, path: &str) -> Result<Option<&'a Obj>, Rejection> {
+pub fn opt_obj<'a, 'b>(
+    o: &'a Obj<'b>,
+    key: &str,
+    path: &str,
+) -> Result<Option<&'a Obj<'b>>, Rejection> {
     match o.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(m)) => Ok(Some(m)),
@@ -238,8 +269,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn obj(v: Value) -> Obj {
-        v.as_object().unwrap().clone()
+    fn obj(v: serde_json::Value) -> Obj<'static> {
+        v.as_object().expect("an object").into()
     }
 
     #[test]
@@ -265,6 +296,17 @@ mod tests {
             ErrorCode::TooLarge
         );
         assert!(parse_object(b"{}", l).is_ok());
+        for bad in [&b"{not json"[..], b"[1,2]", &[0xff, 0xfe], b"{}  x"] {
+            assert_eq!(
+                parse_record(bad, l).unwrap_err().message,
+                parse_object(bad, l).unwrap_err().message
+            );
+        }
+        assert_eq!(
+            parse_record(b"{\"a\":1}", small).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+        assert!(parse_record(b"{}", l).unwrap().is_empty());
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub fn normalize(
     log_time_ns: i64,
     limits: Limits,
 ) -> Result<Normalized, Rejection> {
-    let obj = fields::parse_object(bytes, limits)?;
+    let obj = fields::parse_record(bytes, limits)?;
     match kind {
         InputKind::ZendeskEvents => zendesk_event(&obj, log_time_ns),
         InputKind::CustomEvents => custom_event(&obj, log_time_ns),
@@ -141,7 +141,7 @@ pub fn normalize_settings(
     bytes: &[u8],
     limits: Limits,
 ) -> Result<crate::model::Settings, Rejection> {
-    let obj = fields::parse_object(bytes, limits)?;
+    let obj = fields::parse_record(bytes, limits)?;
     settings_from_json(&obj)
 }
 

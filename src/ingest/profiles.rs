@@ -3,8 +3,8 @@
 use super::events::{profile_ref, unresolvable};
 use super::fields::{self, invalid, Obj};
 use super::{Normalized, Rejection};
+use crate::model::value::Value;
 use crate::model::{json, ProfileOp, ProfileOpKind};
-use serde_json::Value;
 
 pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
     let op = match fields::req_str(o, "op", "op")? {
@@ -43,7 +43,7 @@ pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
                 if !matches!(name, Value::Null | Value::String(_)) {
                     return Err(invalid("profile.name", "must be a string or null"));
                 }
-                patch.insert("name".into(), name.clone());
+                patch.insert("name", name.clone());
             }
             if let Some(attrs) = p.get("attributes") {
                 if !matches!(attrs, Value::Null | Value::Object(_)) {
@@ -52,7 +52,7 @@ pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
                         format_args!("must be an object, got {}", fields::kind_name(attrs)),
                     ));
                 }
-                patch.insert("attributes".into(), attrs.clone());
+                patch.insert("attributes", attrs.clone());
             }
             out.patch = Some(json::to_struct(&patch));
         }

@@ -2,8 +2,9 @@
 
 use super::fields::{self, invalid, Obj};
 use super::Rejection;
+use crate::model::value::Value;
 use crate::model::{Settings, TypeRef};
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn flag(o: &Obj, key: &str) -> Result<bool, Rejection> {
     match o.get(key) {
@@ -52,8 +53,8 @@ pub fn settings_from_json(o: &Obj) -> Result<Settings, Rejection> {
     })
 }
 
-pub fn settings_to_json(s: &Settings) -> Value {
-    let list = |v: &[TypeRef]| -> Vec<Value> {
+pub fn settings_to_json(s: &Settings) -> serde_json::Value {
+    let list = |v: &[TypeRef]| -> Vec<serde_json::Value> {
         v.iter()
             .map(|t| json!({"source": t.source, "type": t.r#type}))
             .collect()
@@ -71,11 +72,15 @@ pub fn settings_to_json(s: &Settings) -> Value {
 mod tests {
     use super::*;
 
+    fn obj(v: &serde_json::Value) -> Obj<'static> {
+        v.as_object().expect("an object").into()
+    }
+
     #[test]
     fn missing_fields_default_and_types_are_sorted() {
         let v = json!({"zendesk_events": true, "shown_event_types": [
             {"source": "z", "type": "b"}, {"source": "a", "type": "c"}, {"source": "z", "type": "b"}]});
-        let s = settings_from_json(v.as_object().unwrap()).unwrap();
+        let s = settings_from_json(&obj(&v)).unwrap();
         assert!(s.zendesk_events && !s.events_api && !s.profiles_api);
         assert_eq!(
             s.shown_event_types,
@@ -94,7 +99,7 @@ mod tests {
             json!({"shown_event_types": [{"source": "a"}]}),
             json!({"shown_profile_types": [1]}),
         ] {
-            assert!(settings_from_json(v.as_object().unwrap()).is_err(), "{v}");
+            assert!(settings_from_json(&obj(&v)).is_err(), "{v}");
         }
     }
 }

@@ -1,32 +1,38 @@
 //! JSON <-> `google.protobuf.Struct`. Numbers become doubles (as in every
 //! Struct); on the way out, integral doubles within +-2^53 print as integers.
+//! Inputs come as `value::Value` (parsed from a record), outputs go as
+//! `serde_json::Value`.
 
+use super::value::{Obj, Value as In};
 use prost_types::{value::Kind, ListValue, Struct, Value};
 use serde_json::{Map, Number, Value as Json};
 
-pub fn to_value(v: &Json) -> Value {
+pub fn to_value(v: &In) -> Value {
     let kind = match v {
-        Json::Null => Kind::NullValue(0),
-        Json::Bool(b) => Kind::BoolValue(*b),
-        Json::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
-        Json::String(s) => Kind::StringValue(s.clone()),
-        Json::Array(a) => Kind::ListValue(ListValue {
+        In::Null => Kind::NullValue(0),
+        In::Bool(b) => Kind::BoolValue(*b),
+        In::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        In::String(s) => Kind::StringValue(s.to_string()),
+        In::Array(a) => Kind::ListValue(ListValue {
             values: a.iter().map(to_value).collect(),
         }),
-        Json::Object(o) => Kind::StructValue(to_struct(o)),
+        In::Object(o) => Kind::StructValue(to_struct(o)),
     };
     Value { kind: Some(kind) }
 }
 
-pub fn to_struct(o: &Map<String, Json>) -> Struct {
+pub fn to_struct(o: &Obj) -> Struct {
     Struct {
-        fields: o.iter().map(|(k, v)| (k.clone(), to_value(v))).collect(),
+        fields: o
+            .iter()
+            .map(|(k, v)| (k.to_string(), to_value(v)))
+            .collect(),
     }
 }
 
 /// `to_struct(o).encode_to_vec()`, written straight from the JSON (no
 /// `Struct` maps built, no strings copied twice).
-pub fn encode_struct(o: &Map<String, Json>) -> Vec<u8> {
+pub fn encode_struct(o: &Obj) -> Vec<u8> {
     let mut buf = Vec::with_capacity(struct_len(o));
     put_struct(o, &mut buf);
     buf
@@ -49,27 +55,27 @@ fn field_len(body: usize) -> usize {
     1 + varint_len(body) + body
 }
 
-fn entry_len(k: &str, v: &Json) -> usize {
+fn entry_len(k: &str, v: &In) -> usize {
     (if k.is_empty() { 0 } else { field_len(k.len()) }) + field_len(value_len(v))
 }
 
-fn struct_len(o: &Map<String, Json>) -> usize {
+fn struct_len(o: &Obj) -> usize {
     o.iter().map(|(k, v)| field_len(entry_len(k, v))).sum()
 }
 
-fn list_len(a: &[Json]) -> usize {
+fn list_len(a: &[In]) -> usize {
     a.iter().map(|v| field_len(value_len(v))).sum()
 }
 
 /// Length of a `Value` message's body.
-fn value_len(v: &Json) -> usize {
+fn value_len(v: &In) -> usize {
     match v {
-        Json::Null => 2,
-        Json::Bool(_) => 2,
-        Json::Number(_) => 9,
-        Json::String(s) => field_len(s.len()),
-        Json::Array(a) => field_len(list_len(a)),
-        Json::Object(o) => field_len(struct_len(o)),
+        In::Null => 2,
+        In::Bool(_) => 2,
+        In::Number(_) => 9,
+        In::String(s) => field_len(s.len()),
+        In::Array(a) => field_len(list_len(a)),
+        In::Object(o) => field_len(struct_len(o)),
     }
 }
 
@@ -78,23 +84,14 @@ fn put_len(field: u8, len: usize, buf: &mut Vec<u8>) {
     prost::encoding::encode_varint(len as u64, buf);
 }
 
-/// The entries in `Struct` order: keys sorted, as `serde_json`'s map
-/// keeps them (one built with `preserve_order` is sorted here).
-fn put_struct(o: &Map<String, Json>, buf: &mut Vec<u8>) {
-    if o.keys().is_sorted() {
-        for (k, v) in o {
-            put_entry(k, v, buf);
-        }
-    } else {
-        let mut sorted: Vec<(&String, &Json)> = o.iter().collect();
-        sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        for (k, v) in sorted {
-            put_entry(k, v, buf);
-        }
+/// The entries in `Struct` order: keys sorted, as `Obj` keeps them.
+fn put_struct(o: &Obj, buf: &mut Vec<u8>) {
+    for (k, v) in o.iter() {
+        put_entry(k, v, buf);
     }
 }
 
-fn put_entry(k: &str, v: &Json, buf: &mut Vec<u8>) {
+fn put_entry(k: &str, v: &In, buf: &mut Vec<u8>) {
     put_len(1, entry_len(k, v), buf);
     if !k.is_empty() {
         put_len(1, k.len(), buf);
@@ -104,26 +101,26 @@ fn put_entry(k: &str, v: &Json, buf: &mut Vec<u8>) {
     put_value(v, buf);
 }
 
-fn put_value(v: &Json, buf: &mut Vec<u8>) {
+fn put_value(v: &In, buf: &mut Vec<u8>) {
     match v {
-        Json::Null => buf.extend_from_slice(&[tag(1, 0), 0]),
-        Json::Bool(b) => buf.extend_from_slice(&[tag(4, 0), u8::from(*b)]),
-        Json::Number(n) => {
+        In::Null => buf.extend_from_slice(&[tag(1, 0), 0]),
+        In::Bool(b) => buf.extend_from_slice(&[tag(4, 0), u8::from(*b)]),
+        In::Number(n) => {
             buf.push(tag(2, 1));
             buf.extend_from_slice(&n.as_f64().unwrap_or(0.0).to_le_bytes());
         }
-        Json::String(s) => {
+        In::String(s) => {
             put_len(3, s.len(), buf);
             buf.extend_from_slice(s.as_bytes());
         }
-        Json::Array(a) => {
+        In::Array(a) => {
             put_len(6, list_len(a), buf);
             for v in a {
                 put_len(1, value_len(v), buf);
                 put_value(v, buf);
             }
         }
-        Json::Object(o) => {
+        In::Object(o) => {
             put_len(5, struct_len(o), buf);
             put_struct(o, buf);
         }
@@ -195,10 +192,14 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn obj(j: &Json) -> Obj<'static> {
+        j.as_object().expect("an object").into()
+    }
+
     #[test]
     fn round_trip_keeps_integers_integral() {
         let j = json!({"a": 1, "b": [true, null, "x", 1.5], "c": {"d": -3}});
-        let s = to_struct(j.as_object().unwrap());
+        let s = to_struct(&obj(&j));
         assert_eq!(Json::Object(from_struct_map(&s)), j);
     }
 
@@ -229,23 +230,31 @@ mod tests {
             m in proptest::collection::btree_map(".{0,8}", json_value(), 0..12)
         ) {
             use prost::Message;
-            let o: Map<String, Json> = m.into_iter().collect();
+            let j = Json::Object(m.into_iter().collect());
+            let o = obj(&j);
             proptest::prop_assert_eq!(encode_struct(&o), to_struct(&o).encode_to_vec());
+            // Parsed from its text, the object `serde_json` parses, and
+            // its bytes (its numbers as `serde_json` reads them).
+            let text = j.to_string();
+            let parsed = match crate::model::value::from_str(&text).unwrap() {
+                In::Object(p) => p,
+                _ => unreachable!(),
+            };
+            let theirs: Json = serde_json::from_str(&text).unwrap();
+            let theirs = obj(&theirs);
+            proptest::prop_assert_eq!(&parsed, &theirs);
+            proptest::prop_assert_eq!(encode_struct(&parsed), encode_struct(&theirs));
         }
     }
 
     #[test]
     fn merge_patch_follows_rfc_7386() {
-        let mut t = to_struct(
-            json!({"a": "1", "b": "2", "addr": {"city": "Oslo", "zip": "0150"}, "n": [1]})
-                .as_object()
-                .unwrap(),
-        );
-        let p = to_struct(
-            json!({"a": null, "c": "3", "addr": {"zip": null, "street": "Main 1"}, "n": {"x": 1}})
-                .as_object()
-                .unwrap(),
-        );
+        let mut t = to_struct(&obj(
+            &json!({"a": "1", "b": "2", "addr": {"city": "Oslo", "zip": "0150"}, "n": [1]}),
+        ));
+        let p = to_struct(&obj(
+            &json!({"a": null, "c": "3", "addr": {"zip": null, "street": "Main 1"}, "n": {"x": 1}}),
+        ));
         merge_patch(&mut t, &p);
         assert_eq!(
             Json::Object(from_struct_map(&t)),

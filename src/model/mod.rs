@@ -3,6 +3,7 @@
 
 pub mod json;
 pub mod time;
+pub mod value;
 
 include!(concat!(env!("OUT_DIR"), "/contextd.v1.rs"));
 

@@ -565,8 +565,8 @@ mod tests {
                 r#type: "customer".into(),
                 identifiers: vec![Identifier::new("email", "a@x")],
                 name: name.map(Into::into),
-                attributes: Some(json::to_struct(attrs.as_object().unwrap())),
-                patch: patch.map(|p| json::to_struct(p.as_object().unwrap())),
+                attributes: Some(json::to_struct(&attrs.as_object().unwrap().into())),
+                patch: patch.map(|p| json::to_struct(&p.as_object().unwrap().into())),
             })),
             ..Default::default()
         }

@@ -887,7 +887,9 @@ mod tests {
         use crate::snapshot::Bodies;
         use crate::state::apply::{apply, ApplyLimits, Working};
         let props = |v: &str| {
-            crate::model::json::encode_struct(serde_json::json!({ "v": v }).as_object().unwrap())
+            crate::model::json::encode_struct(
+                &serde_json::json!({ "v": v }).as_object().unwrap().into(),
+            )
         };
         // The older layout: the timeline value without properties, the
         // properties under the body key.
