@@ -34,6 +34,26 @@ fn bench(c: &mut Criterion) {
             }
         })
     });
+    // The parse alone (BENCHMARKS.md item 54): `serde_json`'s tree against
+    // the borrowed view the validators read.
+    let texts: Vec<&str> = recs
+        .iter()
+        .map(|(_, v)| std::str::from_utf8(v).expect("utf-8"))
+        .collect();
+    g.bench_function("parse_json_serde_value", |b| {
+        b.iter(|| {
+            for t in &texts {
+                black_box(serde_json::from_str::<serde_json::Value>(t).ok());
+            }
+        })
+    });
+    g.bench_function("parse_json_borrowed", |b| {
+        b.iter(|| {
+            for t in &texts {
+                black_box(contextd::model::value::from_str(t).ok());
+            }
+        })
+    });
     let normalized: Vec<Normalized> = recs
         .iter()
         .filter_map(|(k, v)| normalize(*k, v, 0, Limits::default()).ok())
