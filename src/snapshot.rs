@@ -211,13 +211,14 @@ type ShownPart<'a> = (&'a StoredEvent, Option<usize>);
 /// merge on (created_at, id), the timeline's order). `last_settings`:
 /// whether `last` was chosen under these very settings, so its events are
 /// shown without checking their types again.
-fn shown_parts<'a>(
+fn shown_parts<'a, 'b>(
     state: &'a UserState,
     settings: &Settings,
     max_events: usize,
     last: &[ShownEvent],
     last_settings: bool,
-) -> (Vec<ShownPart<'a>>, Vec<Vec<u8>>) {
+    all_profiles: &'b [Vec<u8>],
+) -> (Vec<ShownPart<'a>>, Vec<&'b [u8]>) {
     let mut events = Vec::new();
     let mut next = 0;
     for e in state.timeline.iter().rev() {
@@ -242,10 +243,16 @@ fn shown_parts<'a>(
     let profiles = state
         .profiles
         .iter()
-        .filter(|p| profile_shown(settings, &p.source, &p.r#type))
-        .map(encode_profile)
+        .zip(all_profiles)
+        .filter(|(p, _)| profile_shown(settings, &p.source, &p.r#type))
+        .map(|(_, encoded)| encoded.as_slice())
         .collect();
     (events, profiles)
+}
+
+/// Every profile of `state` encoded (`SnapshotProfile`), in its order.
+fn encode_profiles(state: &UserState) -> Vec<Vec<u8>> {
+    state.profiles.iter().map(encode_profile).collect()
 }
 
 /// `content_hash` of the snapshot these parts make: stored events never
@@ -253,7 +260,7 @@ fn shown_parts<'a>(
 fn parts_hash<'a>(
     user_id: &str,
     events: impl Iterator<Item = &'a StoredEvent>,
-    profiles: &[Vec<u8>],
+    profiles: &[&[u8]],
 ) -> Vec<u8> {
     let mut h = Sha256::new();
     h.update(user_id.as_bytes());
@@ -272,7 +279,8 @@ fn parts_hash<'a>(
 /// The same hash as `content_hash(&build(..))`, without building the
 /// snapshot.
 pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
-    let (events, profiles) = shown_parts(state, settings, max_events, &[], false);
+    let all = encode_profiles(state);
+    let (events, profiles) = shown_parts(state, settings, max_events, &[], false, &all);
     parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles)
 }
 
@@ -288,6 +296,13 @@ pub struct EncodedEvents {
     /// one at the same address) knows these events are shown without
     /// checking their types again.
     settings: Option<Arc<Settings>>,
+    /// Every profile of the user encoded, in the state's order, as the last
+    /// snapshot found them: profiles change far less often than events,
+    /// and encoding them for every snapshot was 3–4% of the materializing
+    /// threads' time (BENCHMARKS.md item 55). `None` until a snapshot
+    /// needs them, and again after anything changed a profile
+    /// (`forget_profiles`, called by `apply`).
+    profiles: Option<Vec<Vec<u8>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -324,14 +339,25 @@ impl EncodedEvents {
     }
 
     /// Memory held (the user cache's estimate): the entries, and their
-    /// ids' and bytes' buffers with an eighth for the allocator's rounding.
+    /// ids' and bytes' buffers (and the encoded profiles) with an eighth
+    /// for the allocator's rounding.
     pub fn memory(&self) -> usize {
+        let profiles = self.profiles.as_deref().unwrap_or_default();
         let heap: usize = self
             .events
             .iter()
             .map(|e| e.id.capacity() + e.bytes.capacity())
+            .chain(profiles.iter().map(Vec::capacity))
             .sum();
-        self.events.capacity() * std::mem::size_of::<ShownEvent>() + heap + heap / 8
+        self.events.capacity() * std::mem::size_of::<ShownEvent>()
+            + std::mem::size_of_val(profiles)
+            + heap
+            + heap / 8
+    }
+
+    /// The user's profiles changed: encode them again for the next snapshot.
+    pub fn forget_profiles(&mut self) {
+        self.profiles = None;
     }
 
     /// Forgets the event `id` (dropped from the timeline).
@@ -377,7 +403,7 @@ pub fn encode_snapshot(
     user_id: &str,
     version: u64,
     updated_at_ns: i64,
-    profiles: &[Vec<u8>],
+    profiles: &[&[u8]],
     events: &[&[u8]],
 ) -> Vec<u8> {
     use prost::encoding::{message, uint64};
@@ -424,7 +450,22 @@ pub fn next_snapshot(
     bodies: &impl Bodies,
 ) -> Option<Vec<u8>> {
     let same_settings = matches!(&shown.settings, Some(s) if Arc::ptr_eq(s, settings));
-    let (events, profiles) = shown_parts(state, settings, max_events, &shown.events, same_settings);
+    if shown
+        .profiles
+        .as_ref()
+        .is_none_or(|p| p.len() != state.profiles.len())
+    {
+        shown.profiles = Some(encode_profiles(state));
+    }
+    let all_profiles = shown.profiles.as_deref().unwrap_or_default();
+    let (events, profiles) = shown_parts(
+        state,
+        settings,
+        max_events,
+        &shown.events,
+        same_settings,
+        all_profiles,
+    );
     let hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
     if hash == state.snapshot_hash {
         return None;

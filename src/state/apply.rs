@@ -298,7 +298,10 @@ pub fn apply(
     let at = rec.log_time_ns;
     match &mut rec.body {
         Some(record::Body::Event(e)) => apply_event(state, e, at, limits, catalog),
-        Some(record::Body::ProfileOp(op)) => apply_profile_op(&mut state.state, op, at, catalog),
+        Some(record::Body::ProfileOp(op)) => {
+            state.shown_events.forget_profiles();
+            apply_profile_op(&mut state.state, op, at, catalog)
+        }
         Some(record::Body::Settings(_)) | None => Outcome::Applied,
     }
 }
@@ -320,13 +323,22 @@ fn add_identifiers(into: &mut Vec<Identifier>, ids: &[Identifier]) -> bool {
     changed
 }
 
-fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut CatalogDelta) {
+/// The profile `p` names, created or given its new identifiers; whether
+/// anything changed.
+fn ensure_profile(
+    state: &mut UserState,
+    p: &ProfileRef,
+    at: i64,
+    catalog: &mut CatalogDelta,
+) -> bool {
     match profile_index(state, &p.source, &p.r#type) {
         Ok(i) => {
             let prof = &mut state.profiles[i];
-            if add_identifiers(&mut prof.identifiers, &p.identifiers) {
+            let changed = add_identifiers(&mut prof.identifiers, &p.identifiers);
+            if changed {
                 prof.updated_at_ns = at;
             }
+            changed
         }
         Err(i) => {
             catalog_add(catalog, TypeKind::Profile, &p.source, &p.r#type, at);
@@ -342,6 +354,7 @@ fn ensure_profile(state: &mut UserState, p: &ProfileRef, at: i64, catalog: &mut 
                     updated_at_ns: at,
                 },
             );
+            true
         }
     }
 }
@@ -370,7 +383,9 @@ fn apply_event(
     catalog: &mut CatalogDelta,
 ) -> Outcome {
     if let Some(p) = &rec.profile {
-        ensure_profile(&mut w.state, p, at, catalog);
+        if ensure_profile(&mut w.state, p, at, catalog) {
+            w.shown_events.forget_profiles();
+        }
     }
     let Some(event) = &rec.event else {
         return Outcome::Applied;
@@ -659,6 +674,83 @@ mod tests {
             "an event never renames an existing profile"
         );
         assert_eq!(s.state.profiles[0].identifiers.len(), 2);
+    }
+
+    /// Snapshots made with the encoded profiles kept between them (in
+    /// `shown_events`) are the ones made from scratch, after every kind of
+    /// change to a profile: created by an event, given an identifier by one
+    /// (same count of profiles), put, patched, deleted.
+    #[test]
+    fn kept_profile_bytes_follow_every_profile_change() {
+        use crate::model::{Settings, TypeRef};
+        use crate::snapshot::{next_snapshot, prepared, EncodedEvents};
+        use std::sync::Arc;
+        let settings = Arc::new(prepared(Settings {
+            zendesk_events: true,
+            events_api: true,
+            profiles_api: true,
+            shown_event_types: vec![TypeRef::new("s", "t")],
+            shown_profile_types: vec![TypeRef::new("shop", "customer")],
+        }));
+        let with_profile = |id: &str, at: i64, ident: Identifier| {
+            let mut r = ev(id, at);
+            let Some(record::Body::Event(er)) = &mut r.body else {
+                unreachable!()
+            };
+            er.profile = Some(ProfileRef {
+                source: "shop".into(),
+                r#type: "customer".into(),
+                name: Some("Jane".into()),
+                identifiers: vec![ident],
+            });
+            r
+        };
+        let mut steps = [
+            with_profile("e1", 1, Identifier::new("email", "a@x")),
+            with_profile("e2", 2, Identifier::new("external_id", "E")),
+            ev("e3", 3),
+            op(
+                ProfileOpKind::Put,
+                Some("Pat"),
+                json!({"tier": "gold"}),
+                None,
+            ),
+            op(
+                ProfileOpKind::Patch,
+                None,
+                json!({}),
+                Some(json!({"attributes": {"tier": "silver"}})),
+            ),
+            with_profile("e4", 4, Identifier::new("phone_number", "+47")),
+            op(ProfileOpKind::Delete, None, json!({}), None),
+            with_profile("e5", 6, Identifier::new("email", "b@x")),
+        ];
+        let mut w = Working::new(new_user("u"));
+        let mut c = CatalogDelta::new();
+        for (i, r) in steps.iter_mut().enumerate() {
+            apply(&mut w, r, ApplyLimits::default(), &mut c);
+            w.end_batch();
+            let mut fresh_state = w.state.clone();
+            let want = next_snapshot(
+                &mut fresh_state,
+                &settings,
+                50,
+                10 + i as i64,
+                &mut EncodedEvents::new(),
+                &(),
+            );
+            let got = next_snapshot(
+                &mut w.state,
+                &settings,
+                50,
+                10 + i as i64,
+                &mut w.shown_events,
+                &(),
+            );
+            assert_eq!(got, want, "step {i}");
+            assert!(got.is_some(), "step {i} changes what is shown");
+            w.resume();
+        }
     }
 
     #[test]
