@@ -217,7 +217,7 @@ fn shown_parts<'a, 'b>(
     max_events: usize,
     last: &[ShownEvent],
     last_settings: bool,
-    all_profiles: &'b [Vec<u8>],
+    encoded_profiles: &'b [Option<Vec<u8>>],
 ) -> (Vec<ShownPart<'a>>, Vec<&'b [u8]>) {
     let mut events = Vec::new();
     let mut next = 0;
@@ -243,16 +243,30 @@ fn shown_parts<'a, 'b>(
     let profiles = state
         .profiles
         .iter()
-        .zip(all_profiles)
+        .zip(encoded_profiles)
         .filter(|(p, _)| profile_shown(settings, &p.source, &p.r#type))
-        .map(|(_, encoded)| encoded.as_slice())
+        .map(|(_, encoded)| encoded.as_deref().expect("shown profiles are encoded"))
         .collect();
     (events, profiles)
 }
 
-/// Every profile of `state` encoded (`SnapshotProfile`), in its order.
-fn encode_profiles(state: &UserState) -> Vec<Vec<u8>> {
-    state.profiles.iter().map(encode_profile).collect()
+/// `encoded` made to hold, in `state`'s order, the encoding
+/// (`SnapshotProfile`) of every profile `settings` shows: the ones it
+/// holds already are kept (the caller drops them when profiles change).
+fn encode_shown_profiles(
+    state: &UserState,
+    settings: &Settings,
+    encoded: &mut Vec<Option<Vec<u8>>>,
+) {
+    if encoded.len() != state.profiles.len() {
+        encoded.clear();
+        encoded.resize(state.profiles.len(), None);
+    }
+    for (p, slot) in state.profiles.iter().zip(encoded.iter_mut()) {
+        if slot.is_none() && profile_shown(settings, &p.source, &p.r#type) {
+            *slot = Some(encode_profile(p));
+        }
+    }
 }
 
 /// `content_hash` of the snapshot these parts make: stored events never
@@ -279,8 +293,9 @@ fn parts_hash<'a>(
 /// The same hash as `content_hash(&build(..))`, without building the
 /// snapshot.
 pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
-    let all = encode_profiles(state);
-    let (events, profiles) = shown_parts(state, settings, max_events, &[], false, &all);
+    let mut encoded = Vec::new();
+    encode_shown_profiles(state, settings, &mut encoded);
+    let (events, profiles) = shown_parts(state, settings, max_events, &[], false, &encoded);
     parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles)
 }
 
@@ -296,13 +311,12 @@ pub struct EncodedEvents {
     /// one at the same address) knows these events are shown without
     /// checking their types again.
     settings: Option<Arc<Settings>>,
-    /// Every profile of the user encoded, in the state's order, as the last
-    /// snapshot found them: profiles change far less often than events,
+    /// The user's profiles encoded, in the state's order, each once a
+    /// snapshot showed it: profiles change far less often than events,
     /// and encoding them for every snapshot was 3–4% of the materializing
-    /// threads' time (BENCHMARKS.md item 55). `None` until a snapshot
-    /// needs them, and again after anything changed a profile
-    /// (`forget_profiles`, called by `apply`).
-    profiles: Option<Vec<Vec<u8>>>,
+    /// threads' time (BENCHMARKS.md item 55). Emptied when anything
+    /// changed a profile (`forget_profiles`, called by `apply`).
+    profiles: Vec<Option<Vec<u8>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -342,22 +356,21 @@ impl EncodedEvents {
     /// ids' and bytes' buffers (and the encoded profiles) with an eighth
     /// for the allocator's rounding.
     pub fn memory(&self) -> usize {
-        let profiles = self.profiles.as_deref().unwrap_or_default();
         let heap: usize = self
             .events
             .iter()
             .map(|e| e.id.capacity() + e.bytes.capacity())
-            .chain(profiles.iter().map(Vec::capacity))
+            .chain(self.profiles.iter().flatten().map(Vec::capacity))
             .sum();
         self.events.capacity() * std::mem::size_of::<ShownEvent>()
-            + std::mem::size_of_val(profiles)
+            + self.profiles.capacity() * std::mem::size_of::<Option<Vec<u8>>>()
             + heap
             + heap / 8
     }
 
     /// The user's profiles changed: encode them again for the next snapshot.
     pub fn forget_profiles(&mut self) {
-        self.profiles = None;
+        self.profiles.clear();
     }
 
     /// Forgets the event `id` (dropped from the timeline).
@@ -450,21 +463,14 @@ pub fn next_snapshot(
     bodies: &impl Bodies,
 ) -> Option<Vec<u8>> {
     let same_settings = matches!(&shown.settings, Some(s) if Arc::ptr_eq(s, settings));
-    if shown
-        .profiles
-        .as_ref()
-        .is_none_or(|p| p.len() != state.profiles.len())
-    {
-        shown.profiles = Some(encode_profiles(state));
-    }
-    let all_profiles = shown.profiles.as_deref().unwrap_or_default();
+    encode_shown_profiles(state, settings, &mut shown.profiles);
     let (events, profiles) = shown_parts(
         state,
         settings,
         max_events,
         &shown.events,
         same_settings,
-        all_profiles,
+        &shown.profiles,
     );
     let hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
     if hash == state.snapshot_hash {

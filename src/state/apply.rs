@@ -705,7 +705,7 @@ mod tests {
             });
             r
         };
-        let mut steps = [
+        let steps = [
             with_profile("e1", 1, Identifier::new("email", "a@x")),
             with_profile("e2", 2, Identifier::new("external_id", "E")),
             ev("e3", 3),
@@ -725,31 +725,45 @@ mod tests {
             op(ProfileOpKind::Delete, None, json!({}), None),
             with_profile("e5", 6, Identifier::new("email", "b@x")),
         ];
-        let mut w = Working::new(new_user("u"));
-        let mut c = CatalogDelta::new();
-        for (i, r) in steps.iter_mut().enumerate() {
-            apply(&mut w, r, ApplyLimits::default(), &mut c);
-            w.end_batch();
-            let mut fresh_state = w.state.clone();
-            let want = next_snapshot(
-                &mut fresh_state,
-                &settings,
-                50,
-                10 + i as i64,
-                &mut EncodedEvents::new(),
-                &(),
-            );
-            let got = next_snapshot(
-                &mut w.state,
-                &settings,
-                50,
-                10 + i as i64,
-                &mut w.shown_events,
-                &(),
-            );
-            assert_eq!(got, want, "step {i}");
-            assert!(got.is_some(), "step {i} changes what is shown");
-            w.resume();
+        // The profile type hidden (a new `Arc`) in every other snapshot of
+        // the second pass: a hidden profile is not encoded, and is once
+        // shown again.
+        let hidden = Arc::new(prepared(Settings {
+            shown_profile_types: vec![],
+            ..(*settings).clone()
+        }));
+        for alternate in [false, true] {
+            let mut w = Working::new(new_user("u"));
+            let mut c = CatalogDelta::new();
+            for (i, r) in steps.clone().iter_mut().enumerate() {
+                let now = if alternate && i % 2 == 1 {
+                    &hidden
+                } else {
+                    &settings
+                };
+                apply(&mut w, r, ApplyLimits::default(), &mut c);
+                w.end_batch();
+                let mut fresh_state = w.state.clone();
+                let want = next_snapshot(
+                    &mut fresh_state,
+                    now,
+                    50,
+                    10 + i as i64,
+                    &mut EncodedEvents::new(),
+                    &(),
+                );
+                let got = next_snapshot(
+                    &mut w.state,
+                    now,
+                    50,
+                    10 + i as i64,
+                    &mut w.shown_events,
+                    &(),
+                );
+                assert_eq!(got, want, "step {i}, alternate {alternate}");
+                assert!(alternate || got.is_some(), "step {i} changes what is shown");
+                w.resume();
+            }
         }
     }
 
