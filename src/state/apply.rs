@@ -587,6 +587,21 @@ mod tests {
         }
     }
 
+    /// `ev` of a custom event naming the shop/customer profile.
+    fn ev_for(id: &str, at: i64, name: &str, ident: Identifier) -> Record {
+        let mut r = ev(id, at);
+        let Some(record::Body::Event(er)) = &mut r.body else {
+            unreachable!()
+        };
+        er.profile = Some(ProfileRef {
+            source: "shop".into(),
+            r#type: "customer".into(),
+            name: Some(name.into()),
+            identifiers: vec![ident],
+        });
+        r
+    }
+
     fn ids(s: &Working) -> Vec<&str> {
         s.timeline().iter().map(|e| e.id.as_str()).collect()
     }
@@ -645,27 +660,9 @@ mod tests {
     fn event_creates_its_profile_once_and_adds_identifiers() {
         let mut s = Working::new(new_user("u"));
         let mut c = CatalogDelta::new();
-        let mut r = ev("e1", 1);
-        let Some(record::Body::Event(er)) = &mut r.body else {
-            unreachable!()
-        };
-        er.profile = Some(ProfileRef {
-            source: "shop".into(),
-            r#type: "customer".into(),
-            name: Some("Jane".into()),
-            identifiers: vec![Identifier::new("email", "a@x")],
-        });
+        let mut r = ev_for("e1", 1, "Jane", Identifier::new("email", "a@x"));
         apply(&mut s, &mut r, ApplyLimits::default(), &mut c);
-        let mut r2 = ev("e2", 2);
-        let Some(record::Body::Event(er)) = &mut r2.body else {
-            unreachable!()
-        };
-        er.profile = Some(ProfileRef {
-            source: "shop".into(),
-            r#type: "customer".into(),
-            name: Some("Other".into()),
-            identifiers: vec![Identifier::new("external_id", "E")],
-        });
+        let mut r2 = ev_for("e2", 2, "Other", Identifier::new("external_id", "E"));
         apply(&mut s, &mut r2, ApplyLimits::default(), &mut c);
         assert_eq!(s.state.profiles.len(), 1);
         assert_eq!(
@@ -692,19 +689,7 @@ mod tests {
             shown_event_types: vec![TypeRef::new("s", "t")],
             shown_profile_types: vec![TypeRef::new("shop", "customer")],
         }));
-        let with_profile = |id: &str, at: i64, ident: Identifier| {
-            let mut r = ev(id, at);
-            let Some(record::Body::Event(er)) = &mut r.body else {
-                unreachable!()
-            };
-            er.profile = Some(ProfileRef {
-                source: "shop".into(),
-                r#type: "customer".into(),
-                name: Some("Jane".into()),
-                identifiers: vec![ident],
-            });
-            r
-        };
+        let with_profile = |id: &str, at: i64, ident| ev_for(id, at, "Jane", ident);
         let steps = [
             with_profile("e1", 1, Identifier::new("email", "a@x")),
             with_profile("e2", 2, Identifier::new("external_id", "E")),
