@@ -9,7 +9,7 @@
 //! key order, the last of repeated keys kept; and it serializes as
 //! `serde_json::Value` does (event ids derived from it are unchanged).
 
-use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::Number;
 use std::borrow::Cow;
@@ -207,7 +207,7 @@ impl<'de> Visitor<'de> for KeySeed {
         Ok(Cow::Owned(s.to_owned()))
     }
 
-    fn visit_string<E: de::Error>(self, s: String) -> Result<Cow<'de, str>, E> {
+    fn visit_string<E>(self, s: String) -> Result<Cow<'de, str>, E> {
         Ok(Cow::Owned(s))
     }
 }
