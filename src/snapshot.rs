@@ -4,10 +4,12 @@
 //! (source, type), shown event types newest first (ties: greater id first),
 //! at most `max_events`. Until settings exist nothing is shown.
 
+use crate::log::Payload;
 use crate::model::{
     json, time, ContextSnapshot, ContextSnapshotBytes, Identifier, Profile, Settings,
     SnapshotEventBytes, SnapshotProfile, StoredEvent, TypeRef, UserState,
 };
+use bytes::Bytes;
 use prost::Message;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -206,9 +208,10 @@ type ShownPart<'a> = (&'a StoredEvent, Option<usize>);
 
 /// What a snapshot of `state` shows: the shown events, newest first, and
 /// the shown profiles, encoded (`SnapshotProfile`).
-/// `last`: the events of the user's last snapshot, newest first; each shown
-/// event is paired with the index of its entry there, if any (found by one
-/// merge on (created_at, id), the timeline's order). `last_settings`:
+/// `last`: the events of the user's last snapshot, newest first (their
+/// bytes in `last_bytes`); each shown event is paired with the index of
+/// its entry there, if any (found by one merge on (created_at, id), the
+/// timeline's order). `last_settings`:
 /// whether `last` was chosen under these very settings, so its events are
 /// shown without checking their types again.
 fn shown_parts<'a, 'b>(
@@ -216,6 +219,7 @@ fn shown_parts<'a, 'b>(
     settings: &Settings,
     max_events: usize,
     last: &[ShownEvent],
+    last_bytes: &[u8],
     last_settings: bool,
     encoded_profiles: &'b [Option<Vec<u8>>],
 ) -> (Vec<ShownPart<'a>>, Vec<&'b [u8]>) {
@@ -227,11 +231,11 @@ fn shown_parts<'a, 'b>(
         }
         let mut found = None;
         if next < last.len() {
-            let want = (e.created_at_ns, e.id.as_str());
-            while next < last.len() && last[next].order() > want {
+            let want = (e.created_at_ns, e.id.as_bytes());
+            while next < last.len() && last[next].order(last_bytes) > want {
                 next += 1;
             }
-            if next < last.len() && last[next].order() == want {
+            if next < last.len() && last[next].order(last_bytes) == want {
                 found = Some(next);
                 next += 1;
             }
@@ -295,16 +299,26 @@ fn parts_hash<'a>(
 pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
     let mut encoded = Vec::new();
     encode_shown_profiles(state, settings, &mut encoded);
-    let (events, profiles) = shown_parts(state, settings, max_events, &[], false, &encoded);
+    let (events, profiles) = shown_parts(state, settings, max_events, &[], &[], false, &encoded);
     parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles)
 }
 
 /// The wire form of the events the last snapshot showed, kept between
-/// snapshots in its order (newest first): an event is encoded once and its
-/// bytes are copied into every snapshot that shows it. An id's content
-/// never changes while the id is held (dropping an id removes its entry).
+/// snapshots in its order (newest first), back to back in one buffer: an
+/// event is encoded once, and the next snapshot's events are copied from
+/// here (mostly in long runs) into a buffer of their own, which that
+/// snapshot's payload shares. An id's content never changes while the id
+/// is held (dropping an id removes its entry).
+///
+/// One buffer, not one per event: reading each event's bytes from its own
+/// heap block for every snapshot, with an id string and a refcount each,
+/// cost more than the copy it saved (BENCHMARKS.md item 56).
 #[derive(Debug, Default, Clone)]
 pub struct EncodedEvents {
+    /// The events as the last snapshot's field 5 (key and length first).
+    bytes: Bytes,
+    /// The capacity of the buffer `bytes` was made from.
+    capacity: usize,
     events: Vec<ShownEvent>,
     /// The settings these events were chosen under. The next snapshot made
     /// under the same settings (the same `Arc`: held here, so never a new
@@ -319,18 +333,30 @@ pub struct EncodedEvents {
     profiles: Vec<Option<Vec<u8>>>,
 }
 
-#[derive(Debug, Clone)]
+/// Where one shown event is in `EncodedEvents::bytes`.
+#[derive(Debug, Clone, Copy)]
 struct ShownEvent {
     created_at_ns: i64,
-    id: String,
-    /// The encoded `SnapshotEvent`.
-    bytes: Vec<u8>,
+    start: u32,
+    len: u32,
+    /// Its id, inside its bytes.
+    id_start: u32,
+    id_len: u32,
 }
 
+/// What a `Bytes` made from a `Vec` adds to it (its shared count).
+const SHARED_OVERHEAD: usize = 32;
+
 impl ShownEvent {
-    /// Snapshot order (newest first), as `timeline` reversed.
-    fn order(&self) -> (i64, &str) {
-        (self.created_at_ns, self.id.as_str())
+    /// Snapshot order (newest first), as `timeline` reversed; an id's bytes
+    /// order as the id does.
+    fn order<'a>(&self, bytes: &'a [u8]) -> (i64, &'a [u8]) {
+        let id = self.id_start as usize;
+        (self.created_at_ns, &bytes[id..id + self.id_len as usize])
+    }
+
+    fn range(&self) -> std::ops::Range<usize> {
+        self.start as usize..(self.start + self.len) as usize
     }
 }
 
@@ -347,25 +373,21 @@ impl EncodedEvents {
         self.events.is_empty()
     }
 
-    /// Bytes of the encoded events.
-    pub fn encoded_len(&self) -> usize {
-        self.events.iter().map(|e| e.bytes.len()).sum()
-    }
-
-    /// Memory held (the user cache's estimate): the entries, and their
-    /// ids' and bytes' buffers (and the encoded profiles) with an eighth
-    /// for the allocator's rounding.
+    /// Memory held (the user cache's estimate): the entries, the events'
+    /// buffer and the encoded profiles (these with an eighth for the
+    /// allocator's rounding).
     pub fn memory(&self) -> usize {
-        let heap: usize = self
-            .events
-            .iter()
-            .map(|e| e.id.capacity() + e.bytes.capacity())
-            .chain(self.profiles.iter().flatten().map(Vec::capacity))
-            .sum();
+        let profiles: usize = self.profiles.iter().flatten().map(Vec::capacity).sum();
+        let buffer = if self.capacity > 0 {
+            self.capacity + SHARED_OVERHEAD
+        } else {
+            0
+        };
         self.events.capacity() * std::mem::size_of::<ShownEvent>()
             + self.profiles.capacity() * std::mem::size_of::<Option<Vec<u8>>>()
-            + heap
-            + heap / 8
+            + buffer
+            + profiles
+            + profiles / 8
     }
 
     /// The user's profiles changed: encode them again for the next snapshot.
@@ -373,72 +395,106 @@ impl EncodedEvents {
         self.profiles.clear();
     }
 
-    /// Forgets the event `id` (dropped from the timeline).
+    /// Forgets the event `id` (dropped from the timeline); its bytes stay
+    /// in the buffer until the next snapshot makes a new one.
     pub fn remove(&mut self, created_at_ns: i64, id: &str) {
+        let bytes = &self.bytes;
         self.events
-            .retain(|e| e.created_at_ns != created_at_ns || e.id != id);
+            .retain(|e| e.order(bytes) != (created_at_ns, id.as_bytes()));
     }
 }
 
-/// One snapshot event encoded as `snap_event(e, properties).encode_to_vec()`
-/// would, without copying its strings first.
-pub fn encode_event(e: &StoredEvent, properties: &[u8]) -> Vec<u8> {
-    use prost::encoding::{message, string};
-    let created = time::to_timestamp(e.created_at_ns);
-    let received = time::to_timestamp(e.received_at_ns);
-    let len =
-        e.id.len() + e.source.len() + e.r#type.len() + e.description.len() + properties.len() + 64;
-    let mut buf = Vec::with_capacity(len);
+/// The length of one snapshot event's encoding (`SnapshotEvent`) with
+/// `properties_len` bytes of properties, not framed.
+fn event_len(e: &StoredEvent, properties_len: usize) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len, message, string};
+    let str_len = |tag: u32, v: &String| {
+        if v.is_empty() {
+            0
+        } else {
+            string::encoded_len(tag, v)
+        }
+    };
+    let props_len = if properties_len == 0 {
+        0
+    } else {
+        key_len(5) + encoded_len_varint(properties_len as u64) + properties_len
+    };
+    str_len(1, &e.id)
+        + str_len(2, &e.source)
+        + str_len(3, &e.r#type)
+        + str_len(4, &e.description)
+        + props_len
+        + message::encoded_len(6, &time::to_timestamp(e.created_at_ns))
+        + message::encoded_len(7, &time::to_timestamp(e.received_at_ns))
+}
+
+/// What `put_event_field` appends for an event of `event_len` bytes.
+fn field_len(event_len: usize) -> usize {
+    use prost::encoding::{encoded_len_varint, key_len};
+    key_len(5) + encoded_len_varint(event_len as u64) + event_len
+}
+
+/// Appends one snapshot event, encoded as `snap_event(e,
+/// properties).encode_to_vec()` would (without copying its strings first),
+/// as a snapshot's field 5 (its key and length first), to `buf`; returns
+/// where in `buf` its id is.
+fn put_event_field(e: &StoredEvent, properties: &[u8], buf: &mut Vec<u8>) -> usize {
+    use prost::encoding::{encode_key, encode_varint, message, string, WireType};
+    let len = event_len(e, properties.len());
+    let start = buf.len();
+    buf.reserve(field_len(len));
+    encode_key(5, WireType::LengthDelimited, buf);
+    encode_varint(len as u64, buf);
+    let mut id_at = buf.len();
     if !e.id.is_empty() {
-        string::encode(1, &e.id, &mut buf);
+        string::encode(1, &e.id, buf);
+        id_at = buf.len() - e.id.len();
     }
     if !e.source.is_empty() {
-        string::encode(2, &e.source, &mut buf);
+        string::encode(2, &e.source, buf);
     }
     if !e.r#type.is_empty() {
-        string::encode(3, &e.r#type, &mut buf);
+        string::encode(3, &e.r#type, buf);
     }
     if !e.description.is_empty() {
-        string::encode(4, &e.description, &mut buf);
+        string::encode(4, &e.description, buf);
     }
     if !properties.is_empty() {
-        put_bytes(5, properties, &mut buf);
+        put_bytes(5, properties, buf);
     }
-    message::encode(6, &created, &mut buf);
-    message::encode(7, &received, &mut buf);
-    buf
+    message::encode(6, &time::to_timestamp(e.created_at_ns), buf);
+    message::encode(7, &time::to_timestamp(e.received_at_ns), buf);
+    debug_assert_eq!(buf.len() - start, field_len(len));
+    id_at
 }
 
-/// A `ContextSnapshot` in protobuf form from its parts, the profiles and
-/// events already encoded: the same bytes as `build(..)` with version and
-/// updated_at set, then `encode_to_vec()`.
+/// A `ContextSnapshot` in protobuf form from its parts, the profiles
+/// already encoded and the events already encoded as its field 5, back to
+/// back (`put_event_field`): the same bytes as `build(..)` with version
+/// and updated_at set, then `encode_to_vec()`. The events are shared, not
+/// copied: the embedded log copies them once, into its file.
 pub fn encode_snapshot(
     user_id: &str,
     version: u64,
     updated_at_ns: i64,
     profiles: &[&[u8]],
-    events: &[&[u8]],
-) -> Vec<u8> {
+    events: Bytes,
+) -> Payload {
     use prost::encoding::{message, uint64};
-    let len: usize = events.iter().map(|e| e.len() + 4).sum::<usize>()
-        + profiles.iter().map(|p| p.len() + 4).sum::<usize>()
-        + user_id.len()
-        + 32;
-    let mut buf = Vec::with_capacity(len);
+    let len: usize = profiles.iter().map(|p| p.len() + 4).sum::<usize>() + user_id.len() + 32;
+    let mut head = Vec::with_capacity(len);
     if !user_id.is_empty() {
-        put_bytes(1, user_id.as_bytes(), &mut buf);
+        put_bytes(1, user_id.as_bytes(), &mut head);
     }
     if version != 0 {
-        uint64::encode(2, &version, &mut buf);
+        uint64::encode(2, &version, &mut head);
     }
-    message::encode(3, &time::to_timestamp(updated_at_ns), &mut buf);
+    message::encode(3, &time::to_timestamp(updated_at_ns), &mut head);
     for p in profiles {
-        put_bytes(4, p, &mut buf);
+        put_bytes(4, p, &mut head);
     }
-    for e in events {
-        put_bytes(5, e, &mut buf);
-    }
-    buf
+    Payload::from_parts(head, vec![events])
 }
 
 /// A length-delimited field (string, bytes or an encoded message).
@@ -461,7 +517,7 @@ pub fn next_snapshot(
     at_ns: i64,
     shown: &mut EncodedEvents,
     bodies: &impl Bodies,
-) -> Option<Vec<u8>> {
+) -> Option<Payload> {
     let same_settings = matches!(&shown.settings, Some(s) if Arc::ptr_eq(s, settings));
     encode_shown_profiles(state, settings, &mut shown.profiles);
     let (events, profiles) = shown_parts(
@@ -469,6 +525,7 @@ pub fn next_snapshot(
         settings,
         max_events,
         &shown.events,
+        &shown.bytes,
         same_settings,
         &shown.profiles,
     );
@@ -476,47 +533,69 @@ pub fn next_snapshot(
     if hash == state.snapshot_hash {
         return None;
     }
-    // The events shown last time move over as they are (their entries were
-    // found by `shown_parts`'s merge); the others are encoded, with the
-    // properties not inline fetched in one call.
-    let mut last: Vec<Option<ShownEvent>> = std::mem::take(&mut shown.events)
-        .into_iter()
-        .map(Some)
-        .collect();
-    let kept: Vec<Option<ShownEvent>> = events
-        .iter()
-        .map(|(_, found)| found.and_then(|i| last[i].take()))
-        .collect();
-    drop(last);
+    // The events shown last time are copied as they are (their entries
+    // were found by `shown_parts`'s merge); the others are encoded, with
+    // the properties not inline fetched in one call.
     let missing: Vec<&StoredEvent> = events
         .iter()
-        .zip(&kept)
-        .filter(|((e, _), k)| k.is_none() && e.properties.is_empty())
-        .map(|((e, _), _)| *e)
+        .filter(|(e, found)| found.is_none() && e.properties.is_empty())
+        .map(|(e, _)| *e)
         .collect();
-    let mut fetched = bodies.properties_many(&missing).into_iter();
-    shown.events = events
+    let fetched = bodies.properties_many(&missing);
+    let mut fetched = fetched.iter().map(Vec::as_slice);
+    // Each new event's properties; the buffer is made at its exact size.
+    let properties: Vec<&[u8]> = events
         .iter()
-        .zip(kept)
-        .map(|((e, _), kept)| match kept {
-            Some(k) => k,
-            None => ShownEvent {
-                created_at_ns: e.created_at_ns,
-                id: e.id.clone(),
-                bytes: if e.properties.is_empty() {
-                    encode_event(e, &fetched.next().unwrap_or_default())
-                } else {
-                    encode_event(e, &e.properties)
-                },
-            },
+        .map(|(e, found)| match found {
+            Some(_) => &[][..],
+            None if e.properties.is_empty() => fetched.next().unwrap_or_default(),
+            None => &e.properties[..],
         })
         .collect();
+    let (last, last_bytes) = (&shown.events, &shown.bytes[..]);
+    let size: usize = events
+        .iter()
+        .zip(&properties)
+        .map(|((e, found), props)| match found {
+            Some(i) => last[*i].len as usize,
+            None => field_len(event_len(e, props.len())),
+        })
+        .sum();
+    let mut buf = Vec::with_capacity(size);
+    let mut entries = Vec::with_capacity(events.len());
+    for ((e, found), props) in events.iter().zip(&properties) {
+        let start = buf.len();
+        let id_start = match found {
+            Some(i) => {
+                let old = last[*i];
+                buf.extend_from_slice(&last_bytes[old.range()]);
+                start + (old.id_start - old.start) as usize
+            }
+            None => put_event_field(e, props, &mut buf),
+        };
+        entries.push(ShownEvent {
+            created_at_ns: e.created_at_ns,
+            start: start as u32,
+            len: (buf.len() - start) as u32,
+            id_start: id_start as u32,
+            id_len: e.id.len() as u32,
+        });
+    }
+    debug_assert_eq!(buf.len(), size);
+    shown.capacity = buf.capacity();
+    shown.bytes = Bytes::from(buf);
+    shown.events = entries;
     shown.settings = Some(settings.clone());
     let version = state.snapshot_version + 1;
-    let parts: Vec<&[u8]> = shown.events.iter().map(|e| e.bytes.as_slice()).collect();
-    let snap = encode_snapshot(&state.user_id, version, at_ns, &profiles, &parts);
+    let snap = encode_snapshot(
+        &state.user_id,
+        version,
+        at_ns,
+        &profiles,
+        shown.bytes.clone(),
+    );
     debug_assert_eq!(
-        content_hash(&ContextSnapshot::decode(&snap[..]).expect("own encoding")),
+        content_hash(&ContextSnapshot::decode(&snap.to_vec()[..]).expect("own encoding")),
         hash
     );
     state.snapshot_hash = hash;
@@ -708,7 +787,7 @@ mod tests {
     fn next(s: &mut UserState, on: &Settings, at: i64) -> Option<ContextSnapshot> {
         let mut shown = EncodedEvents::new();
         next_snapshot(s, &Arc::new(on.clone()), 50, at, &mut shown, &())
-            .map(|b| ContextSnapshot::decode(&b[..]).unwrap())
+            .map(|b| ContextSnapshot::decode(&b.to_vec()[..]).unwrap())
     }
 
     #[test]
@@ -810,14 +889,17 @@ mod tests {
         let got = next_snapshot(&mut s, &all, 50, 2, &mut shown, &()).unwrap();
         let want = build(&s, &all, 50, &());
         assert_eq!(
-            ids(&ContextSnapshotBytes::decode(&got[..]).unwrap()),
+            ids(&ContextSnapshotBytes::decode(&got.to_vec()[..]).unwrap()),
             ids(&want)
         );
         // Zendesk events off: a, c, d and f are hidden though `shown` holds them.
         let zendesk_off = Arc::new(settings(false, true, true));
         drop(all);
         let got = next_snapshot(&mut s, &zendesk_off, 50, 3, &mut shown, &()).unwrap();
-        assert_eq!(ids(&ContextSnapshotBytes::decode(&got[..]).unwrap()), ["b"]);
+        assert_eq!(
+            ids(&ContextSnapshotBytes::decode(&got.to_vec()[..]).unwrap()),
+            ["b"]
+        );
         let mut want = build(&s, &zendesk_off, 50, &());
         want.version = 3;
         want.updated_at = Some(time::to_timestamp(3));

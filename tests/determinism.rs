@@ -94,7 +94,7 @@ fn to_out(r: &Rec, i: usize, c: &Config) -> OutRecord {
         topic: topic.clone(),
         partition: None,
         key: None,
-        value: v.into_bytes(),
+        value: v.into_bytes().into(),
         timestamp_ms: 1_700_000_000_000 + i as i64,
     }
 }

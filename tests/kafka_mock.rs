@@ -290,7 +290,7 @@ fn producer_flush_waits_until_every_record_is_acknowledged() {
             topic: "t".into(),
             partition: Some(i % 8),
             key: None,
-            value: vec![7u8; 100],
+            value: vec![7u8; 100].into(),
             timestamp_ms: 0,
         })
         .collect();

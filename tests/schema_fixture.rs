@@ -43,7 +43,7 @@ fn write_fixture() {
         topic: c.topics.settings.clone(),
         partition: None,
         key: Some(b"visibility".to_vec()),
-        value: Workload::visibility().to_string().into_bytes(),
+        value: Workload::visibility().to_string().into_bytes().into(),
         timestamp_ms: 1_764_000_000_000,
     }];
     for i in 0..400 {
@@ -52,7 +52,7 @@ fn write_fixture() {
             topic: g.topic,
             partition: None,
             key: g.key,
-            value: g.value,
+            value: g.value.into(),
             timestamp_ms: 1_764_000_000_000 + i,
         });
     }
@@ -97,7 +97,7 @@ fn read_fixture(c: &Config) -> Vec<OutRecord> {
             topic: c.topics.records.clone(),
             partition: Some(p),
             key: Some(key),
-            value,
+            value: value.into(),
             timestamp_ms: ts,
         });
     }

@@ -47,7 +47,9 @@ pub async fn put_visibility(
         topic: app.topics().settings.clone(),
         partition: None,
         key: Some(SETTINGS_KEY.to_vec()),
-        value: serde_json::to_vec(&settings_to_json(&settings)).expect("json"),
+        value: serde_json::to_vec(&settings_to_json(&settings))
+            .expect("json")
+            .into(),
         timestamp_ms: time::now_ms(),
     };
     app.appender

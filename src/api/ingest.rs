@@ -40,7 +40,7 @@ async fn validate_and_append(
             topic,
             partition: None,
             key,
-            value: body,
+            value: body.into(),
             timestamp_ms: now,
         }])
         .await
@@ -212,7 +212,7 @@ pub async fn post_records(
             topic: topic.clone(),
             partition: None,
             key: None,
-            value: l.to_vec(),
+            value: l.into(),
             timestamp_ms: now,
         })
         .collect();

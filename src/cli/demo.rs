@@ -40,7 +40,7 @@ pub fn demo(
         topic: topics.settings.clone(),
         partition: None,
         key: Some(SETTINGS_KEY.to_vec()),
-        value: Workload::visibility().to_string().into_bytes(),
+        value: Workload::visibility().to_string().into_bytes().into(),
         timestamp_ms: now,
     }])?;
     let pb = ProgressBar::new(records as u64);
@@ -64,7 +64,7 @@ pub fn demo(
                     topic: g.topic,
                     partition: None,
                     key: g.key,
-                    value: g.value,
+                    value: g.value.into(),
                     timestamp_ms: time::now_ms(),
                 }
             })

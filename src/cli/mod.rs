@@ -387,7 +387,7 @@ fn kafka_produce(
             topic: topic.to_string(),
             partition: None,
             key: None,
-            value: line.into_bytes(),
+            value: line.into_bytes().into(),
             timestamp_ms: contextd::model::time::now_ms(),
         });
         if chunk.len() == 5000 {

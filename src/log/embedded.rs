@@ -305,7 +305,7 @@ impl EmbeddedLog {
                 counts.push(0);
                 parts.len() - 1
             });
-            sizes[i] += segment::entry_len(r.key.as_deref(), &r.value);
+            sizes[i] += segment::entry_len(r.key.as_deref(), r.value.len());
             counts[i] += 1;
             slots.push(i);
         }
@@ -328,11 +328,12 @@ impl EmbeddedLog {
         let mut assigned = Vec::with_capacity(records.len());
         let mut heads = Vec::with_capacity(records.len());
         for (r, &i) in records.iter().zip(&slots) {
-            heads.push(segment::entry_head(
+            heads.push(segment::entry_head_of(
                 next[i],
                 r.timestamp_ms,
                 r.key.as_deref(),
-                &r.value,
+                r.value.len(),
+                r.value.slices(),
             ));
             assigned.push((parts[i].1, next[i]));
             next[i] += 1;
@@ -349,9 +350,7 @@ impl EmbeddedLog {
             if let Some(k) = r.key.as_deref().filter(|k| !k.is_empty()) {
                 v.push(IoSlice::new(k));
             }
-            if !r.value.is_empty() {
-                v.push(IoSlice::new(&r.value));
-            }
+            v.extend(r.value.slices().map(IoSlice::new));
         }
         // Write the files; what was written is cut off again if anything fails.
         let mut written: Vec<(usize, Arc<Segment>, u64, End)> = Vec::new();
@@ -892,6 +891,7 @@ fn decode_old_entry(v: &[u8]) -> Option<OldEntry<'_>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::Payload;
     use crate::state::StoreOptions;
 
     fn out(topic: &str, key: Option<&str>, v: &str) -> OutRecord {
@@ -899,7 +899,7 @@ mod tests {
             topic: topic.into(),
             partition: None,
             key: key.map(|k| k.as_bytes().to_vec()),
-            value: v.as_bytes().to_vec(),
+            value: v.as_bytes().into(),
             timestamp_ms: 7,
         }
     }
@@ -967,8 +967,25 @@ mod tests {
             EmbeddedLog::open_with(store, &topics, opts).unwrap()
         };
         let value = |i: usize| format!("{i}-{}", "v".repeat(i * 131 % 3000));
+        // Every other value in pieces, as a snapshot's payload is.
+        let payload = |i: usize| {
+            let v = value(i).into_bytes();
+            if i.is_multiple_of(2) {
+                return Payload::from(v);
+            }
+            let (a, b) = v.split_at(v.len() / 3);
+            let (b, c) = b.split_at(b.len() / 2);
+            Payload::from_parts(
+                a.to_vec(),
+                vec![
+                    bytes::Bytes::copy_from_slice(b),
+                    bytes::Bytes::copy_from_slice(c),
+                ],
+            )
+        };
         let log = open_d(dir.path());
         let mut n = 0;
+        let mut want: HashMap<(String, i32), Vec<(i64, String)>> = HashMap::new();
         for batch in 0..40 {
             let recs: Vec<OutRecord> = (0..batch % 7)
                 .map(|j| {
@@ -976,20 +993,28 @@ mod tests {
                     let t = if j % 3 == 2 { "b" } else { "d" };
                     OutRecord {
                         partition: Some((n % 2) as i32 * (t == "d") as i32),
-                        ..out(t, Some("k"), &value(n))
+                        value: payload(n),
+                        ..out(t, Some("k"), "")
                     }
                 })
                 .collect();
-            if batch % 5 == 3 {
-                log.commit(WriteBatch::default(), &recs).unwrap();
+            let at = if batch % 5 == 3 {
+                log.commit(WriteBatch::default(), &recs).unwrap()
             } else {
-                log.commit_direct(WriteBatch::default(), &recs).unwrap();
+                log.commit_direct(WriteBatch::default(), &recs).unwrap()
+            };
+            for (r, (p, off)) in recs.iter().zip(at) {
+                let v = String::from_utf8(r.value.to_vec()).unwrap();
+                want.entry((r.topic.clone(), p)).or_default().push((off, v));
             }
         }
         let before: Vec<Vec<(i64, String)>> = [("d", 0), ("d", 1), ("b", 0)]
             .iter()
             .map(|(t, p)| values(&log, t, *p, 0))
             .collect();
+        for ((t, p), read) in [("d", 0), ("d", 1), ("b", 0)].iter().zip(&before) {
+            assert_eq!(read, &want[&(t.to_string(), *p)], "{t}[{p}]");
+        }
         assert!(segment_files(dir.path(), "d", 0).len() > 2);
         {
             let segs = log.topics[0].partitions[0].segments.read().unwrap();

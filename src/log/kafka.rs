@@ -175,8 +175,11 @@ impl KafkaProducer {
     ) -> Result<Vec<rdkafka::producer::DeliveryFuture>, LogError> {
         let mut out = Vec::with_capacity(recs.len());
         for r in recs {
+            // A snapshot's events are shared parts: rdkafka copies the
+            // payload from one slice.
+            let value = r.value.contiguous();
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
-                .payload(&r.value[..])
+                .payload(&value[..])
                 .timestamp(r.timestamp_ms);
             if let Some(k) = &r.key {
                 rec = rec.key(&k[..]);

@@ -8,6 +8,9 @@ pub mod embedded;
 pub mod kafka;
 pub mod segment;
 
+use bytes::Bytes;
+use std::borrow::Cow;
+
 /// One record read from a topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRecord {
@@ -27,8 +30,104 @@ pub struct OutRecord {
     /// Explicit partition (broadcasts); `None` = by key (murmur2), or 0 without key.
     pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
+    pub value: Payload,
     pub timestamp_ms: i64,
+}
+
+/// The value of a record to append: bytes of its own (`head`), then parts
+/// shared with whoever keeps them (a snapshot: its header and profiles,
+/// then the buffer of its events the user cache keeps for the next
+/// snapshot). An embedded commit copies every part straight into the
+/// file, with no snapshot buffer in between (BENCHMARKS.md item 56); a
+/// Kafka producer takes it `contiguous`.
+#[derive(Debug, Clone, Default)]
+pub struct Payload {
+    head: Vec<u8>,
+    parts: Vec<Bytes>,
+    len: usize,
+}
+
+impl Payload {
+    pub fn from_parts(head: Vec<u8>, parts: Vec<Bytes>) -> Payload {
+        let len = head.len() + parts.iter().map(Bytes::len).sum::<usize>();
+        Payload { head, parts, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes in order, as the non-empty slices they are kept in.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> + Clone {
+        std::iter::once(&self.head[..])
+            .chain(self.parts.iter().map(|p| &p[..]))
+            .filter(|s| !s.is_empty())
+    }
+
+    /// The bytes in one slice: borrowed when they are in one already.
+    pub fn contiguous(&self) -> Cow<'_, [u8]> {
+        if self.parts.is_empty() {
+            Cow::Borrowed(&self.head)
+        } else {
+            Cow::Owned(self.to_vec())
+        }
+    }
+
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len);
+        for s in self.slices() {
+            v.extend_from_slice(s);
+        }
+        v
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(head: Vec<u8>) -> Payload {
+        let len = head.len();
+        Payload {
+            head,
+            parts: Vec::new(),
+            len,
+        }
+    }
+}
+
+impl From<&[u8]> for Payload {
+    fn from(bytes: &[u8]) -> Payload {
+        bytes.to_vec().into()
+    }
+}
+
+/// Equal when the bytes are, however they are split.
+impl PartialEq for Payload {
+    fn eq(&self, other: &Payload) -> bool {
+        self.len == other.len && self.contiguous() == other.contiguous()
+    }
+}
+
+impl Eq for Payload {}
+
+impl PartialEq<[u8]> for Payload {
+    fn eq(&self, other: &[u8]) -> bool {
+        self.len == other.len() && *self.contiguous() == *other
+    }
+}
+
+impl PartialEq<Vec<u8>> for Payload {
+    fn eq(&self, other: &Vec<u8>) -> bool {
+        *self == other[..]
+    }
+}
+
+impl PartialEq<Payload> for Vec<u8> {
+    fn eq(&self, other: &Payload) -> bool {
+        *other == self[..]
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -69,5 +168,38 @@ impl LogError {
 impl From<rocksdb::Error> for LogError {
     fn from(e: rocksdb::Error) -> Self {
         LogError::Store(e.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_its_bytes_however_they_are_split() {
+        let one = Payload::from(b"snapshot".to_vec());
+        let split = Payload::from_parts(
+            b"snap".to_vec(),
+            vec![
+                Bytes::new(),
+                Bytes::from_static(b"sh"),
+                Bytes::from_static(b"ot"),
+            ],
+        );
+        let no_head = Payload::from_parts(Vec::new(), vec![Bytes::from_static(b"snapshot")]);
+        for p in [&one, &split, &no_head] {
+            assert_eq!(p.len(), 8);
+            assert_eq!(p.to_vec(), b"snapshot");
+            assert_eq!(&*p.contiguous(), b"snapshot");
+            assert!(p.slices().all(|s| !s.is_empty()), "no empty slices");
+            assert_eq!(*p, one);
+            assert_eq!(*p, b"snapshot".to_vec());
+        }
+        assert_eq!(split.slices().count(), 3);
+        assert!(matches!(one.contiguous(), Cow::Borrowed(_)));
+        assert_ne!(split, Payload::from(b"snapshoT".to_vec()));
+        assert_ne!(split, Payload::from(b"snapsho".to_vec()));
+        assert!(Payload::default().is_empty());
+        assert_eq!(Payload::default().slices().count(), 0);
     }
 }

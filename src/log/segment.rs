@@ -36,7 +36,18 @@ const DIRECT_BUF: usize = 1 << 20;
 /// (`HEADER + BODY_FIXED` bytes), the checksum over the whole body; the key
 /// and the value follow it in the file.
 pub fn entry_head(offset: i64, ts_ms: i64, key: Option<&[u8]>, value: &[u8]) -> [u8; HEAD] {
-    let body_len = entry_len(key, value) - HEADER;
+    entry_head_of(offset, ts_ms, key, value.len(), std::iter::once(value))
+}
+
+/// `entry_head` of a value of `value_len` bytes kept in pieces.
+pub fn entry_head_of<'a>(
+    offset: i64,
+    ts_ms: i64,
+    key: Option<&[u8]>,
+    value_len: usize,
+    value: impl Iterator<Item = &'a [u8]>,
+) -> [u8; HEAD] {
+    let body_len = HEAD - HEADER + key.map_or(0, <[u8]>::len) + value_len;
     let mut head = [0u8; HEAD];
     head[0..4].copy_from_slice(&(body_len as u32).to_be_bytes());
     head[8..16].copy_from_slice(&offset.to_be_bytes());
@@ -45,22 +56,24 @@ pub fn entry_head(offset: i64, ts_ms: i64, key: Option<&[u8]>, value: &[u8]) -> 
     let mut crc = crc32fast::Hasher::new();
     crc.update(&head[HEADER..]);
     crc.update(key.unwrap_or_default());
-    crc.update(value);
+    for part in value {
+        crc.update(part);
+    }
     head[4..8].copy_from_slice(&crc.finalize().to_be_bytes());
     head
 }
 
 /// Appends one framed entry to `buf`.
 pub fn encode_entry(buf: &mut Vec<u8>, offset: i64, ts_ms: i64, key: Option<&[u8]>, value: &[u8]) {
-    buf.reserve(entry_len(key, value));
+    buf.reserve(entry_len(key, value.len()));
     buf.extend_from_slice(&entry_head(offset, ts_ms, key, value));
     buf.extend_from_slice(key.unwrap_or_default());
     buf.extend_from_slice(value);
 }
 
 /// The framed size of an entry (what `encode_entry` appends).
-pub fn entry_len(key: Option<&[u8]>, value: &[u8]) -> usize {
-    HEADER + BODY_FIXED + key.map(|k| k.len()).unwrap_or(0) + value.len()
+pub fn entry_len(key: Option<&[u8]>, value_len: usize) -> usize {
+    HEADER + BODY_FIXED + key.map(|k| k.len()).unwrap_or(0) + value_len
 }
 
 /// The file name of the segment starting at `base`.
@@ -583,6 +596,25 @@ pub(crate) fn resident_pages(path: &Path, from: u64, to: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_value_in_pieces_is_framed_as_the_whole() {
+        let value: Vec<u8> = (0..700u32).map(|i| (i * 31 % 251) as u8).collect();
+        for key in [None, Some(&b""[..]), Some(&b"user-1"[..])] {
+            let whole = entry_head(42, 7, key, &value);
+            for cuts in [vec![], vec![0], vec![1, 1], vec![256, 300, 699], vec![700]] {
+                let mut pieces = Vec::new();
+                let mut at = 0;
+                for c in cuts {
+                    pieces.push(&value[at..c]);
+                    at = c;
+                }
+                pieces.push(&value[at..]);
+                let head = entry_head_of(42, 7, key, value.len(), pieces.into_iter());
+                assert_eq!(head, whole);
+            }
+        }
+    }
 
     /// Drop-behind drops written pages in its second pass once they are
     /// clean, leaves the newer ones cached, and loses no data. In a dir of

@@ -36,7 +36,7 @@ pub fn dead_letter(dlq_topic: &str, err: &Rejection, src: &LogRecord) -> OutReco
         topic: dlq_topic.to_string(),
         partition: None,
         key: key.map(<[u8]>::to_vec),
-        value: serde_json::to_vec(&value).expect("json"),
+        value: serde_json::to_vec(&value).expect("json").into(),
         timestamp_ms,
     }
 }

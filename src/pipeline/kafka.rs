@@ -242,7 +242,7 @@ pub fn run_router(
                     topic: c.topics.identities.clone(),
                     partition: None,
                     key: Some(id.key().into_bytes()),
-                    value: l.user_id.clone().into_bytes(),
+                    value: l.user_id.clone().into_bytes().into(),
                     timestamp_ms: crate::model::time::now_ms(),
                 });
             }
@@ -528,7 +528,9 @@ fn encode_out(r: &OutRecord) -> Vec<u8> {
         None => v.extend_from_slice(&(-1i32).to_be_bytes()),
     }
     v.extend_from_slice(&r.timestamp_ms.to_be_bytes());
-    v.extend_from_slice(&r.value);
+    for s in r.value.slices() {
+        v.extend_from_slice(s);
+    }
     v
 }
 
@@ -556,7 +558,7 @@ fn decode_out(v: &[u8]) -> Option<OutRecord> {
         topic,
         partition: (partition >= 0).then_some(partition),
         key,
-        value: v.get(at..)?.to_vec(),
+        value: v.get(at..)?.into(),
         timestamp_ms,
     })
 }
@@ -568,7 +570,9 @@ fn decode_out_json(v: &[u8]) -> Option<OutRecord> {
         topic: j["t"].as_str()?.to_string(),
         partition: j["p"].as_i64().map(|p| p as i32),
         key: serde_json::from_value(j["k"].clone()).ok()?,
-        value: serde_json::from_value(j["v"].clone()).ok()?,
+        value: serde_json::from_value::<Vec<u8>>(j["v"].clone())
+            .ok()?
+            .into(),
         timestamp_ms: j["ts"].as_i64().unwrap_or(0),
     })
 }
@@ -1298,7 +1302,8 @@ fn announce(
         value: serde_json::to_vec(
             &json!({"http": own.me, "partitions": parts, "at_ms": now, "group": c.group_id}),
         )
-        .expect("json"),
+        .expect("json")
+        .into(),
         timestamp_ms: now,
     };
     retry(stop, "announce", || {
@@ -1492,7 +1497,7 @@ mod tests {
             topic: "context.snapshots".into(),
             partition,
             key: key.map(<[u8]>::to_vec),
-            value: value.to_vec(),
+            value: value.into(),
             timestamp_ms: 1_764_000_000_123,
         }
     }
@@ -1508,10 +1513,26 @@ mod tests {
             rec(Some(3), Some(b"user-1"), b"\x0a\x06user-1\x10\x07"),
             rec(None, None, b""),
             rec(Some(0), Some(b""), &[0u8; 4096]),
+            OutRecord {
+                // A snapshot: its head, then its events' shared buffer.
+                value: crate::log::Payload::from_parts(
+                    b"head".to_vec(),
+                    vec![bytes::Bytes::from_static(b"events")],
+                ),
+                ..rec(Some(4), Some(b"u"), b"")
+            },
         ] {
             let got = decode_out(&encode_out(&r)).expect("decodes");
             assert!(same(&got, &r));
         }
+        let split =
+            crate::log::Payload::from_parts(b"ab".to_vec(), vec![bytes::Bytes::from_static(b"cd")]);
+        let got = decode_out(&encode_out(&OutRecord {
+            value: split,
+            ..rec(None, None, b"")
+        }))
+        .expect("decodes");
+        assert_eq!(got.value, b"abcd".to_vec(), "written as one value");
         let enc = encode_out(&rec(Some(1), Some(b"k"), b"value"));
         for cut in 1..enc.len() - 5 {
             assert!(
@@ -1525,7 +1546,7 @@ mod tests {
     fn outbox_entries_of_earlier_versions_still_decode() {
         let r = rec(Some(2), Some(b"u"), b"\x01\x02");
         let old = serde_json::to_vec(
-            &json!({"t": r.topic, "p": r.partition, "k": r.key, "v": r.value, "ts": r.timestamp_ms}),
+            &json!({"t": r.topic, "p": r.partition, "k": r.key, "v": r.value.to_vec(), "ts": r.timestamp_ms}),
         )
         .unwrap();
         assert!(same(&decode_out(&old).expect("decodes"), &r));

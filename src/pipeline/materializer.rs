@@ -15,7 +15,7 @@
 use super::deadletter::dead_letter;
 use super::{count_topic, PipelineError, SnapshotFormat, Topics};
 use crate::ingest::{ErrorCode, Rejection};
-use crate::log::{LogRecord, OutRecord};
+use crate::log::{LogRecord, OutRecord, Payload};
 use crate::model::{record, ContextSnapshot, Record, Settings, SnapshotMark};
 use crate::snapshot;
 use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
@@ -51,7 +51,7 @@ pub struct Materializer {
     cache: UserCache,
     /// Users published less than `min_interval` ago: when, and that
     /// snapshot (protobuf), stored with a hold if one starts.
-    recent: HashMap<(u32, String), (Instant, Vec<u8>)>,
+    recent: HashMap<(u32, String), (Instant, Payload)>,
     last_pruned: Instant,
     /// Whether `publish` fills `recent`: for snapshots of records and
     /// releases, not for the settling or re-publishing of a whole partition.
@@ -471,7 +471,7 @@ impl Materializer {
         }
         match self.recent.get(&key) {
             Some((when, snap)) if now.duration_since(*when) < self.opts.min_interval => {
-                batch.put_cf(store.cf(CF_PART), keys::part_held(p, uid), snap);
+                batch.put_cf(store.cf(CF_PART), keys::part_held(p, uid), snap.to_vec());
                 let due = *when + self.opts.min_interval;
                 self.held.insert(key, Held { due, at_ns: *at_ns });
                 metrics::counter!("contextd_snapshots_held_total").increment(1);
@@ -619,7 +619,7 @@ impl Materializer {
         out: &mut Vec<OutRecord>,
         p: u32,
         state: &crate::model::UserState,
-        encoded: Vec<u8>,
+        encoded: Payload,
     ) {
         let updated_at = crate::model::time::to_timestamp(state.snapshot_updated_at_ns);
         store.put_mark(
@@ -646,8 +646,10 @@ impl Materializer {
         let value = match self.opts.format {
             SnapshotFormat::Protobuf => encoded,
             SnapshotFormat::Json => {
-                let snap = ContextSnapshot::decode(&encoded[..]).expect("own encoding");
-                serde_json::to_vec(&snapshot::to_json(&snap)).expect("json")
+                let snap = ContextSnapshot::decode(&*encoded.contiguous()).expect("own encoding");
+                serde_json::to_vec(&snapshot::to_json(&snap))
+                    .expect("json")
+                    .into()
             }
         };
         self.published_uncounted.0 += 1;

@@ -123,7 +123,7 @@ impl Router {
                 topic: self.topics.records.clone(),
                 partition: Some(p),
                 key: Some(SETTINGS_KEY.to_vec()),
-                value: value.clone(),
+                value: value.clone().into(),
                 timestamp_ms: rec.timestamp_ms,
             })
             .collect())
@@ -201,7 +201,7 @@ impl Router {
                 topic: self.topics.records.clone(),
                 partition: None,
                 key: Some(res.user_id.into_bytes()),
-                value: r.encode_to_vec(),
+                value: r.encode_to_vec().into(),
                 timestamp_ms: rec.timestamp_ms,
             },
             links,
