@@ -305,9 +305,9 @@ pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -
 
 /// The wire form of the events the last snapshot showed, kept between
 /// snapshots in its order (newest first), back to back in one buffer: an
-/// event is encoded once, and the next snapshot's events are copied from
-/// here (mostly in long runs) into a buffer of their own, which that
-/// snapshot's payload shares. An id's content never changes while the id
+/// event is encoded once, and the next snapshot copies the ones it keeps
+/// from here, in order from one buffer, into a buffer of its own, which
+/// its payload shares. An id's content never changes while the id
 /// is held (dropping an id removes its entry).
 ///
 /// One buffer, not one per event: reading each event's bytes from its own
