@@ -438,10 +438,10 @@ fn field_len(event_len: usize) -> usize {
 /// Appends one snapshot event, encoded as `snap_event(e,
 /// properties).encode_to_vec()` would (without copying its strings first),
 /// as a snapshot's field 5 (its key and length first), to `buf`; returns
-/// where in `buf` its id is.
-fn put_event_field(e: &StoredEvent, properties: &[u8], buf: &mut Vec<u8>) -> usize {
+/// where in `buf` its id is. `len`: `event_len(e, properties.len())`.
+fn put_event_field(e: &StoredEvent, properties: &[u8], len: usize, buf: &mut Vec<u8>) -> usize {
     use prost::encoding::{encode_key, encode_varint, message, string, WireType};
-    let len = event_len(e, properties.len());
+    debug_assert_eq!(len, event_len(e, properties.len()));
     let start = buf.len();
     buf.reserve(field_len(len));
     encode_key(5, WireType::LengthDelimited, buf);
@@ -494,7 +494,7 @@ pub fn encode_snapshot(
     for p in profiles {
         put_bytes(4, p, &mut head);
     }
-    Payload::from_parts(head, vec![events])
+    Payload::from_parts(head, events)
 }
 
 /// A length-delimited field (string, bytes or an encoded message).
@@ -543,27 +543,31 @@ pub fn next_snapshot(
         .collect();
     let fetched = bodies.properties_many(&missing);
     let mut fetched = fetched.iter().map(Vec::as_slice);
-    // Each new event's properties; the buffer is made at its exact size.
-    let properties: Vec<&[u8]> = events
+    // Each new event's properties and encoded length, so the buffer is
+    // made at its exact size.
+    let properties: Vec<(&[u8], usize)> = events
         .iter()
-        .map(|(e, found)| match found {
-            Some(_) => &[][..],
-            None if e.properties.is_empty() => fetched.next().unwrap_or_default(),
-            None => &e.properties[..],
+        .map(|(e, found)| {
+            let props = match found {
+                Some(_) => return (&[][..], 0),
+                None if e.properties.is_empty() => fetched.next().unwrap_or_default(),
+                None => &e.properties[..],
+            };
+            (props, event_len(e, props.len()))
         })
         .collect();
     let (last, last_bytes) = (&shown.events, &shown.bytes[..]);
     let size: usize = events
         .iter()
         .zip(&properties)
-        .map(|((e, found), props)| match found {
+        .map(|((_, found), (_, len))| match found {
             Some(i) => last[*i].len as usize,
-            None => field_len(event_len(e, props.len())),
+            None => field_len(*len),
         })
         .sum();
     let mut buf = Vec::with_capacity(size);
     let mut entries = Vec::with_capacity(events.len());
-    for ((e, found), props) in events.iter().zip(&properties) {
+    for ((e, found), (props, len)) in events.iter().zip(&properties) {
         let start = buf.len();
         let id_start = match found {
             Some(i) => {
@@ -571,7 +575,7 @@ pub fn next_snapshot(
                 buf.extend_from_slice(&last_bytes[old.range()]);
                 start + (old.id_start - old.start) as usize
             }
-            None => put_event_field(e, props, &mut buf),
+            None => put_event_field(e, props, *len, &mut buf),
         };
         entries.push(ShownEvent {
             created_at_ns: e.created_at_ns,

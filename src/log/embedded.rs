@@ -967,21 +967,14 @@ mod tests {
             EmbeddedLog::open_with(store, &topics, opts).unwrap()
         };
         let value = |i: usize| format!("{i}-{}", "v".repeat(i * 131 % 3000));
-        // Every other value in pieces, as a snapshot's payload is.
+        // Every other value in two pieces, as a snapshot's payload is.
         let payload = |i: usize| {
             let v = value(i).into_bytes();
             if i.is_multiple_of(2) {
                 return Payload::from(v);
             }
             let (a, b) = v.split_at(v.len() / 3);
-            let (b, c) = b.split_at(b.len() / 2);
-            Payload::from_parts(
-                a.to_vec(),
-                vec![
-                    bytes::Bytes::copy_from_slice(b),
-                    bytes::Bytes::copy_from_slice(c),
-                ],
-            )
+            Payload::from_parts(a.to_vec(), bytes::Bytes::copy_from_slice(b))
         };
         let log = open_d(dir.path());
         let mut n = 0;

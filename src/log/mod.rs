@@ -34,65 +34,62 @@ pub struct OutRecord {
     pub timestamp_ms: i64,
 }
 
-/// The value of a record to append: bytes of its own (`head`), then parts
-/// shared with whoever keeps them (a snapshot: its header and profiles,
-/// then the buffer of its events the user cache keeps for the next
-/// snapshot). An embedded commit copies every part straight into the
-/// file, with no snapshot buffer in between (BENCHMARKS.md item 56); a
-/// Kafka producer takes it `contiguous`.
+/// The value of a record to append: bytes of its own (`head`), then bytes
+/// shared with whoever keeps them (`tail`; a snapshot: its header and
+/// profiles, then the buffer of its events the user cache keeps for the
+/// next snapshot). An embedded commit copies both straight into the file,
+/// with no snapshot buffer in between (BENCHMARKS.md item 56); a Kafka
+/// producer takes it `contiguous`.
 #[derive(Debug, Clone, Default)]
 pub struct Payload {
     head: Vec<u8>,
-    parts: Vec<Bytes>,
-    len: usize,
+    tail: Bytes,
 }
 
 impl Payload {
-    pub fn from_parts(head: Vec<u8>, parts: Vec<Bytes>) -> Payload {
-        let len = head.len() + parts.iter().map(Bytes::len).sum::<usize>();
-        Payload { head, parts, len }
+    pub fn from_parts(head: Vec<u8>, tail: Bytes) -> Payload {
+        Payload { head, tail }
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.head.len() + self.tail.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 
     /// The bytes in order, as the non-empty slices they are kept in.
     pub fn slices(&self) -> impl Iterator<Item = &[u8]> + Clone {
-        std::iter::once(&self.head[..])
-            .chain(self.parts.iter().map(|p| &p[..]))
+        [&self.head[..], &self.tail[..]]
+            .into_iter()
             .filter(|s| !s.is_empty())
     }
 
     /// The bytes in one slice: borrowed when they are in one already.
     pub fn contiguous(&self) -> Cow<'_, [u8]> {
-        if self.parts.is_empty() {
+        if self.tail.is_empty() {
             Cow::Borrowed(&self.head)
+        } else if self.head.is_empty() {
+            Cow::Borrowed(&self.tail)
         } else {
             Cow::Owned(self.to_vec())
         }
     }
 
     pub fn to_vec(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(self.len);
-        for s in self.slices() {
-            v.extend_from_slice(s);
-        }
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.tail);
         v
     }
 }
 
 impl From<Vec<u8>> for Payload {
     fn from(head: Vec<u8>) -> Payload {
-        let len = head.len();
         Payload {
             head,
-            parts: Vec::new(),
-            len,
+            tail: Bytes::new(),
         }
     }
 }
@@ -106,7 +103,7 @@ impl From<&[u8]> for Payload {
 /// Equal when the bytes are, however they are split.
 impl PartialEq for Payload {
     fn eq(&self, other: &Payload) -> bool {
-        self.len == other.len && self.contiguous() == other.contiguous()
+        self.len() == other.len() && self.contiguous() == other.contiguous()
     }
 }
 
@@ -114,7 +111,7 @@ impl Eq for Payload {}
 
 impl PartialEq<[u8]> for Payload {
     fn eq(&self, other: &[u8]) -> bool {
-        self.len == other.len() && *self.contiguous() == *other
+        self.len() == other.len() && *self.contiguous() == *other
     }
 }
 
@@ -178,16 +175,10 @@ mod tests {
     #[test]
     fn a_payload_is_its_bytes_however_they_are_split() {
         let one = Payload::from(b"snapshot".to_vec());
-        let split = Payload::from_parts(
-            b"snap".to_vec(),
-            vec![
-                Bytes::new(),
-                Bytes::from_static(b"sh"),
-                Bytes::from_static(b"ot"),
-            ],
-        );
-        let no_head = Payload::from_parts(Vec::new(), vec![Bytes::from_static(b"snapshot")]);
-        for p in [&one, &split, &no_head] {
+        let split = Payload::from_parts(b"snap".to_vec(), Bytes::from_static(b"shot"));
+        let no_head = Payload::from_parts(Vec::new(), Bytes::from_static(b"snapshot"));
+        let no_tail = Payload::from_parts(b"snapshot".to_vec(), Bytes::new());
+        for p in [&one, &split, &no_head, &no_tail] {
             assert_eq!(p.len(), 8);
             assert_eq!(p.to_vec(), b"snapshot");
             assert_eq!(&*p.contiguous(), b"snapshot");
@@ -195,8 +186,11 @@ mod tests {
             assert_eq!(*p, one);
             assert_eq!(*p, b"snapshot".to_vec());
         }
-        assert_eq!(split.slices().count(), 3);
-        assert!(matches!(one.contiguous(), Cow::Borrowed(_)));
+        assert_eq!(split.slices().count(), 2);
+        assert_eq!(no_head.slices().count(), 1);
+        for p in [&one, &no_head, &no_tail] {
+            assert!(matches!(p.contiguous(), Cow::Borrowed(_)));
+        }
         assert_ne!(split, Payload::from(b"snapshoT".to_vec()));
         assert_ne!(split, Payload::from(b"snapsho".to_vec()));
         assert!(Payload::default().is_empty());

@@ -1517,7 +1517,7 @@ mod tests {
                 // A snapshot: its head, then its events' shared buffer.
                 value: crate::log::Payload::from_parts(
                     b"head".to_vec(),
-                    vec![bytes::Bytes::from_static(b"events")],
+                    bytes::Bytes::from_static(b"events"),
                 ),
                 ..rec(Some(4), Some(b"u"), b"")
             },
@@ -1526,7 +1526,7 @@ mod tests {
             assert!(same(&got, &r));
         }
         let split =
-            crate::log::Payload::from_parts(b"ab".to_vec(), vec![bytes::Bytes::from_static(b"cd")]);
+            crate::log::Payload::from_parts(b"ab".to_vec(), bytes::Bytes::from_static(b"cd"));
         let got = decode_out(&encode_out(&OutRecord {
             value: split,
             ..rec(None, None, b"")
