@@ -317,8 +317,6 @@ pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -
 pub struct EncodedEvents {
     /// The events as the last snapshot's field 5 (key and length first).
     bytes: Bytes,
-    /// The capacity of the buffer `bytes` was made from.
-    capacity: usize,
     events: Vec<ShownEvent>,
     /// The settings these events were chosen under. The next snapshot made
     /// under the same settings (the same `Arc`: held here, so never a new
@@ -378,8 +376,9 @@ impl EncodedEvents {
     /// allocator's rounding).
     pub fn memory(&self) -> usize {
         let profiles: usize = self.profiles.iter().flatten().map(Vec::capacity).sum();
-        let buffer = if self.capacity > 0 {
-            self.capacity + SHARED_OVERHEAD
+        // Made at its exact size (`next_snapshot`).
+        let buffer = if !self.bytes.is_empty() {
+            self.bytes.len() + SHARED_OVERHEAD
         } else {
             0
         };
@@ -586,7 +585,6 @@ pub fn next_snapshot(
         });
     }
     debug_assert_eq!(buf.len(), size);
-    shown.capacity = buf.capacity();
     shown.bytes = Bytes::from(buf);
     shown.events = entries;
     shown.settings = Some(settings.clone());

@@ -332,7 +332,6 @@ impl EmbeddedLog {
                 next[i],
                 r.timestamp_ms,
                 r.key.as_deref(),
-                r.value.len(),
                 r.value.slices(),
             ));
             assigned.push((parts[i].1, next[i]));

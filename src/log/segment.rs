@@ -36,18 +36,18 @@ const DIRECT_BUF: usize = 1 << 20;
 /// (`HEADER + BODY_FIXED` bytes), the checksum over the whole body; the key
 /// and the value follow it in the file.
 pub fn entry_head(offset: i64, ts_ms: i64, key: Option<&[u8]>, value: &[u8]) -> [u8; HEAD] {
-    entry_head_of(offset, ts_ms, key, value.len(), std::iter::once(value))
+    entry_head_of(offset, ts_ms, key, std::iter::once(value))
 }
 
-/// `entry_head` of a value of `value_len` bytes kept in pieces.
+/// `entry_head` of a value kept in pieces.
 pub fn entry_head_of<'a>(
     offset: i64,
     ts_ms: i64,
     key: Option<&[u8]>,
-    value_len: usize,
-    value: impl Iterator<Item = &'a [u8]>,
+    value: impl Iterator<Item = &'a [u8]> + Clone,
 ) -> [u8; HEAD] {
-    let body_len = HEAD - HEADER + key.map_or(0, <[u8]>::len) + value_len;
+    let value_len = value.clone().map(<[u8]>::len).sum();
+    let body_len = entry_len(key, value_len) - HEADER;
     let mut head = [0u8; HEAD];
     head[0..4].copy_from_slice(&(body_len as u32).to_be_bytes());
     head[8..16].copy_from_slice(&offset.to_be_bytes());
@@ -610,7 +610,7 @@ mod tests {
                     at = c;
                 }
                 pieces.push(&value[at..]);
-                let head = entry_head_of(42, 7, key, value.len(), pieces.into_iter());
+                let head = entry_head_of(42, 7, key, pieces.into_iter());
                 assert_eq!(head, whole);
             }
         }
