@@ -19,6 +19,11 @@ use contextd::workload::Workload;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use std::collections::HashMap;
 
+/// The allocator of the `contextd` binary (`src/main.rs`), so the stage
+/// allocates here as it does there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const PARTITIONS: u32 = 8;
 /// As `pipeline.batch_records` by default.
 const BATCH: usize = 4096;
@@ -89,6 +94,14 @@ fn records_log(records: usize, users: usize) -> Vec<LogRecord> {
 }
 
 fn bench(c: &mut Criterion) {
+    // Transparent huge pages off, as the binary turns them off (unless
+    // MIMALLOC_ALLOW_THP is set).
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        // SAFETY: PR_SET_THP_DISABLE takes plain integers, touches no memory.
+        unsafe {
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
+    }
     let log = records_log(40_000, 4_000);
     let config = Config::default();
     let mut g = c.benchmark_group("materialize");
