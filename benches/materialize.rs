@@ -7,13 +7,11 @@
 
 use contextd::app;
 use contextd::config::Config;
-use contextd::identity::IdentityLookup;
 use contextd::log::LogRecord;
-use contextd::model::Identifier;
 use contextd::pipeline::materializer::Materializer;
 use contextd::pipeline::router::Router;
 use contextd::pipeline::Topics;
-use contextd::state::keys::murmur2;
+use contextd::state::keys::partition_for;
 use contextd::state::store::{Store, StoreOptions};
 use contextd::workload::Workload;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -27,15 +25,6 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const PARTITIONS: u32 = 8;
 /// As `pipeline.batch_records` by default.
 const BATCH: usize = 4096;
-
-/// Links made so far (the router's view of committed links).
-struct Links(HashMap<String, String>);
-
-impl IdentityLookup for Links {
-    fn linked_user(&self, id: &Identifier) -> Option<String> {
-        self.0.get(&id.key()).cloned()
-    }
-}
 
 /// `records` workload records over `users` (the harness's workload: seed
 /// 42, Zipf users, every type shown), routed as the routing stage does,
@@ -64,19 +53,20 @@ fn records_log(records: usize, users: usize) -> Vec<LogRecord> {
             value: g.value,
         });
     }
-    let mut links = Links(HashMap::new());
+    // Links made so far: the router's view of committed links.
+    let mut links: HashMap<String, String> = HashMap::new();
     let mut by_partition: Vec<Vec<LogRecord>> = (0..PARTITIONS).map(|_| Vec::new()).collect();
     for chunk in input.chunks(BATCH) {
         let routed = router.route(&links, chunk);
         for l in routed.links {
             if let Some(id) = &l.identifier {
-                links.0.insert(id.key(), l.user_id.clone());
+                links.insert(id.key(), l.user_id.clone());
             }
         }
         for o in routed.out.into_iter().filter(|o| o.topic == t.records) {
             let p = match (o.partition, &o.key) {
                 (Some(p), _) => p,
-                (None, Some(k)) => (murmur2(k) & 0x7fff_ffff) % PARTITIONS as i32,
+                (None, Some(k)) => partition_for(k, PARTITIONS) as i32,
                 (None, None) => 0,
             };
             let log = &mut by_partition[p as usize];
