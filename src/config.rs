@@ -226,6 +226,7 @@ impl Config {
                     f.display()
                 )));
             }
+            check_file_keys(f)?;
             fig = fig.merge(Toml::file(f));
         }
         fig = fig
@@ -276,6 +277,54 @@ impl Config {
     }
 }
 
+/// A key in the config file that no setting has (a typo) is an error, not
+/// a default silently kept. The known keys are those `Config` serializes;
+/// an empty table among them (`kafka.consumer`, `kafka.producer`) takes
+/// any key. (Environment variables are not checked: `CONTEXTD_LOG` and
+/// others share the prefix.)
+fn check_file_keys(file: &Path) -> Result<(), ConfigError> {
+    let Ok(given) = Figment::from(Toml::file(file)).extract::<serde_json::Value>() else {
+        // Syntax and type errors are reported by the full extraction.
+        return Ok(());
+    };
+    let known = serde_json::to_value(Config::default()).expect("config serializes");
+    fn walk(
+        given: &serde_json::Value,
+        known: &serde_json::Value,
+        path: &str,
+        unknown: &mut Vec<String>,
+    ) {
+        let (Some(g), Some(k)) = (given.as_object(), known.as_object()) else {
+            return;
+        };
+        if k.is_empty() && !path.is_empty() {
+            return;
+        }
+        for (key, v) in g {
+            let p = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            match k.get(key) {
+                Some(kv) => walk(v, kv, &p, unknown),
+                None => unknown.push(p),
+            }
+        }
+    }
+    let mut unknown = Vec::new();
+    walk(&given, &known, "", &mut unknown);
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(ConfigError(format!(
+        "unknown key{} in {}: {} (see the configuration table in the README)",
+        if unknown.len() > 1 { "s" } else { "" },
+        file.display(),
+        unknown.join(", ")
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +361,37 @@ mod tests {
                 err.to_string().contains("snapshot.min_interval_ms"),
                 "{err}"
             );
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn an_unknown_key_in_the_file_is_an_error() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "typo.toml",
+                "partitons = 3\n[snapshot]\nmax_event = 7\n[kafka.consumer]\n\"session.timeout.ms\" = \"6000\"\n",
+            )?;
+            let err = Config::load(Some(Path::new("typo.toml")), &Overrides::default())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("partitons") && err.contains("snapshot.max_event"),
+                "{err}"
+            );
+            assert!(!err.contains("session.timeout.ms"), "{err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            // Every key the README documents is known, free-form tables take any key.
+            jail.create_file(
+                "ok.toml",
+                "partitions = 3\nbrokers = \"b:9092\"\n[snapshot]\nmax_events = 7\nmin_interval_ms = 5\n\
+                 [topics]\nsnapshots = \"s\"\n[kafka]\nadvertised_http_addr = \"h:1\"\n\
+                 [kafka.producer]\n\"linger.ms\" = \"5\"\n[storage]\nsync_writes = true\n",
+            )?;
+            let c = Config::load(Some(Path::new("ok.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.snapshot.min_interval_ms, 5);
+            assert_eq!(c.kafka.producer["linger.ms"], "5");
             Ok(())
         });
     }

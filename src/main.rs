@@ -28,9 +28,44 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+/// `--help` and `--version` print as clap prints them; a usage error is
+/// one line on stderr (CONTRACT §8) and exit status 2, as clap's own.
+fn usage_error(e: clap::Error) -> std::process::ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let msg = match e.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => match std::env::args().nth(1) {
+            Some(cmd) => format!("{cmd} needs a subcommand"),
+            None => {
+                "a command is required: run, demo, rebuild, digest, produce, workload or checkpoint"
+                    .to_string()
+            }
+        },
+        _ => {
+            // clap's first paragraph is the error (with the arguments
+            // missing or the values possible), the rest usage and tips.
+            let text = e.to_string();
+            let first: Vec<&str> = text
+                .lines()
+                .map(str::trim)
+                .take_while(|l| !l.is_empty())
+                .collect();
+            let msg = first.join(" ");
+            msg.strip_prefix("error: ").unwrap_or(&msg).to_string()
+        }
+    };
+    eprintln!("contextd: error: {msg}; see 'contextd --help'");
+    std::process::ExitCode::from(2)
+}
+
 fn main() -> std::process::ExitCode {
     disable_transparent_huge_pages();
-    let args = cli::Cli::parse();
+    let args = match cli::Cli::try_parse() {
+        Ok(args) => args,
+        Err(e) => return usage_error(e),
+    };
     match cli::dispatch(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

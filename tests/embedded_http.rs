@@ -119,6 +119,44 @@ fn identity_resolution_dedupe_and_dead_letters() {
         assert_eq!(d["topic"], "sunshine.profiles");
         assert!(!d["payload_base64"].as_str().unwrap().is_empty());
     }
+
+    // PUT and PATCH need {"profile": {...}}; nothing is appended without it.
+    let path = "/api/v2/user_profiles?identifier=shop:member:email:ann@example.com";
+    for (method, body, status, code) in [
+        ("PUT", "", 400, "invalid_json"),
+        ("PATCH", " ", 400, "invalid_json"),
+        ("PUT", "{}", 422, "missing_field"),
+        ("PUT", r#"{"profile": null}"#, 422, "missing_field"),
+    ] {
+        let (st, err) = s.raw(method, path, Some(body));
+        assert_eq!(
+            (st, err["errors"][0]["code"].as_str()),
+            (status, Some(code)),
+            "{method} {body:?}: {err}"
+        );
+    }
+    // Errors axum answers before a handler runs have the same shape.
+    let big = "x".repeat(65 << 20);
+    let (st, err) = s
+        .post_raw("/api/v1/topics/zendesk.events/records", &big)
+        .unwrap();
+    assert_eq!(
+        (st, err["errors"][0]["code"].as_str()),
+        (413, Some("too_large")),
+        "{err}"
+    );
+    let (st, err) = s.get("/api/v2/no/such/route");
+    assert_eq!(
+        (st, err["errors"][0]["code"].as_str()),
+        (404, Some("not_found")),
+        "{err}"
+    );
+    let (st, err) = s.raw("DELETE", "/api/admin/visibility", None);
+    assert_eq!(
+        (st, err["errors"][0]["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{err}"
+    );
     assert_eq!(s.stop(), Some(0));
 }
 
@@ -155,6 +193,19 @@ fn pagination_filters_max_events_and_settings_republish() {
         "/api/v2/users/{user}/events?page[size]=50&page[after]={cursor}"
     ));
     assert_eq!(p2["events"][0]["id"], "e079");
+    // The last page has a cursor too (as Zendesk's); after it, an empty page without one.
+    let c2 = p2["meta"]["after_cursor"].as_str().unwrap();
+    let (_, p3) = s.get(&format!(
+        "/api/v2/users/{user}/events?page[size]=50&page[after]={c2}"
+    ));
+    assert_eq!(p3["events"].as_array().unwrap().len(), 30);
+    assert_eq!(p3["meta"]["has_more"], false);
+    let c3 = p3["meta"]["after_cursor"].as_str().unwrap();
+    let (_, p4) = s.get(&format!(
+        "/api/v2/users/{user}/events?page[size]=50&page[after]={c3}"
+    ));
+    assert_eq!(p4["events"].as_array().unwrap().len(), 0, "{p4}");
+    assert_eq!(p4["meta"], json!({"has_more": false, "after_cursor": null}));
     let (_, f) = s.get(&format!("/api/v2/users/{user}/events?filter[type]=help_center_searched&filter[start_time]={}&filter[end_time]={}", ts(10), ts(20)));
     let ids: Vec<&str> = f["events"]
         .as_array()
@@ -478,6 +529,37 @@ fn bad_flags_and_config_fail_clearly() {
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     let (ok, _, err) = run_cli(&["run", "--config", "/nonexistent.toml"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
+    // Usage errors are one line too, not clap's block with the usage.
+    for args in [
+        &["run", "--bogus"][..],
+        &["bogus"],
+        &[],
+        &["run", "--partitions", "abc"],
+        &["run", "--snapshot-format", "xml"],
+        &["produce"],
+    ] {
+        let (ok, _, err) = run_cli(args);
+        assert!(!ok, "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("contextd: error: "), "{args:?}: {err}");
+    }
+    let (ok, out, _) = run_cli(&["--help"]);
+    assert!(ok && out.contains("Usage"), "{out}");
+    // A typo in the config file is named, not silently a default.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("typo.toml");
+    std::fs::write(&cfg, "partitons = 3\n").unwrap();
+    let (ok, _, err) = run_cli(&["digest", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        !ok && err.contains("unknown key") && err.contains("partitons"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // rebuild of a data dir that holds no state (a typo) fails, as digest does.
+    let missing = dir.path().join("never-created");
+    let (ok, _, err) = run_cli(&["rebuild", "--data-dir", missing.to_str().unwrap()]);
+    assert!(!ok && err.contains("no contextd state"), "{err}");
+    assert!(!missing.exists(), "nothing created");
 }
 
 /// `snapshot.min_interval_ms`: changes for a user published less than the

@@ -112,11 +112,24 @@ async fn profile_op(
     body: Option<Bytes>,
 ) -> Result<Accepted, ApiError> {
     let [source, ty, id_type, id_value] = parse_identifier(&q)?;
+    // PUT and PATCH carry `{"profile": {...}}` (source and type may be
+    // left to the identifier); DELETE has no body.
     let mut profile = match &body {
-        Some(b) if !b.is_empty() => {
+        Some(b) if b.iter().all(u8::is_ascii_whitespace) => {
+            return Err(Rejection::new(
+                ErrorCode::InvalidJson,
+                format!("{op} needs a JSON body {{\"profile\": {{...}}}}"),
+            )
+            .into())
+        }
+        Some(b) => {
             let obj = ingest::parse_object(b, app.limits)?;
             match obj.get("profile") {
-                None | Some(Value::Null) => serde_json::Map::new(),
+                None | Some(Value::Null) => {
+                    return Err(
+                        Rejection::new(ErrorCode::MissingField, "profile is required").into(),
+                    )
+                }
                 Some(Value::Object(p)) => p.clone(),
                 Some(_) => {
                     return Err(Rejection::new(
@@ -127,7 +140,7 @@ async fn profile_op(
                 }
             }
         }
-        _ => serde_json::Map::new(),
+        None => serde_json::Map::new(),
     };
     for (field, want) in [("source", &source), ("type", &ty)] {
         match profile.get(field) {

@@ -147,11 +147,10 @@ pub async fn events(
         pending: None,
     };
     let has_more = matching.next().is_some();
-    let after_cursor = if has_more {
-        page.last().map(|e| encode_cursor(e))
-    } else {
-        None
-    };
+    // As Zendesk's cursor pagination: the cursor after the page's last
+    // event, on the last page too (following it gives an empty page);
+    // null only for an empty page.
+    let after_cursor = page.last().map(|e| encode_cursor(e));
     Ok(Json(json!({
         "events": page.iter().map(|e| snapshot::event_json(e, &bodies)).collect::<Vec<_>>(),
         "meta": {"has_more": has_more, "after_cursor": after_cursor},

@@ -268,6 +268,12 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
         println!("rebuilt {} from Kafka: {replayed} records replayed in {secs:.2}s ({:.0} records/s), {published} snapshots re-published", config.data_dir.display(), replayed as f64 / secs);
         return Ok(());
     }
+    if !config.data_dir.join("state").exists() {
+        bail!(
+            "no contextd state in {} to rebuild; pass --data-dir",
+            config.data_dir.display()
+        );
+    }
     let r = replay::rebuild_embedded(&config, from_inputs, true).with_context(|| {
         format!(
             "rebuild of {} failed (is contextd still running on it?)",

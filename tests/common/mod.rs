@@ -120,6 +120,10 @@ impl Server {
         ))
     }
 
+    /// Any method, any body (not necessarily JSON).
+    pub fn raw(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.call(method, path, body).unwrap()
+    }
     pub fn try_get(&self, path: &str) -> Result<(u16, Value), String> {
         self.call("GET", path, None)
     }
