@@ -228,25 +228,7 @@ pub fn rebuild_embedded(
     })
 }
 
-/// The last snapshot published for a user: its version, the hash of its
-/// visible content if known, and its time.
-pub struct Published {
-    pub version: u64,
-    pub hash: Option<Vec<u8>>,
-    pub updated_at_ns: i64,
-}
-
-impl Published {
-    /// From the mark of the last snapshot published (a mark without a hash,
-    /// written by an older version, leaves the content unknown: re-sent).
-    pub fn of(mark: &crate::model::SnapshotMark) -> Published {
-        Published {
-            version: mark.version,
-            hash: (!mark.content_hash.is_empty()).then(|| mark.content_hash.clone()),
-            updated_at_ns: crate::model::time::from_timestamp(&mark.updated_at),
-        }
-    }
-}
+pub use crate::snapshot::Published;
 
 /// After a replay or a partition restore (the one code path for both):
 /// every user of partition `p` continues from the last snapshot published

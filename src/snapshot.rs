@@ -189,18 +189,155 @@ fn shown_events(
 /// Hash of a snapshot's visible content (version and updated_at ignored):
 /// a new snapshot is published only when it differs from the last one.
 pub fn content_hash(content: &ContextSnapshot) -> Vec<u8> {
+    hash_content(
+        &content.user_id,
+        content
+            .events
+            .iter()
+            .map(|e| (e.id.as_str(), time::from_timestamp(&e.created_at))),
+        content.profiles.iter().map(|p| p.encode_to_vec()),
+    )
+}
+
+/// The hash behind `content_hash` and `parts_hash`: the user, each shown
+/// event's (id, created_at) (a stored event never changes once its id is
+/// held), each shown profile's encoding.
+fn hash_content<'a>(
+    user_id: &str,
+    events: impl Iterator<Item = (&'a str, i64)>,
+    profiles: impl Iterator<Item = impl AsRef<[u8]>>,
+) -> Vec<u8> {
     let mut h = Sha256::new();
-    h.update(content.user_id.as_bytes());
-    for e in &content.events {
+    h.update(user_id.as_bytes());
+    for (id, created_at_ns) in events {
         h.update([0, b'e']);
-        h.update(e.id.as_bytes());
-        h.update(time::from_timestamp(&e.created_at).to_be_bytes());
+        h.update(id.as_bytes());
+        h.update(created_at_ns.to_be_bytes());
     }
-    for p in &content.profiles {
+    for p in profiles {
         h.update([0, b'p']);
-        h.update(p.encode_to_vec());
+        h.update(p.as_ref());
     }
     h.finalize().to_vec()
+}
+
+/// The last snapshot published for a user: its version, the hash of its
+/// visible content (`content_hash`) if known, and its time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Published {
+    pub version: u64,
+    pub hash: Option<Vec<u8>>,
+    pub updated_at_ns: i64,
+}
+
+impl Published {
+    /// From the mark of the last snapshot published (a mark without a hash,
+    /// written by an older version, leaves the content unknown: re-sent).
+    pub fn of(mark: &crate::model::SnapshotMark) -> Published {
+        Published {
+            version: mark.version,
+            hash: (!mark.content_hash.is_empty()).then(|| mark.content_hash.clone()),
+            updated_at_ns: time::from_timestamp(&mark.updated_at),
+        }
+    }
+}
+
+/// Reads a snapshot as published (protobuf, or the JSON form with
+/// `json`) without decoding its events' properties; None if it is neither.
+/// A new owner of a partition compares what it would publish with this,
+/// so content another instance published is not published again.
+pub fn published(value: &[u8], json: bool) -> Option<Published> {
+    let s = if json {
+        from_json(value)?
+    } else {
+        ContextSnapshotBytes::decode(value).ok()?
+    };
+    Some(Published {
+        version: s.version,
+        hash: Some(hash_content(
+            &s.user_id,
+            s.events
+                .iter()
+                .map(|e| (e.id.as_str(), time::from_timestamp(&e.created_at))),
+            s.profiles.iter().map(|p| p.encode_to_vec()),
+        )),
+        updated_at_ns: time::from_timestamp(&s.updated_at),
+    })
+}
+
+/// The JSON form (`to_json`) read back, as far as `published` needs it:
+/// the events' properties are left out.
+fn from_json(value: &[u8]) -> Option<ContextSnapshotBytes> {
+    use crate::model::value::Value as In;
+    let text = std::str::from_utf8(value).ok()?;
+    let In::Object(o) = crate::model::value::from_str(text).ok()? else {
+        return None;
+    };
+    let text_of = |o: &crate::model::value::Obj, k: &str| match o.get(k) {
+        Some(In::String(s)) => Some(s.to_string()),
+        _ => None,
+    };
+    let time_of = |o: &crate::model::value::Obj, k: &str| {
+        text_of(o, k)
+            .and_then(|t| time::parse_rfc3339(&t))
+            .map(time::to_timestamp)
+    };
+    let items = |k: &str| match o.get(k) {
+        Some(In::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                In::Object(o) => Some(o),
+                _ => None,
+            })
+            .collect::<Option<Vec<_>>>(),
+        _ => None,
+    };
+    let mut profiles = Vec::new();
+    for p in items("profiles")? {
+        let identifiers = match p.get("identifiers") {
+            Some(In::Array(a)) => a
+                .iter()
+                .map(|i| match i {
+                    In::Object(i) => Some(Identifier {
+                        r#type: text_of(i, "type")?,
+                        value: text_of(i, "value")?,
+                    }),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?,
+            _ => return None,
+        };
+        profiles.push(SnapshotProfile {
+            source: text_of(p, "source")?,
+            r#type: text_of(p, "type")?,
+            name: text_of(p, "name"),
+            identifiers,
+            attributes: match p.get("attributes") {
+                Some(In::Object(a)) => Some(json::to_struct(a)),
+                _ => None,
+            },
+            created_at: time_of(p, "created_at"),
+            updated_at: time_of(p, "updated_at"),
+        });
+    }
+    let mut events = Vec::new();
+    for e in items("events")? {
+        events.push(SnapshotEventBytes {
+            id: text_of(e, "id")?,
+            created_at: time_of(e, "created_at"),
+            ..Default::default()
+        });
+    }
+    Some(ContextSnapshotBytes {
+        user_id: text_of(&o, "user_id")?,
+        version: match o.get("version") {
+            Some(In::Number(n)) => n.as_u64()?,
+            _ => return None,
+        },
+        updated_at: time_of(&o, "updated_at"),
+        profiles,
+        events,
+    })
 }
 
 /// A shown event, with the index of its entry among the last snapshot's.
@@ -280,18 +417,11 @@ fn parts_hash<'a>(
     events: impl Iterator<Item = &'a StoredEvent>,
     profiles: &[&[u8]],
 ) -> Vec<u8> {
-    let mut h = Sha256::new();
-    h.update(user_id.as_bytes());
-    for e in events {
-        h.update([0, b'e']);
-        h.update(e.id.as_bytes());
-        h.update(e.created_at_ns.to_be_bytes());
-    }
-    for p in profiles {
-        h.update([0, b'p']);
-        h.update(p);
-    }
-    h.finalize().to_vec()
+    hash_content(
+        user_id,
+        events.map(|e| (e.id.as_str(), e.created_at_ns)),
+        profiles.iter(),
+    )
 }
 
 /// The same hash as `content_hash(&build(..))`, without building the
@@ -874,6 +1004,52 @@ mod tests {
             assert_eq!(got, want.encode_to_vec(), "round {round}");
             assert_eq!(shown.len(), want.events.len());
         }
+    }
+
+    #[test]
+    fn a_published_snapshot_tells_its_version_hash_and_time_in_either_format() {
+        let mut s = state();
+        s.user_id = "email:jane@example.com".into();
+        let text = json!({"tier": "gold", "orders": 12, "ratio": 0.25,
+            "nested": {"a": [1, null, true, "x"]}})
+        .to_string();
+        let attrs = crate::model::value::from_str(&text).unwrap();
+        let crate::model::value::Value::Object(attrs) = attrs else {
+            unreachable!()
+        };
+        for (i, p) in s.profiles.iter_mut().enumerate() {
+            p.attributes = Some(json::to_struct(&attrs));
+            p.created_at_ns = 1_700_000_000_123_456_789 + i as i64;
+            p.updated_at_ns = 1_700_000_001_000_000_000;
+        }
+        s.profiles[1].name = Some("Jane".into());
+        s.profiles[1].identifiers = vec![Identifier {
+            r#type: "email".into(),
+            value: "jane@example.com".into(),
+        }];
+        s.timeline[0].properties = json::encode_struct(&attrs);
+        let at = 1_700_000_002_500_000_000;
+        let on = Arc::new(settings(true, true, true));
+        let snap = next_snapshot(&mut s, &on, 50, at, &mut EncodedEvents::new(), &()).unwrap();
+        let want = Published {
+            version: 1,
+            hash: Some(s.snapshot_hash.clone()),
+            updated_at_ns: at,
+        };
+        let proto = snap.to_vec();
+        assert_eq!(published(&proto, false), Some(want.clone()));
+        let decoded = ContextSnapshot::decode(&proto[..]).unwrap();
+        let as_json = serde_json::to_vec(&to_json(&decoded)).unwrap();
+        assert_eq!(published(&as_json, true), Some(want));
+        // Another content, another hash.
+        s.timeline.pop();
+        s.timeline.pop();
+        let other = next_snapshot(&mut s, &on, 50, at, &mut EncodedEvents::new(), &()).unwrap();
+        let other = published(&other.to_vec(), false).unwrap();
+        assert_eq!(other.version, 2);
+        assert_ne!(other.hash, Some(content_hash(&decoded)));
+        assert_eq!(published(b"not a snapshot", false), None);
+        assert_eq!(published(b"{\"user_id\": \"u\"}", true), None);
     }
 
     #[test]

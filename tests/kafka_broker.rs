@@ -417,18 +417,39 @@ fn two_instances_survive_a_kill_9_with_no_loss_and_monotonic_versions() {
     }
     // Queries for every user go to the survivor, which took over A's partitions.
     wait_contexts(&b, &want, 150);
-    // Within each key, versions never go backwards in topic order.
+    // Within each key, versions never go backwards in topic order; a new
+    // version shows something new (the survivor, taking over A's
+    // partitions, does not publish A's last contexts again), a re-send is
+    // the same snapshot, and updated_at never goes back.
     let snaps = kcat_consume(&broker.addr, "context.snapshots");
     let mut seen: HashMap<String, u64> = HashMap::new();
+    let mut last: HashMap<String, Value> = HashMap::new();
     for (p, o, k, v) in &snaps {
-        let ver = serde_json::from_str::<Value>(v).unwrap()["version"]
-            .as_u64()
-            .unwrap();
+        let snap = serde_json::from_str::<Value>(v).unwrap();
+        let ver = snap["version"].as_u64().unwrap();
         let prev = seen.insert(k.clone(), ver).unwrap_or(0);
         assert!(
             ver >= prev,
             "version of {k} went from {prev} to {ver} at {p}/{o}"
         );
+        if let Some(before) = last.insert(k.clone(), snap.clone()) {
+            let shows = |s: &Value| (s["profiles"].clone(), s["events"].clone());
+            if ver == prev {
+                assert_eq!(before, snap, "a re-send of {k} v{ver} at {p}/{o}");
+            } else {
+                assert!(
+                    shows(&before) != shows(&snap),
+                    "{k} v{ver} at {p}/{o} shows nothing new"
+                );
+                let t = |s: &Value| s["updated_at"].as_str().unwrap().to_string();
+                let (t0, t1) = (t(&before), t(&snap));
+                assert!(
+                    contextd::model::time::parse_rfc3339(&t1)
+                        >= contextd::model::time::parse_rfc3339(&t0),
+                    "updated_at of {k} went back from {t0} to {t1} at {p}/{o}"
+                );
+            }
+        }
     }
     for u in &w.users {
         let (_, ctx) = b.get(&format!("/api/v2/users/{}/context", enc(u)));

@@ -76,12 +76,12 @@ pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
         (&t.zendesk_events, n, &[]),
         (&t.sunshine_events, n, &[]),
         (&t.sunshine_profiles, n, &[]),
-        (&t.settings, 1, &compact),
+        (&t.settings, n, &compact),
         (&t.snapshots, n, &compact),
         (&t.dlq, n, &[]),
         (&t.records, n, &[]),
         (&t.identities, n, &compact),
-        (MEMBERS_TOPIC, 1, &compact),
+        (MEMBERS_TOPIC, n, &compact),
     ];
     let consumer: BaseConsumer = ClientConfig::new()
         .set(

@@ -33,7 +33,7 @@ use crate::log::kafka::{
     consumer_config, read_until_idle, to_log_record, Acks, KafkaProducer, MEMBERS_TOPIC,
 };
 use crate::log::{LogError, LogRecord, OutRecord};
-use crate::model::{record, ContextSnapshot, InputRef, Record, FORMAT_VERSION};
+use crate::model::{record, InputRef, Record, FORMAT_VERSION};
 use crate::replay::{settle_partition, Published};
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_OUTBOX, CF_PART};
 use crate::state::Store;
@@ -141,6 +141,41 @@ fn poll_batch<C: ConsumerContext>(
     Ok(out)
 }
 
+/// A polled batch in log-time order across its partitions, each
+/// partition's records kept in offset order: repeatedly the head with the
+/// smallest (timestamp, first seen), as the embedded routing stage merges
+/// its inputs and Kafka Streams picks the next record of a task. Kafka
+/// orders nothing across topics, and the consumer hands a fetch over
+/// partition by partition: without this an `identity_created` and the
+/// custom event after it (another topic) could be routed the other way
+/// round, and the event resolve to a new user.
+fn merge_by_log_time(batch: Vec<LogRecord>) -> Vec<LogRecord> {
+    let mut streams: Vec<std::collections::VecDeque<LogRecord>> = Vec::new();
+    for r in batch {
+        let same = |s: &std::collections::VecDeque<LogRecord>| {
+            s.front()
+                .is_some_and(|f| f.partition == r.partition && f.topic == r.topic)
+        };
+        match streams.iter_mut().find(|s| same(s)) {
+            Some(s) => s.push_back(r),
+            None => streams.push(std::collections::VecDeque::from([r])),
+        }
+    }
+    if streams.len() == 1 {
+        return streams.pop().map(Vec::from).unwrap_or_default();
+    }
+    let mut out = Vec::with_capacity(streams.iter().map(|s| s.len()).sum());
+    while let Some((_, i)) = streams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.front().map(|r| (r.timestamp_ms, i)))
+        .min()
+    {
+        out.push(streams[i].pop_front().expect("non-empty"));
+    }
+    out
+}
+
 /// Stores, for the next commit, the next offset to consume of each
 /// (topic, partition): one past the last record processed. (Not
 /// `Consumer::store_offset`: it wraps librdkafka's `rd_kafka_offset_store`,
@@ -232,6 +267,7 @@ pub fn run_router(
             continue;
         }
         let t0 = Instant::now();
+        let batch = merge_by_log_time(batch);
         let lookup = StoreLookup::cached(&store, &links);
         let routed = router.route(&lookup, &batch);
         lookup.check()?;
@@ -295,11 +331,29 @@ pub fn run_follower(
         .map_err(kerr)?;
     let mut tpl = TopicPartitionList::new();
     let mut highs = HashMap::new();
-    for (topic, n) in [
-        (c.topics.identities.as_str(), c.partitions as i32),
-        (c.topics.settings.as_str(), 1),
-        (MEMBERS_TOPIC, 1),
+    for topic in [
+        c.topics.identities.as_str(),
+        c.topics.settings.as_str(),
+        MEMBERS_TOPIC,
     ] {
+        // Every partition the topic has (created with `partitions`, or
+        // created before by an operator with another count).
+        let n = retry(&stop, "follow", || {
+            consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .map_err(kerr)
+                .and_then(|md| {
+                    md.topics()
+                        .first()
+                        .map(|t| t.partitions().len() as i32)
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| {
+                            PipelineError::Log(crate::log::LogError::Kafka(format!(
+                                "topic {topic} has no partitions yet"
+                            )))
+                        })
+                })
+        })?;
         for p in 0..n {
             let from = store
                 .get_i64(CF_META, &keys::position("follower", topic, p))?
@@ -390,21 +444,8 @@ pub fn run_follower(
                     wb.put_cf(store.cf(CF_META), keys::META_SETTINGS, rec.encode_to_vec());
                 }
             } else if r.topic == MEMBERS_TOPIC {
-                if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&r.value) {
-                    let parts: Vec<u32> = v["partitions"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|x| x.as_u64().map(|x| x as u32))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    if let (Some(http), Some(at)) = (v["http"].as_str(), v["at_ms"].as_i64()) {
-                        own.members
-                            .write()
-                            .expect("lock")
-                            .insert(http.to_string(), (parts, at));
-                    }
+                if let Some((http, parts, at)) = member(&c.group_id, &r.value) {
+                    own.members.write().expect("lock").insert(http, (parts, at));
                 }
                 continue;
             }
@@ -418,6 +459,26 @@ pub fn run_follower(
         store.write(wb)?;
     }
     Ok(())
+}
+
+/// An announcement on the members topic (`announce`): the instance's HTTP
+/// address, the partitions it serves and when it said so. One members
+/// topic serves every deployment on the cluster: only announcements of
+/// this consumer group are members.
+fn member(group_id: &str, value: &[u8]) -> Option<(String, Vec<u32>, i64)> {
+    let v = serde_json::from_slice::<serde_json::Value>(value).ok()?;
+    if v["group"].as_str() != Some(group_id) {
+        return None;
+    }
+    let parts = v["partitions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64().map(|x| x as u32))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((v["http"].as_str()?.to_string(), parts, v["at_ms"].as_i64()?))
 }
 
 /// Rebalance events, handed from the callback (inside `poll`) to the loop.
@@ -1297,7 +1358,7 @@ fn announce(
     let now = crate::model::time::now_ms();
     let rec = OutRecord {
         topic: MEMBERS_TOPIC.to_string(),
-        partition: Some(0),
+        partition: None,
         key: Some(own.me.clone().into_bytes()),
         value: serde_json::to_vec(
             &json!({"http": own.me, "partitions": parts, "at_ms": now, "group": c.group_id}),
@@ -1325,7 +1386,8 @@ fn snapshot_sync_key(p: u32) -> Vec<u8> {
 /// the position after the last record read.
 #[derive(Default)]
 struct SeenVersions {
-    versions: HashMap<String, u64>,
+    /// Per user, the snapshot with the highest version.
+    versions: HashMap<String, Published>,
     next: i64,
 }
 
@@ -1364,19 +1426,18 @@ fn seen_versions(
             let (Some(k), v) = (r.key, r.value) else {
                 return;
             };
-            let version = if json_format {
-                serde_json::from_slice::<serde_json::Value>(&v)
-                    .ok()
-                    .and_then(|j| j["version"].as_u64())
-            } else {
-                ContextSnapshot::decode(&v[..]).ok().map(|s| s.version)
+            let Some(seen) = crate::snapshot::published(&v, json_format) else {
+                return;
             };
-            if let Some(ver) = version {
-                let e = s
-                    .versions
-                    .entry(String::from_utf8_lossy(&k).into_owned())
-                    .or_insert(0);
-                *e = (*e).max(ver);
+            match s.versions.entry(String::from_utf8_lossy(&k).into_owned()) {
+                std::collections::hash_map::Entry::Occupied(mut e) => {
+                    if seen.version >= e.get().version {
+                        e.insert(seen);
+                    }
+                }
+                std::collections::hash_map::Entry::Vacant(e) => {
+                    e.insert(seen);
+                }
             }
         })
         .map_err(PipelineError::from)
@@ -1399,20 +1460,14 @@ fn go_live(
         versions: published_versions,
         next,
     } = seen;
-    // The highest version on the topic wins; its content is known when this
-    // instance published it itself (its mark, with the content hash, is kept
-    // in the state), else it is re-sent.
+    // The highest version on the topic wins, with the hash of what it shows
+    // (read from it): a snapshot is published again only where the context
+    // differs from it, whoever published it (a partition that moved, a
+    // rebuild into a new data dir), and its `updated_at` never goes back.
     let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-        let local = store.get_mark(p, uid)?;
-        Ok(match (published_versions.get(uid), local) {
-            (Some(v), Some(old)) if old.version == *v => Some(Published::of(&old)),
-            (Some(v), _) => Some(Published {
-                version: *v,
-                hash: None,
-                updated_at_ns: 0,
-            }),
-            (None, Some(old)) => Some(Published::of(&old)),
-            (None, None) => None,
+        Ok(match published_versions.get(uid) {
+            Some(seen) => Some(seen.clone()),
+            None => store.get_mark(p, uid)?.as_ref().map(Published::of),
         })
     };
     let mut commit =
@@ -1505,6 +1560,62 @@ mod tests {
     fn same(a: &OutRecord, b: &OutRecord) -> bool {
         (&a.topic, a.partition, &a.key, &a.value, a.timestamp_ms)
             == (&b.topic, b.partition, &b.key, &b.value, b.timestamp_ms)
+    }
+
+    #[test]
+    fn a_polled_batch_is_merged_by_log_time_keeping_each_partitions_order() {
+        let r = |topic: &str, partition: i32, offset: i64, ts: i64| LogRecord {
+            topic: topic.into(),
+            partition,
+            offset,
+            timestamp_ms: ts,
+            key: None,
+            value: Default::default(),
+        };
+        // As a fetch hands them over: partition by partition; the second
+        // record of `b` has an earlier timestamp than the first (producers
+        // may set any): it still comes after it.
+        let batch = vec![
+            r("sunshine.events", 0, 7, 105),
+            r("sunshine.events", 0, 8, 120),
+            r("zendesk.events", 0, 3, 101),
+            r("zendesk.events", 0, 4, 110),
+            r("b", 1, 0, 130),
+            r("b", 1, 1, 90),
+        ];
+        let got: Vec<(String, i64)> = merge_by_log_time(batch)
+            .into_iter()
+            .map(|r| (r.topic, r.offset))
+            .collect();
+        let want = [
+            ("zendesk.events", 3),
+            ("sunshine.events", 7),
+            ("zendesk.events", 4),
+            ("sunshine.events", 8),
+            ("b", 0),
+            ("b", 1),
+        ];
+        assert_eq!(got, want.map(|(t, o)| (t.to_string(), o)).to_vec());
+    }
+
+    #[test]
+    fn members_are_the_instances_of_this_group_only() {
+        let at = |group: &str| {
+            serde_json::to_vec(
+                &json!({"http": "h:1", "partitions": [0, 2], "at_ms": 5, "group": group}),
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            member("g", &at("g")),
+            Some(("h:1".to_string(), vec![0, 2], 5))
+        );
+        assert_eq!(member("g", &at("other")), None);
+        assert_eq!(
+            member("g", br#"{"http": "h:1", "partitions": [0], "at_ms": 5}"#),
+            None
+        );
+        assert_eq!(member("g", b"not json"), None);
     }
 
     #[test]

@@ -339,11 +339,10 @@ impl Materializer {
             // Without publishing (rebuild), snapshot versions are settled
             // after the replay (replay::settle_partition).
             if self.opts.publish {
-                let mut at = if t.last_log_ns > 0 {
-                    t.last_log_ns
-                } else {
-                    state.snapshot_updated_at_ns
-                };
+                // The latest log time applied, never before the last
+                // snapshot's: in Kafka mode records of one user can arrive
+                // out of log-time order across batches (other topics).
+                let mut at = t.last_log_ns.max(state.snapshot_updated_at_ns);
                 if !self.hold(store, &mut batch, p, &uid, &mut at, now) {
                     let settings = self.settings(store, p)?;
                     if self.snapshot_if_changed(
