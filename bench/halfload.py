@@ -9,15 +9,25 @@ Starts `contextd run` on a fresh temp data dir, posts a generated workload
 the user-cache counters and estimate, the process's memory, snapshots and
 snapshot bytes published and the CPU seconds of each contextd thread
 (/proc/PID/task/*/stat). Used for the "half load" figures in BENCHMARKS.md.
+
+With --series it also prints, per half second, the records applied, the
+record latency (p50/p99 of the records applied in that half second), the
+slowest materializing batch, user-cache misses and evictions, the CPU of
+the materializing and RocksDB threads, and RocksDB's flushes (f) and
+compactions (c) from its LOG, started (S) or ended (E): where a latency
+tail comes from.
 """
 
 import argparse
 import collections
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -38,12 +48,71 @@ def thread_cpu(pid):
     return out
 
 
+def histogram(text, name, label=""):
+    """{upper bound: cumulative count} of a histogram in /metrics text (one label filter)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{") and label in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def total(text, name):
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def series(samples, log_path):
+    """The half-second table of --series from (time, /metrics text, thread CPU) samples."""
+    logged, cf_of_job = [], {}
+    try:
+        with open(log_path) as f:
+            for line in f:
+                m = re.search(r"EVENT_LOG_v1 (\{.*\})", line)
+                if m:
+                    e = json.loads(m.group(1))
+                    logged.append(e)
+                    if "cf_name" in e:
+                        cf_of_job[e.get("job")] = e["cf_name"]
+    except OSError:
+        pass
+    events = []
+    for e in logged:
+        kind = e.get("event", "")
+        if kind.startswith(("flush_", "compaction_")) and kind.endswith(("_started", "_finished")):
+            tag = kind[0] + ("S" if kind.endswith("started") else "E")
+            events.append((e["time_micros"] / 1e6, f"{tag}:{cf_of_job.get(e.get('job'), '?')}"))
+    print("    t  applied  p50 ms  p99 ms  slowest batch ms  misses  evictions  cpu materializer  cpu rocksdb  rocksdb")
+    t_start = samples[0][0]
+    for (t0, a, c0), (t1, b, c1) in zip(samples, samples[1:]):
+        la, lb = histogram(a, "contextd_record_latency_seconds"), histogram(b, "contextd_record_latency_seconds")
+        lat = sorted((k, v - la.get(k, 0)) for k, v in lb.items())
+        ma = histogram(a, "contextd_batch_seconds", 'stage="materialize"')
+        mb = histogram(b, "contextd_batch_seconds", 'stage="materialize"')
+        slowest, prev = 0.0, 0.0
+        for k, v in sorted((k, v - ma.get(k, 0)) for k, v in mb.items()):
+            if v > prev:
+                slowest = k
+            prev = v
+        applied = total(b, "contextd_records_applied_total") - total(a, "contextd_records_applied_total")
+        misses = total(b, "contextd_user_cache_misses_total") - total(a, "contextd_user_cache_misses_total")
+        evicted = total(b, "contextd_user_cache_evictions_total") - total(a, "contextd_user_cache_evictions_total")
+        cpu = {k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
+        mat = sum(v for k, v in cpu.items() if k.startswith("materializer"))
+        rocks = sum(v for k, v in cpu.items() if k.startswith("rocksdb"))
+        p50, p99 = ((R.quantile(lat, q) * 1000 if lat and lat[-1][1] > 0 else 0) for q in (0.5, 0.99))
+        evs = " ".join(e for t, e in events if t0 <= t < t1)
+        print(f"  {t1 - t_start:5.1f} {applied:8.0f} {p50:7.0f} {p99:7.0f} {slowest * 1000:17.0f} {misses:7.0f} "
+              f"{evicted:10.0f} {mat:17.2f} {rocks:12.2f}  {evs}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rate", type=float, default=12000, help="records/s offered")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--users", type=int, default=20000)
     ap.add_argument("--contextd", default=os.path.join(R.CACHE, "target/release/contextd"))
+    ap.add_argument("--series", action="store_true", help="print a half-second time series (see above)")
     args = ap.parse_args()
     work = tempfile.mkdtemp(prefix="contextd-halfload-")
     try:
@@ -65,6 +134,18 @@ def main():
                     time.sleep(0.1)
             with open(os.path.join(wl, "settings.json"), "rb") as f:
                 http.request("PUT", "/api/admin/visibility", f.read())
+            samples, sampling = [], [True]
+
+            def sampler():
+                h = R.Http(addr)
+                while sampling[0]:
+                    t = time.time()
+                    samples.append((t, h.request("GET", "/metrics")[1].decode(), thread_cpu(proc.pid)))
+                    time.sleep(max(0.0, 0.5 - (time.time() - t)))
+
+            st = threading.Thread(target=sampler, daemon=True)
+            if args.series:
+                st.start()
             per_tick = max(1, int(args.rate * 0.05))
             start, tick, sent = time.time(), 0, 0
             for window in R.chunks_by_topic(os.path.join(wl, "all.tsv"), per_tick):
@@ -80,6 +161,11 @@ def main():
                     break
             elapsed = time.time() - start
             print(f"offered {args.rate:,.0f} records/s: posted {sent:,} records in {elapsed:.1f} s")
+            if args.series:
+                time.sleep(2)
+                sampling[0] = False
+                st.join()
+                series(samples, os.path.join(work, "data", "state", "LOG"))
             status, body = http.request("GET", "/metrics")
             for line in body.decode().splitlines():
                 if line.startswith("#"):
