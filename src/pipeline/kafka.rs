@@ -25,7 +25,7 @@
 
 use super::embedded::{LinkCache, Readiness, StoreLookup};
 use super::materializer::{observe_latency, Materializer};
-use super::router::Router;
+use super::router::{Router, SETTINGS_KEY};
 use super::PipelineError;
 use crate::config::Config;
 use crate::ingest;
@@ -430,7 +430,12 @@ pub fn run_follower(
                     _ => {}
                 }
             } else if r.topic == c.topics.settings {
-                if let Ok(s) = ingest::normalize_settings(&r.value, limits) {
+                // As the routing stage takes them: key `visibility` (or none).
+                let keyed = r.key.as_deref().is_none_or(|k| k == SETTINGS_KEY);
+                if let Some(s) = keyed
+                    .then(|| ingest::normalize_settings(&r.value, limits).ok())
+                    .flatten()
+                {
                     let rec = Record {
                         format_version: FORMAT_VERSION,
                         input: Some(InputRef {
