@@ -127,14 +127,7 @@ pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
     for topic in [&t.records, &t.snapshots, &t.identities] {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let md = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .map_err(kerr)?;
-            let got = md
-                .topics()
-                .first()
-                .map(|m| m.partitions().len())
-                .unwrap_or(0) as i32;
+            let got = partition_count(&consumer, topic)? as i32;
             if got == n {
                 break;
             }
@@ -420,19 +413,27 @@ pub fn read_until_idle(
     }
 }
 
+/// How many partitions the broker says `topic` has (0 while it has none).
+pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+) -> Result<usize, LogError> {
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(kerr)?;
+    Ok(md
+        .topics()
+        .first()
+        .map(|t| t.partitions().len())
+        .unwrap_or(0))
+}
+
 /// The last `limit` records of every partition of `topic`.
 pub fn tail(c: &Config, topic: &str, limit: usize) -> Result<Vec<LogRecord>, LogError> {
     let consumer: BaseConsumer = consumer_config(c, "contextd-reader")
         .create()
         .map_err(kerr)?;
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(kerr)?;
-    let n = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().len())
-        .unwrap_or(0);
+    let n = partition_count(&consumer, topic)?;
     let mut parts = Vec::new();
     for p in 0..n as i32 {
         let (low, high) = consumer

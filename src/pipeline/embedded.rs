@@ -382,25 +382,24 @@ impl RouterStep {
             ROUTE_BUDGET * max,
             max,
         );
-        let mut streams: Vec<(std::collections::VecDeque<LogRecord>, bool)> = Vec::new();
+        let mut streams: Vec<std::collections::VecDeque<LogRecord>> = Vec::new();
+        let mut at_end = Vec::new();
         for ((t, p), q) in parts.iter().zip(quota) {
             let from = self.positions.get(&(t.clone(), *p)).copied().unwrap_or(0);
             let recs = log.read(t, *p, from, q)?;
-            let at_end = recs.len() < q;
-            streams.push((recs.into(), at_end));
+            at_end.push(recs.len() < q);
+            streams.push(recs.into());
         }
         let mut out = Vec::new();
-        loop {
-            if streams.iter().any(|(b, at_end)| b.is_empty() && !at_end) {
+        while !streams
+            .iter()
+            .zip(&at_end)
+            .any(|(b, end)| b.is_empty() && !end)
+        {
+            let Some(i) = super::earliest(&streams) else {
                 break;
-            }
-            let next = streams
-                .iter()
-                .enumerate()
-                .filter_map(|(i, (b, _))| b.front().map(|r| (r.timestamp_ms, i)))
-                .min();
-            let Some((_, i)) = next else { break };
-            out.push(streams[i].0.pop_front().expect("non-empty"));
+            };
+            out.push(streams[i].pop_front().expect("non-empty"));
         }
         Ok(out)
     }

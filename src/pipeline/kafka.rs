@@ -30,7 +30,8 @@ use super::PipelineError;
 use crate::config::Config;
 use crate::ingest;
 use crate::log::kafka::{
-    consumer_config, read_until_idle, to_log_record, Acks, KafkaProducer, MEMBERS_TOPIC,
+    consumer_config, partition_count, read_until_idle, to_log_record, Acks, KafkaProducer,
+    MEMBERS_TOPIC,
 };
 use crate::log::{LogError, LogRecord, OutRecord};
 use crate::model::{record, InputRef, Record, FORMAT_VERSION};
@@ -165,12 +166,7 @@ fn merge_by_log_time(batch: Vec<LogRecord>) -> Vec<LogRecord> {
         return streams.pop().map(Vec::from).unwrap_or_default();
     }
     let mut out = Vec::with_capacity(streams.iter().map(|s| s.len()).sum());
-    while let Some((_, i)) = streams
-        .iter()
-        .enumerate()
-        .filter_map(|(i, s)| s.front().map(|r| (r.timestamp_ms, i)))
-        .min()
-    {
+    while let Some(i) = super::earliest(&streams) {
         out.push(streams[i].pop_front().expect("non-empty"));
     }
     out
@@ -339,20 +335,10 @@ pub fn run_follower(
         // Every partition the topic has (created with `partitions`, or
         // created before by an operator with another count).
         let n = retry(&stop, "follow", || {
-            consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .map_err(kerr)
-                .and_then(|md| {
-                    md.topics()
-                        .first()
-                        .map(|t| t.partitions().len() as i32)
-                        .filter(|n| *n > 0)
-                        .ok_or_else(|| {
-                            PipelineError::Log(crate::log::LogError::Kafka(format!(
-                                "topic {topic} has no partitions yet"
-                            )))
-                        })
-                })
+            match partition_count(&consumer, topic)? {
+                0 => Err(LogError::Kafka(format!("topic {topic} has no partitions yet")).into()),
+                n => Ok(n as i32),
+            }
         })?;
         for p in 0..n {
             let from = store

@@ -83,6 +83,20 @@ impl Topics {
     }
 }
 
+/// Of streams of log records, each in offset order, the one whose head
+/// comes first by log time (ties: the first stream): how both routing
+/// stages merge their inputs.
+pub(crate) fn earliest(
+    streams: &[std::collections::VecDeque<crate::log::LogRecord>],
+) -> Option<usize> {
+    streams
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| s.front().map(|r| (r.timestamp_ms, i)))
+        .min()
+        .map(|(_, i)| i)
+}
+
 /// Snapshot encoding on the output topic.
 #[derive(
     Debug,
