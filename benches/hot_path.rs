@@ -159,6 +159,28 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    // A user loaded again after the user cache evicted it: its value and
+    // its 1,000 timeline keys read back from RocksDB (flushed to a table).
+    let dir = tempfile::tempdir().unwrap();
+    let store = contextd::state::Store::open(dir.path(), &Default::default()).unwrap();
+    let mut stored = full.clone();
+    stored.timeline_split = false;
+    let mut batch = rocksdb::WriteBatch::default();
+    store.put_user(&mut batch, 0, &mut stored);
+    store.write(batch).unwrap();
+    store.flush().unwrap();
+    g.bench_function("store_load_user_1000_events", |b| {
+        b.iter(|| {
+            black_box(
+                store
+                    .get_user(0, &full.user_id)
+                    .unwrap()
+                    .expect("stored")
+                    .timeline
+                    .len(),
+            )
+        })
+    });
     g.finish();
 }
 

@@ -277,14 +277,16 @@ impl Store {
             if let Some(v) = view {
                 ro.set_snapshot(v);
             }
-            for item in self.db.iterator_cf_opt(
-                self.cf(CF_TIMELINE),
-                ro,
-                IteratorMode::From(&prefix, Direction::Forward),
-            ) {
-                let (_, v) = item?;
-                s.timeline.push(timeline_event(&v)?);
+            // The raw iterator lends each value where RocksDB holds it
+            // (the `Iterator` impl copies every key and value into a new
+            // box first: a user loaded again reads up to 1,000 of them).
+            let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_TIMELINE), ro);
+            it.seek(&prefix);
+            while let Some(v) = it.value() {
+                s.timeline.push(timeline_event(v)?);
+                it.next();
             }
+            it.status()?;
         }
         Ok(s)
     }
