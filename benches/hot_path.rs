@@ -160,11 +160,23 @@ fn bench(c: &mut Criterion) {
         })
     });
     // A user loaded again after the user cache evicted it: its value and
-    // its 1,000 timeline keys read back from RocksDB (flushed to a table).
+    // its 1,000 timeline keys (each with ~500 bytes of properties, as the
+    // workload's events) read back from RocksDB, flushed to a table.
     let dir = tempfile::tempdir().unwrap();
     let store = contextd::state::Store::open(dir.path(), &Default::default()).unwrap();
     let mut stored = full.clone();
     stored.timeline_split = false;
+    for (i, e) in stored.timeline.iter_mut().enumerate() {
+        let mut props = prost_types::Struct::default();
+        props.fields.insert(
+            "note".into(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(format!("{i:0>500}"))),
+            },
+        );
+        e.properties = props.encode_to_vec();
+        e.body_in_timeline = true;
+    }
     let mut batch = rocksdb::WriteBatch::default();
     store.put_user(&mut batch, 0, &mut stored);
     store.write(batch).unwrap();
@@ -179,6 +191,23 @@ fn bench(c: &mut Criterion) {
                     .timeline
                     .len(),
             )
+        })
+    });
+    // The properties a snapshot of that user shows, read back (its last
+    // snapshot's encoded events went with it from the cache).
+    let loaded = store.get_user(0, &full.user_id).unwrap().expect("stored");
+    let newest: Vec<&contextd::model::StoredEvent> =
+        loaded.timeline.iter().rev().take(50).collect();
+    let bodies = contextd::state::store::StoreBodies {
+        store: &store,
+        partition: 0,
+        user_id: &loaded.user_id,
+        pending: None,
+    };
+    g.bench_function("store_properties_of_50_events", |b| {
+        b.iter(|| {
+            use contextd::snapshot::Bodies;
+            black_box(bodies.properties_many(&newest).len())
         })
     });
     g.finish();

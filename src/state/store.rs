@@ -652,37 +652,48 @@ fn multi_get_bodies<'a>(
     if events.is_empty() {
         return Vec::new();
     }
-    let (timeline, bodies) = (store.cf(CF_TIMELINE), store.cf(CF_BODIES));
-    let keys: Vec<_> = events
-        .iter()
-        .map(|e| {
-            if e.body_in_timeline {
-                let k = keys::timeline_event(partition, user_id, e.created_at_ns, &e.id);
-                (timeline, k)
-            } else {
-                (bodies, keys::body(partition, user_id, &e.id))
-            }
-        })
-        .collect();
-    let got = match view {
-        Some(v) => v.multi_get_cf(keys),
-        None => store.db.multi_get_cf(keys),
-    };
-    got.into_iter()
-        .zip(events)
-        .map(|(r, e)| {
+    let mut ro = ReadOptions::default();
+    if let Some(v) = view {
+        ro.set_snapshot(v);
+    }
+    // One batched multi-get per column family: RocksDB lends the values
+    // (`multi_get_cf` copies each into a zeroed vector first).
+    let mut out = vec![Vec::new(); events.len()];
+    for in_timeline in [true, false] {
+        let (at, ks): (Vec<usize>, Vec<Vec<u8>>) = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.body_in_timeline == in_timeline)
+            .map(|(i, e)| {
+                let k = if in_timeline {
+                    keys::timeline_event(partition, user_id, e.created_at_ns, &e.id)
+                } else {
+                    keys::body(partition, user_id, &e.id)
+                };
+                (i, k)
+            })
+            .unzip();
+        if at.is_empty() {
+            continue;
+        }
+        let cf = store.cf(if in_timeline { CF_TIMELINE } else { CF_BODIES });
+        for (i, r) in at
+            .into_iter()
+            .zip(store.db.batched_multi_get_cf_opt(cf, &ks, false, &ro))
+        {
             let read = r.map_err(StoreError::from).and_then(|v| match v {
-                Some(v) if e.body_in_timeline => {
+                Some(v) if in_timeline => {
                     decode::<TimelineBody>(&v, "timeline event").map(|b| b.properties)
                 }
-                v => Ok(v.unwrap_or_default()),
+                v => Ok(v.map(|v| v.to_vec()).unwrap_or_default()),
             });
-            read.unwrap_or_else(|err| {
-                tracing::error!(error = %err, event = %e.id, "cannot read event properties");
+            out[i] = read.unwrap_or_else(|err| {
+                tracing::error!(error = %err, event = %events[i].id, "cannot read event properties");
                 Vec::new()
-            })
-        })
-        .collect()
+            });
+        }
+    }
+    out
 }
 
 impl crate::snapshot::Bodies for StoreBodies<'_> {
