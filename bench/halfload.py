@@ -48,20 +48,6 @@ def thread_cpu(pid):
     return out
 
 
-def histogram(text, name, label=""):
-    """{upper bound: cumulative count} of a histogram in /metrics text (one label filter)."""
-    out = {}
-    for line in text.splitlines():
-        if line.startswith(name + "_bucket{") and label in line:
-            le = line.split('le="', 1)[1].split('"', 1)[0]
-            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def total(text, name):
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
-
-
 def series(samples, log_path):
     """The half-second table of --series from (time, /metrics text, thread CPU) samples."""
     logged, cf_of_job = [], {}
@@ -82,21 +68,26 @@ def series(samples, log_path):
         if kind.startswith(("flush_", "compaction_")) and kind.endswith(("_started", "_finished")):
             tag = kind[0] + ("S" if kind.endswith("started") else "E")
             events.append((e["time_micros"] / 1e6, f"{tag}:{cf_of_job.get(e.get('job'), '?')}"))
+    # Each sample parsed once: counter sums, the two histograms, thread CPU.
+    parsed = [(t, R.parse_metrics(text)[0], dict(R.bucket_counts(text, "contextd_record_latency_seconds")),
+               dict(R.bucket_counts(text, "contextd_batch_seconds", 'stage="materialize"')), cpu)
+              for t, text, cpu in samples]
     print("    t  applied  p50 ms  p99 ms  slowest batch ms  misses  evictions  cpu materializer  cpu rocksdb  rocksdb")
-    t_start = samples[0][0]
-    for (t0, a, c0), (t1, b, c1) in zip(samples, samples[1:]):
-        la, lb = histogram(a, "contextd_record_latency_seconds"), histogram(b, "contextd_record_latency_seconds")
+    t_start = parsed[0][0]
+    for (t0, a, la, ma, c0), (t1, b, lb, mb, c1) in zip(parsed, parsed[1:]):
         lat = sorted((k, v - la.get(k, 0)) for k, v in lb.items())
-        ma = histogram(a, "contextd_batch_seconds", 'stage="materialize"')
-        mb = histogram(b, "contextd_batch_seconds", 'stage="materialize"')
         slowest, prev = 0.0, 0.0
         for k, v in sorted((k, v - ma.get(k, 0)) for k, v in mb.items()):
             if v > prev:
                 slowest = k
             prev = v
-        applied = total(b, "contextd_records_applied_total") - total(a, "contextd_records_applied_total")
-        misses = total(b, "contextd_user_cache_misses_total") - total(a, "contextd_user_cache_misses_total")
-        evicted = total(b, "contextd_user_cache_evictions_total") - total(a, "contextd_user_cache_evictions_total")
+
+        def delta(name):
+            return b.get(name, 0.0) - a.get(name, 0.0)
+
+        applied = delta("contextd_records_applied_total")
+        misses = delta("contextd_user_cache_misses_total")
+        evicted = delta("contextd_user_cache_evictions_total")
         cpu = {k: c1.get(k, 0) - c0.get(k, 0) for k in c1}
         mat = sum(v for k, v in cpu.items() if k.startswith("materializer"))
         rocks = sum(v for k, v in cpu.items() if k.startswith("rocksdb"))

@@ -556,11 +556,12 @@ def latency_workload(args, work, offered):
     return {"tsv": os.path.join(d, "all.tsv"), "settings": os.path.join(d, "settings.json"), "records": n}
 
 
-def bucket_counts(text, name):
-    """[(upper bound, cumulative count)] of a Prometheus histogram in /metrics text."""
+def bucket_counts(text, name, label=""):
+    """[(upper bound, cumulative count)] of a Prometheus histogram in /metrics text
+    (the series whose labels contain `label`, e.g. 'stage="materialize"')."""
     out = []
     for line in text.splitlines():
-        if line.startswith(name + '_bucket{le="'):
+        if line.startswith(name + "_bucket{") and label in line:
             le = line.split('le="', 1)[1].split('"', 1)[0]
             out.append((float("inf") if le == "+Inf" else float(le), float(line.rsplit(" ", 1)[1])))
     return sorted(out)
