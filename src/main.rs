@@ -5,6 +5,10 @@ mod cli;
 /// mimalloc instead of glibc malloc: the pipeline allocates and frees many
 /// small and some large buffers per batch; glibc's spent over 20% of the CPU
 /// of a replay in `_int_malloc` and page faults (see BENCHMARKS.md).
+/// With the crate's `override` feature it is the process's `malloc` too,
+/// so RocksDB's and librdkafka's allocations (write batches, memtables,
+/// blocks, messages) stop paying glibc's page faults on fresh large
+/// buffers (BENCHMARKS.md, item 61).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -146,6 +146,7 @@ pub fn rebuild_embedded(
     // writes none of the other column families dropped.)
     let log = app::open_embedded_with(config, &store_options, &keys::REBUILT_CFS)?;
     let store = log.store().clone();
+    tracing::debug!(elapsed = ?started.elapsed(), "rebuild: store opened");
     let mut routed = 0u64;
     let log = if from_inputs {
         let t = &config.topics;
@@ -214,12 +215,15 @@ pub fn rebuild_embedded(
                 },
             )?;
         }
+        tracing::debug!(elapsed = ?started.elapsed(), ?parts, "rebuild: partitions replayed");
         republished.fetch_add(settle_snapshots(&log, &mut mat, &parts)?, Ordering::Relaxed);
+        tracing::debug!(elapsed = ?started.elapsed(), ?parts, "rebuild: partitions settled");
         Ok(replayed)
     })?;
     pb.finish();
     let republished = republished.into_inner();
     store.flush()?;
+    tracing::debug!(elapsed = ?started.elapsed(), "rebuild: store flushed");
     Ok(RebuildReport {
         routed,
         replayed,
