@@ -193,8 +193,17 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    // As the materializing stage loads it: with its newest 50 events'
+    // properties (what its next snapshot shows), read after the timeline.
+    g.bench_function("store_load_user_1000_events_with_50_properties", |b| {
+        b.iter(|| {
+            let users = store.get_users(&[(0, full.user_id.as_str())], 50).unwrap();
+            black_box(users[0].as_ref().expect("stored").timeline.len())
+        })
+    });
     // The properties a snapshot of that user shows, read back (its last
-    // snapshot's encoded events went with it from the cache).
+    // snapshot's encoded events went with it from the cache: a user loaded
+    // without them, as `GET .../events` does).
     let loaded = store.get_user(0, &full.user_id).unwrap().expect("stored");
     let newest: Vec<&contextd::model::StoredEvent> =
         loaded.timeline.iter().rev().take(50).collect();

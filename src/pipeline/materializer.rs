@@ -416,7 +416,10 @@ impl Materializer {
             states.push(cached);
         }
         let ids: Vec<(u32, &str)> = misses.iter().map(|i| wanted[*i]).collect();
-        for (i, st) in misses.iter().zip(store.get_users(&ids)?) {
+        for (i, st) in misses
+            .iter()
+            .zip(store.get_users(&ids, self.opts.max_events)?)
+        {
             states[*i] = st.map(apply::Working::new);
         }
         metrics::counter!("contextd_user_cache_hits_total")
@@ -569,6 +572,7 @@ impl Materializer {
         mut w: apply::Working,
     ) {
         let len = store.put_user(batch, p, &mut w.state);
+        w.shed_properties();
         w.resume();
         self.cache.put(p, w, len);
     }

@@ -174,6 +174,10 @@ pub struct Working {
     /// Encoded size of the timeline's events, kept as events come and go
     /// (the user cache's estimate; summing it per batch touched every event).
     timeline_bytes: usize,
+    /// Whether events of the timeline hold properties their timeline values
+    /// hold too (read with the user for its next snapshot): `shed_properties`
+    /// drops them before the user is cached.
+    stored_properties: bool,
 }
 
 /// A change to a user's timeline.
@@ -199,6 +203,9 @@ impl Working {
         let timeline = VecDeque::from(std::mem::take(&mut state.timeline));
         let ids = IdIndex::new(timeline.iter().map(|e| e.id.as_str()));
         let timeline_bytes = timeline.iter().map(stored_len).sum();
+        let stored_properties = timeline
+            .iter()
+            .any(|e| e.body_in_timeline && !e.properties.is_empty());
         Working {
             state,
             timeline,
@@ -208,6 +215,20 @@ impl Working {
             shown_events: Default::default(),
             timeline_ops: Vec::new(),
             timeline_bytes,
+            stored_properties,
+        }
+    }
+
+    /// After `end_batch`: drops the properties read with the user (the
+    /// store has them in the events' timeline values, and the snapshot made
+    /// of them keeps its events encoded), so the cached timeline holds none.
+    pub fn shed_properties(&mut self) {
+        if std::mem::take(&mut self.stored_properties) {
+            for e in self.state.timeline.iter_mut().rev() {
+                if e.body_in_timeline && !e.properties.is_empty() {
+                    e.properties = Vec::new();
+                }
+            }
         }
     }
 
@@ -359,10 +380,17 @@ fn ensure_profile(
     }
 }
 
-/// An event's share of an encoded timeline (its field tag and length too).
+/// An event's share of an encoded timeline (its field tag and length too),
+/// as the cached timeline holds it: without properties its timeline value
+/// holds (read with the user only until `Working::shed_properties`).
 fn stored_len(e: &StoredEvent) -> usize {
     use prost::Message;
-    share_of_timeline(e.encoded_len())
+    let stored = if e.body_in_timeline && !e.properties.is_empty() {
+        prost::encoding::bytes::encoded_len(5, &e.properties)
+    } else {
+        0
+    };
+    share_of_timeline(e.encoded_len() - stored)
 }
 
 /// The share of an event encoded in `encoded` bytes (an estimate: one byte

@@ -89,6 +89,22 @@ pub fn timeline_event(p: u32, user_id: &str, created_at_ns: i64, event_id: &str)
     k
 }
 
+/// Whether `key`, a key of the user's timeline (its prefix of `prefix_len`
+/// bytes), is the event's (`timeline_event` without building it).
+pub fn is_timeline_event(
+    key: &[u8],
+    prefix_len: usize,
+    created_at_ns: i64,
+    event_id: &str,
+) -> bool {
+    let Some(rest) = key.get(prefix_len..) else {
+        return false;
+    };
+    rest.len() == 8 + event_id.len()
+        && rest[..8] == ((created_at_ns as u64) ^ (1 << 63)).to_be_bytes()
+        && &rest[8..] == event_id.as_bytes()
+}
+
 /// catalog: partition + kind tag + source + 0 + type.
 pub fn catalog(p: u32, tag: u8, source: &str, ty: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(6 + source.len() + ty.len());
@@ -225,6 +241,12 @@ mod tests {
             vec![k(-3, "z"), k(0, "a"), k(5, "a"), k(5, "b"), k(i64::MAX, "")]
         );
         assert!(k(1, "a").starts_with(&timeline_prefix(1, "u")));
+        let n = timeline_prefix(1, "u").len();
+        assert!(is_timeline_event(&k(-3, "z"), n, -3, "z"));
+        assert!(!is_timeline_event(&k(-3, "z"), n, 3, "z"));
+        assert!(!is_timeline_event(&k(5, "ab"), n, 5, "a"));
+        assert!(!is_timeline_event(&k(5, "a"), n, 5, "ab"));
+        assert!(!is_timeline_event(&k(5, "a")[..n + 4], n, 5, ""));
     }
 
     #[test]

@@ -250,22 +250,27 @@ impl Store {
     pub fn get_user(&self, p: u32, user_id: &str) -> Result<Option<UserState>, StoreError> {
         let view = self.db.snapshot();
         match view.get_cf(self.cf(CF_USERS), keys::user(p, user_id))? {
-            Some(v) => Ok(Some(self.user_from(Some(&view), p, &v)?)),
+            Some(v) => Ok(Some(self.user_from(Some(&view), p, &v, 0)?)),
             None => Ok(None),
         }
     }
 
     /// A user from its stored value (as iterated), timeline included.
     pub fn user_value(&self, p: u32, value: &[u8]) -> Result<UserState, StoreError> {
-        self.user_from(None, p, value)
+        self.user_from(None, p, value, 0)
     }
 
-    /// Decodes a stored user value and reads its timeline (one key per event).
+    /// Decodes a stored user value and reads its timeline (one key per
+    /// event), with the properties of its newest `with_properties` events
+    /// as well (a snapshot shows the newest events: it then reads none of
+    /// them back). Those are read after the timeline, from one seek to the
+    /// first of them, instead of one lookup each later.
     fn user_from(
         &self,
         view: Option<&rocksdb::SnapshotWithThreadMode<'_, DB>>,
         p: u32,
         value: &[u8],
+        with_properties: usize,
     ) -> Result<UserState, StoreError> {
         let mut s: UserState = decode(value, "user state")?;
         if s.timeline_split {
@@ -287,19 +292,51 @@ impl Store {
                 it.next();
             }
             it.status()?;
+            let newest = s.timeline.len().saturating_sub(with_properties);
+            if s.timeline[newest..].iter().any(|e| e.body_in_timeline) {
+                let first = &s.timeline[newest];
+                it.seek(keys::timeline_event(
+                    p,
+                    &s.user_id,
+                    first.created_at_ns,
+                    &first.id,
+                ));
+                for e in &mut s.timeline[newest..] {
+                    let (Some(k), Some(v)) = (it.key(), it.value()) else {
+                        break;
+                    };
+                    if !keys::is_timeline_event(k, prefix.len(), e.created_at_ns, &e.id) {
+                        break; // not the key just read (without a view, a
+                               // concurrent write): left to the lookup
+                    }
+                    if e.body_in_timeline {
+                        e.properties = decode::<TimelineBody>(v, "timeline event")?.properties;
+                    }
+                    it.next();
+                }
+                it.status()?;
+            }
         }
         Ok(s)
     }
 
-    /// Many users in one call (one RocksDB multi-get).
-    pub fn get_users(&self, ids: &[(u32, &str)]) -> Result<Vec<Option<UserState>>, StoreError> {
+    /// Many users in one call (one RocksDB multi-get), each with the
+    /// properties of its newest `with_properties` events (`user_from`).
+    pub fn get_users(
+        &self,
+        ids: &[(u32, &str)],
+        with_properties: usize,
+    ) -> Result<Vec<Option<UserState>>, StoreError> {
         let cf = self.cf(CF_USERS);
         let ks: Vec<_> = ids.iter().map(|(p, u)| (cf, keys::user(*p, u))).collect();
         self.db
             .multi_get_cf(ks)
             .into_iter()
             .zip(ids)
-            .map(|(r, (p, _))| r?.map(|v| self.user_from(None, *p, &v)).transpose())
+            .map(|(r, (p, _))| {
+                r?.map(|v| self.user_from(None, *p, &v, with_properties))
+                    .transpose()
+            })
             .collect()
     }
 
@@ -383,7 +420,7 @@ impl Store {
         let Some(raw) = view.get_cf(self.cf(CF_USERS), keys::user(p, user_id))? else {
             return Ok(None);
         };
-        let state = self.user_from(Some(&view), p, &raw)?;
+        let state = self.user_from(Some(&view), p, &raw, max_events)?;
         if state.snapshot_version == 0 {
             return Ok(None);
         }
@@ -493,7 +530,7 @@ impl Store {
     ) -> Result<Vec<UserState>, StoreError> {
         self.user_values_page(p, after, limit)?
             .iter()
-            .map(|(_, v)| self.user_from(None, p, v))
+            .map(|(_, v)| self.user_from(None, p, v, 0))
             .collect()
     }
 
@@ -841,7 +878,7 @@ mod tests {
             ],
         );
         store.write(b).unwrap();
-        let users = store.get_users(&[(3, "u"), (3, "nobody")]).unwrap();
+        let users = store.get_users(&[(3, "u"), (3, "nobody")], 0).unwrap();
         assert_eq!(ids(users[0].as_ref().unwrap()), ["b", "c", "e"]);
         assert!(users[1].is_none());
         // Another user's events never show up (prefix bounded by the separator).
@@ -1000,6 +1037,71 @@ mod tests {
             crate::state::digest::digest(&store).unwrap(),
             crate::state::digest::digest(&other).unwrap()
         );
+    }
+
+    /// A user read for the materializing stage comes with the properties
+    /// of its newest events (those a snapshot shows), as their timeline
+    /// values hold them; the cached form sheds them and counts the same
+    /// bytes as a user read without them.
+    #[test]
+    fn the_newest_events_properties_come_with_the_user_and_are_shed() {
+        use crate::state::apply::Working;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let mut b = WriteBatch::default();
+        store.put_user(&mut b, 3, &mut new_user("u"));
+        // "a" in the oldest layout (properties inline, not in the timeline
+        // value's own field), then b..f.
+        let mut a = event("a", 1);
+        a.properties = vec![10, 1, b'a'];
+        store.put_timeline_ops(&mut b, 3, "u", &[TimelineOp::put(&a)]);
+        let props = |id: &str| vec![10, 1, id.as_bytes()[0]];
+        for (i, id) in ["b", "c", "d", "e", "f"].into_iter().enumerate() {
+            let mut e = event(id, 2 + i as i64);
+            e.properties = props(id);
+            e.body_in_timeline = true;
+            store.put_timeline_ops(&mut b, 3, "u", &[TimelineOp::put(&e)]);
+        }
+        // Another user's events right after (the same prefix but longer).
+        let mut x = event("x", 0);
+        x.body_in_timeline = true;
+        x.properties = props("x");
+        store.put_timeline_ops(&mut b, 3, "u2", &[TimelineOp::put(&x)]);
+        store.write(b).unwrap();
+        let with = |n: usize| {
+            let st = store.get_users(&[(3, "u")], n).unwrap().remove(0).unwrap();
+            st.timeline
+                .iter()
+                .map(|e| (e.id.clone(), e.properties.clone()))
+                .collect::<Vec<_>>()
+        };
+        let none: Vec<_> = ["a", "b", "c", "d", "e", "f"]
+            .iter()
+            .map(|id| (id.to_string(), if *id == "a" { props("a") } else { vec![] }))
+            .collect();
+        assert_eq!(with(0), none, "the older layout's inline properties only");
+        let mut two = none.clone();
+        two[4].1 = props("e");
+        two[5].1 = props("f");
+        assert_eq!(with(2), two);
+        let all: Vec<_> = none.iter().map(|(id, _)| (id.clone(), props(id))).collect();
+        assert_eq!(with(50), all, "more than it has: every one");
+        // Cached: the properties read with it are shed, the estimate is
+        // the same as without them.
+        let plain = Working::new(store.get_users(&[(3, "u")], 0).unwrap().remove(0).unwrap());
+        let mut w = Working::new(store.get_users(&[(3, "u")], 50).unwrap().remove(0).unwrap());
+        assert_eq!(w.timeline_bytes(), plain.timeline_bytes());
+        w.end_batch();
+        w.shed_properties();
+        let shed: Vec<_> = w
+            .state
+            .timeline
+            .iter()
+            .map(|e| (e.id.clone(), e.properties.clone()))
+            .collect();
+        assert_eq!(shed, none);
+        w.resume();
+        assert_eq!(w.timeline_bytes(), plain.timeline_bytes());
     }
 
     #[test]
