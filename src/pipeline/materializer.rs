@@ -792,6 +792,100 @@ mod tests {
         }
     }
 
+    /// A user the cache no longer holds is loaded with its newest events'
+    /// properties; its snapshots are byte for byte those of a stage that
+    /// kept it cached (and reused its last snapshot's encoded events).
+    #[test]
+    fn a_user_loaded_again_publishes_what_a_cached_one_does() {
+        use crate::model::{record, EventRecord, Settings, StoredEvent, TypeRef};
+        let mut c = crate::config::Config::default();
+        c.snapshot.max_events = 3;
+        c.timeline.max_events_per_user = 6;
+        let entry = |offset: i64, r: Record| LogRecord {
+            topic: "context.records".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: Some(r.user_id.clone().into_bytes()),
+            value: r.encode_to_vec(),
+        };
+        let settings = Record {
+            body: Some(record::Body::Settings(Settings {
+                events_api: true,
+                shown_event_types: vec![TypeRef {
+                    source: "shop".into(),
+                    r#type: "order".into(),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let event = |i: i64, ty: &str| Record {
+            user_id: "u".into(),
+            log_time_ns: 1_000 + i,
+            body: Some(record::Body::Event(EventRecord {
+                event: Some(StoredEvent {
+                    id: format!("e{i}"),
+                    source: "shop".into(),
+                    r#type: ty.into(),
+                    // Out of order now and then: an older event lands
+                    // among the shown ones.
+                    created_at_ns: if i % 4 == 3 { i * 10 - 25 } else { i * 10 },
+                    received_at_ns: 1_000 + i,
+                    properties: crate::model::json::encode_struct(
+                        &serde_json::json!({ "n": i, "pad": "x".repeat(i as usize) })
+                            .as_object()
+                            .unwrap()
+                            .into(),
+                    ),
+                    ..Default::default()
+                }),
+                profile: None,
+            })),
+            ..Default::default()
+        };
+        let mut batches = vec![vec![settings]];
+        for b in 0..6 {
+            batches.push(
+                (0..3)
+                    .map(|j| event(b * 3 + j, if j == 1 { "note" } else { "order" }))
+                    .collect(),
+            );
+        }
+        let run = |cache_mb: usize| {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut c = c.clone();
+            c.storage.user_cache_mb = cache_mb;
+            let mut mat =
+                Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+            let mut offset = 0;
+            let mut published = Vec::new();
+            for b in &batches {
+                let input: Vec<LogRecord> = b
+                    .iter()
+                    .map(|r| {
+                        offset += 1;
+                        entry(offset, r.clone())
+                    })
+                    .collect();
+                let m = mat.process(&store, &input).unwrap();
+                store.write(m.batch).unwrap();
+                published.extend(m.out.into_iter().map(|o| o.value.to_vec()));
+            }
+            (published, mat.cache.len())
+        };
+        let (cached, held) = run(16);
+        let (loaded, none) = run(0);
+        assert_eq!(
+            (held, none),
+            (1, 0),
+            "one stage cached the user, the other never"
+        );
+        assert_eq!(cached.len(), 6, "a snapshot per batch");
+        assert_eq!(loaded, cached);
+    }
+
     #[test]
     fn links_are_written_again_after_a_failed_commit_and_never_replaced() {
         let dir = tempfile::tempdir().unwrap();

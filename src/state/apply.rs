@@ -224,7 +224,7 @@ impl Working {
     /// of them keeps its events encoded), so the cached timeline holds none.
     pub fn shed_properties(&mut self) {
         if std::mem::take(&mut self.stored_properties) {
-            for e in self.state.timeline.iter_mut().rev() {
+            for e in &mut self.state.timeline {
                 if e.body_in_timeline && !e.properties.is_empty() {
                     e.properties = Vec::new();
                 }

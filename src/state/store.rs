@@ -301,13 +301,15 @@ impl Store {
                     first.created_at_ns,
                     &first.id,
                 ));
+                // Should a key differ from the one just read (a write in
+                // between, without a view), the rest is left to the
+                // snapshot's lookup.
                 for e in &mut s.timeline[newest..] {
                     let (Some(k), Some(v)) = (it.key(), it.value()) else {
                         break;
                     };
                     if !keys::is_timeline_event(k, prefix.len(), e.created_at_ns, &e.id) {
-                        break; // not the key just read (without a view, a
-                               // concurrent write): left to the lookup
+                        break;
                     }
                     if e.body_in_timeline {
                         e.properties = decode::<TimelineBody>(v, "timeline event")?.properties;
