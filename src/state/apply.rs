@@ -202,10 +202,13 @@ impl Working {
     pub fn new(mut state: UserState) -> Working {
         let timeline = VecDeque::from(std::mem::take(&mut state.timeline));
         let ids = IdIndex::new(timeline.iter().map(|e| e.id.as_str()));
-        let timeline_bytes = timeline.iter().map(stored_len).sum();
-        let stored_properties = timeline
-            .iter()
-            .any(|e| e.body_in_timeline && !e.properties.is_empty());
+        let (timeline_bytes, stored_properties) =
+            timeline.iter().fold((0, false), |(bytes, stored), e| {
+                (
+                    bytes + stored_len(e),
+                    stored || (e.body_in_timeline && !e.properties.is_empty()),
+                )
+            });
         Working {
             state,
             timeline,

@@ -84,9 +84,14 @@ pub fn timeline_prefix(p: u32, user_id: &str) -> Vec<u8> {
 /// the sign bit flipped (negative times sort first).
 pub fn timeline_event(p: u32, user_id: &str, created_at_ns: i64, event_id: &str) -> Vec<u8> {
     let mut k = timeline_prefix(p, user_id);
-    k.extend_from_slice(&((created_at_ns as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&sortable_time(created_at_ns));
     k.extend_from_slice(event_id.as_bytes());
     k
+}
+
+/// A time in a timeline key: big endian with the sign bit flipped.
+fn sortable_time(ns: i64) -> [u8; 8] {
+    ((ns as u64) ^ (1 << 63)).to_be_bytes()
 }
 
 /// Whether `key`, a key of the user's timeline (its prefix of `prefix_len`
@@ -101,7 +106,7 @@ pub fn is_timeline_event(
         return false;
     };
     rest.len() == 8 + event_id.len()
-        && rest[..8] == ((created_at_ns as u64) ^ (1 << 63)).to_be_bytes()
+        && rest[..8] == sortable_time(created_at_ns)
         && &rest[8..] == event_id.as_bytes()
 }
 
