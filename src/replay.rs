@@ -15,6 +15,7 @@ use crate::pipeline::embedded::RouterStep;
 use crate::pipeline::materializer::Materializer;
 use crate::pipeline::router::Router;
 use crate::pipeline::PipelineError;
+use crate::snapshot::Published;
 use crate::state::apply::Working;
 use crate::state::keys::{self, CF_META, CF_PART};
 use crate::state::{Store, StoreOptions};
@@ -231,8 +232,6 @@ pub fn rebuild_embedded(
         elapsed: started.elapsed(),
     })
 }
-
-pub use crate::snapshot::Published;
 
 /// After a replay or a partition restore (the one code path for both):
 /// every user of partition `p` continues from the last snapshot published

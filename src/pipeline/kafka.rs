@@ -35,7 +35,8 @@ use crate::log::kafka::{
 };
 use crate::log::{LogError, LogRecord, OutRecord};
 use crate::model::{record, InputRef, Record, FORMAT_VERSION};
-use crate::replay::{settle_partition, Published};
+use crate::replay::settle_partition;
+use crate::snapshot::Published;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_OUTBOX, CF_PART};
 use crate::state::Store;
 use prost::Message as _;
@@ -1420,15 +1421,12 @@ fn seen_versions(
             let Some(seen) = crate::snapshot::published(&v, json_format) else {
                 return;
             };
-            match s.versions.entry(String::from_utf8_lossy(&k).into_owned()) {
-                std::collections::hash_map::Entry::Occupied(mut e) => {
-                    if seen.version >= e.get().version {
-                        e.insert(seen);
-                    }
-                }
-                std::collections::hash_map::Entry::Vacant(e) => {
-                    e.insert(seen);
-                }
+            let uid = String::from_utf8_lossy(&k).into_owned();
+            if s.versions
+                .get(&uid)
+                .is_none_or(|e| seen.version >= e.version)
+            {
+                s.versions.insert(uid, seen);
             }
         })
         .map_err(PipelineError::from)
