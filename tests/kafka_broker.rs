@@ -543,10 +543,23 @@ fn a_held_snapshot_is_published_when_its_interval_ends_with_no_more_records() {
             .to_string(),
         )
     };
-    // The settings are applied before the first event shows.
+    // The settings are applied before the first event shows: the admin
+    // API has them (the follower), and so has every partition of the
+    // materializing stage (a copy per partition, 4, counted as applied),
+    // or an event could be applied before them and publish once more.
     s.wait_for(30, "visibility settings applied", |s| {
         let (_, v) = s.get("/api/admin/visibility");
         (v["shown_event_types"].as_array().map(|a| a.len()) == Some(2)).then_some(())
+    });
+    s.wait_for(30, "visibility settings applied on every partition", |s| {
+        let (_, m) = s.try_get("/metrics").ok()?;
+        let applied: f64 = m
+            .as_str()?
+            .lines()
+            .filter(|l| l.starts_with("contextd_records_applied_total"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        (applied >= 4.0).then_some(())
     });
     kcat_produce(&broker.addr, "zendesk.events", &[event(1)]);
     let snapshots_of_user = || -> Vec<Value> {

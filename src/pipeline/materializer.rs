@@ -578,7 +578,9 @@ impl Materializer {
     }
 
     /// Publishes a new snapshot of `state` if its visible context changed
-    /// since the last one; true if it did. `pending`: properties of events
+    /// since the last one; true if it did. Its `updated_at` is `at_ns`,
+    /// never before the last snapshot's (a settings record can be applied
+    /// after records of a later log time). `pending`: properties of events
     /// not in the store yet (this batch's); `shown`: the last snapshot's
     /// encoded events, replaced by this one's.
     #[allow(clippy::too_many_arguments)]
@@ -594,6 +596,7 @@ impl Materializer {
         pending: Option<&HashMap<String, Vec<u8>>>,
         shown: &mut snapshot::EncodedEvents,
     ) -> bool {
+        let at_ns = at_ns.max(state.snapshot_updated_at_ns);
         let uid = state.user_id.clone();
         let bodies = StoreBodies {
             store,
@@ -884,6 +887,70 @@ mod tests {
         );
         assert_eq!(cached.len(), 6, "a snapshot per batch");
         assert_eq!(loaded, cached);
+    }
+
+    /// Settings applied after a user's records of a later log time (Kafka
+    /// orders nothing across topics) re-publish the user without moving
+    /// its `updated_at` back.
+    #[test]
+    fn a_settings_change_never_moves_updated_at_back() {
+        use crate::model::{record, ContextSnapshot, EventRecord, Settings, StoredEvent, TypeRef};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = crate::config::Config::default();
+        let mut mat =
+            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+        let entry = |offset: i64, r: Record| LogRecord {
+            topic: "context.records".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: r.encode_to_vec(),
+        };
+        let shown = |ty: &str| Record {
+            log_time_ns: 1_000,
+            body: Some(record::Body::Settings(Settings {
+                events_api: true,
+                shown_event_types: vec![TypeRef {
+                    source: "shop".into(),
+                    r#type: ty.into(),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let event = Record {
+            user_id: "u".into(),
+            log_time_ns: 5_000,
+            body: Some(record::Body::Event(EventRecord {
+                event: Some(StoredEvent {
+                    id: "e".into(),
+                    source: "shop".into(),
+                    r#type: "order".into(),
+                    received_at_ns: 5_000,
+                    ..Default::default()
+                }),
+                profile: None,
+            })),
+            ..Default::default()
+        };
+        let mut updated = Vec::new();
+        for (i, r) in [shown("order"), event, shown("none")]
+            .into_iter()
+            .enumerate()
+        {
+            let m = mat.process(&store, &[entry(i as i64, r)]).unwrap();
+            store.write(m.batch).unwrap();
+            for o in m.out {
+                let s = ContextSnapshot::decode(&o.value.to_vec()[..]).unwrap();
+                updated.push((
+                    s.events.len(),
+                    crate::model::time::from_timestamp(&s.updated_at),
+                ));
+            }
+        }
+        assert_eq!(updated, [(1, 5_000), (0, 5_000)]);
     }
 
     #[test]
