@@ -111,6 +111,10 @@ pub fn observe_latency(log_times_ns: &[i64]) {
 struct Touched {
     state: apply::Working,
     last_log_ns: i64,
+    /// The user was in the cache or the store before this batch.
+    existed: bool,
+    /// A record of this batch was applied to it (or was a duplicate).
+    applied: bool,
 }
 
 impl Materializer {
@@ -230,11 +234,14 @@ impl Materializer {
         // copying the id.
         let mut users: HashMap<u32, HashMap<String, Touched>> = HashMap::new();
         for ((p, uid), state) in wanted.iter().zip(loaded) {
+            let existed = state.is_some();
             users.entry(*p).or_default().insert(
                 uid.to_string(),
                 Touched {
                     state: state.unwrap_or_else(|| apply::Working::new(apply::new_user(uid))),
                     last_log_ns: 0,
+                    existed,
+                    applied: false,
                 },
             );
         }
@@ -299,6 +306,7 @@ impl Materializer {
                     applied += 1;
                     log_times_ns.push(r.log_time_ns);
                     t.last_log_ns = t.last_log_ns.max(r.log_time_ns);
+                    t.applied = true;
                     count_topic(&mut applied_by_topic, &rec.topic);
                 }
                 Outcome::Rejected(err) => {
@@ -325,6 +333,12 @@ impl Materializer {
         self.prune_recent(now);
         self.remember = self.opts.publish && !self.opts.min_interval.is_zero();
         for ((p, uid), mut t) in touched {
+            // A user whose every record was rejected (a `patch` or `delete`
+            // naming a user that does not exist: `not_found`) is not created:
+            // nothing stored, nothing published, and the API answers 404.
+            if !t.existed && !t.applied {
+                continue;
+            }
             let changes = t.state.end_batch();
             let new_bodies = changes.new_bodies;
             let state = &mut t.state.state;
@@ -951,6 +965,100 @@ mod tests {
             }
         }
         assert_eq!(updated, [(1, 5_000), (0, 5_000)]);
+    }
+
+    /// A `patch` or `delete` naming a user that does not exist is dead-
+    /// lettered `not_found` and creates nothing: no user state, no
+    /// snapshot (which would have had no content and `updated_at` 1970).
+    /// A rejected operation on an existing user publishes nothing either.
+    #[test]
+    fn a_rejected_profile_operation_creates_no_user_and_publishes_nothing() {
+        use crate::model::{record, InputRef, ProfileOp, ProfileOpKind, Settings, TypeRef};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = crate::config::Config::default();
+        let mut mat =
+            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+        let entry = |offset: i64, r: Record| LogRecord {
+            topic: "context.records".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: r.encode_to_vec(),
+        };
+        let op = |kind: ProfileOpKind, user: &str, ty: &str| Record {
+            user_id: user.into(),
+            log_time_ns: 7_000,
+            input: Some(InputRef {
+                topic: "sunshine.profiles".into(),
+                partition: 0,
+                offset: 0,
+            }),
+            input_value: br#"{"op":"patch"}"#.to_vec(),
+            body: Some(record::Body::ProfileOp(ProfileOp {
+                op: kind as i32,
+                source: "shop".into(),
+                r#type: ty.into(),
+                attributes: Some(Default::default()),
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let with_offset = |mut r: Record, offset: i64| {
+            if let Some(i) = r.input.as_mut() {
+                i.offset = offset;
+            }
+            r
+        };
+        let settings = Record {
+            body: Some(record::Body::Settings(Settings {
+                profiles_api: true,
+                shown_profile_types: vec![TypeRef {
+                    source: "shop".into(),
+                    r#type: "customer".into(),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let batches = [
+            vec![settings],
+            // Unknown users, alone and twice in one batch.
+            vec![with_offset(
+                op(ProfileOpKind::Patch, "ghost", "customer"),
+                1,
+            )],
+            vec![
+                with_offset(op(ProfileOpKind::Delete, "ghost", "customer"), 2),
+                with_offset(op(ProfileOpKind::Patch, "ghost", "member"), 3),
+            ],
+            // An existing user: its put publishes, a rejected patch of a
+            // type it lacks does not.
+            vec![with_offset(op(ProfileOpKind::Put, "u", "customer"), 4)],
+            vec![with_offset(op(ProfileOpKind::Patch, "u", "member"), 5)],
+        ];
+        let mut outs = Vec::new();
+        for (i, b) in batches.into_iter().enumerate() {
+            let input: Vec<LogRecord> = b.into_iter().map(|r| entry(i as i64, r)).collect();
+            let m = mat.process(&store, &input).unwrap();
+            store.write(m.batch).unwrap();
+            outs.push(
+                m.out
+                    .iter()
+                    .map(|o| (o.topic.clone(), o.key.clone()))
+                    .collect::<Vec<_>>(),
+            );
+        }
+        let dlq = |n: usize| vec![(c.topics.dlq.clone(), None); n];
+        let snapshot = (c.topics.snapshots.clone(), Some(b"u".to_vec()));
+        assert_eq!(
+            outs,
+            [vec![], dlq(1), dlq(2), vec![snapshot], dlq(1)],
+            "dead letters, and one snapshot: the put's"
+        );
+        assert!(store.get_user(0, "ghost").unwrap().is_none());
+        assert!(store.get_user(0, "u").unwrap().is_some());
     }
 
     #[test]
