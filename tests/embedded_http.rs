@@ -523,6 +523,50 @@ fn rebuild_republishes_changed_contexts_with_the_next_version() {
     );
 }
 
+/// `contextd produce` over HTTP passes every line on as bytes: one that
+/// is not UTF-8 is dead-lettered by the pipeline (`invalid_json`) like any
+/// bad line, and the lines around it are applied; `\r\n` endings and
+/// blank lines are fine.
+#[test]
+fn produce_appends_every_line_and_the_pipeline_sorts_out_the_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let ids = |e: &str| json!([{"type": "email", "value": e}]);
+    let mut file = Vec::new();
+    for line in [
+        custom("shop", "order", Some("p1"), 1, ids("p1@example.com")).to_string(),
+        custom("shop", "order", Some("p2"), 2, ids("p2@example.com")).to_string(),
+    ] {
+        file.extend_from_slice(line.as_bytes());
+        file.extend_from_slice(b"\r\n\n");
+        file.extend_from_slice(b"{\"not utf-8\": \"\xff\xfe\"}\n");
+    }
+    let path = dir.path().join("in.ndjson");
+    std::fs::write(&path, &file).unwrap();
+    let (ok, out, err) = run_cli(&[
+        "produce",
+        "--http-addr",
+        &s.addr,
+        "--topic",
+        "sunshine.events",
+        path.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out} {err}");
+    assert!(out.contains("appended 4 records"), "{out}");
+    for u in ["email:p1@example.com", "email:p2@example.com"] {
+        s.wait_for(20, u, |s| {
+            (s.get(&format!("/api/v2/users/{}/events", enc(u))).0 == 200).then_some(())
+        });
+    }
+    let dead = s.wait_for(20, "two dead letters", |s| {
+        let d = s.dead_letters();
+        (d.len() == 2).then_some(d)
+    });
+    for d in dead {
+        assert_eq!(d["error"]["code"], "invalid_json", "{d}");
+    }
+}
+
 #[test]
 fn bad_flags_and_config_fail_clearly() {
     let (ok, _, err) = run_cli(&[
@@ -545,6 +589,16 @@ fn bad_flags_and_config_fail_clearly() {
         &["run", "--partitions", "abc"],
         &["run", "--snapshot-format", "xml"],
         &["produce"],
+        &[
+            "produce",
+            "--topic",
+            "t",
+            "--brokers",
+            "b:1",
+            "--http-addr",
+            "h:2",
+        ],
+        &["run", "--partitions", "10001"],
     ] {
         let (ok, _, err) = run_cli(args);
         assert!(!ok, "{args:?}");

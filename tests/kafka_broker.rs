@@ -148,6 +148,90 @@ const SETTINGS: &str = r#"{"zendesk_events": true, "events_api": true, "profiles
   "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}, {"source": "shop", "type": "order_completed"}],
   "shown_profile_types": [{"source": "shop", "type": "customer"}, {"source": "crm", "type": "contact"}]}"#;
 
+/// `contextd produce --brokers` keys every record as the HTTP API does:
+/// settings `visibility` (the compacted key), a record by its user id or
+/// else its highest-priority identifier, so one customer's records share
+/// a partition and keep their order; a line that does not validate goes
+/// unkeyed (the pipeline dead-letters it).
+#[test]
+fn produce_keys_settings_and_each_customers_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let b = &broker.addr;
+    let write = |name: &str, lines: &[String]| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, lines.join("\n")).unwrap();
+        p
+    };
+    let settings = write(
+        "settings.ndjson",
+        &[
+            r#"{"profiles_api": false}"#.into(),
+            SETTINGS.replace('\n', " "),
+        ],
+    );
+    let mut lines = Vec::new();
+    for i in 0..12 {
+        let email = format!("Buyer{i}@Example.com ");
+        let profile = |tier: &str| {
+            json!({"source": "shop", "type": "customer",
+                   "identifiers": [{"type": "email", "value": email}],
+                   "attributes": {"tier": tier}})
+        };
+        lines.push(json!({"op": "put", "profile": profile("gold")}).to_string());
+        lines.push(json!({"op": "patch", "profile": profile("silver")}).to_string());
+        lines.push(
+            json!({"op": "put", "user_id": format!("u{i}"), "profile": profile("x")}).to_string(),
+        );
+    }
+    lines.push("not json".into());
+    let profiles = write("profiles.ndjson", &lines);
+    for (topic, file) in [
+        ("context.settings", &settings),
+        ("sunshine.profiles", &profiles),
+    ] {
+        // The first produce creates contextd's topics, with 4 partitions.
+        let (ok, out, err) = common::run_cli(&[
+            "produce",
+            "--brokers",
+            b,
+            "--partitions",
+            "4",
+            "--topic",
+            topic,
+            file.to_str().unwrap(),
+        ]);
+        assert!(ok, "{out} {err}");
+    }
+    let got = kcat_consume(b, "context.settings");
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|(_, _, k, _)| k == "visibility"), "{got:?}");
+    let got = kcat_consume(b, "sunshine.profiles");
+    assert_eq!(got.len(), lines.len(), "{got:?}");
+    let mut partition_of: HashMap<String, i32> = HashMap::new();
+    for (p, _, k, v) in &got {
+        let rec: Value = serde_json::from_str(v).unwrap_or(Value::Null);
+        let want = match rec["user_id"].as_str() {
+            Some(u) => u.to_string(),
+            None if rec.is_object() => {
+                let e = rec["profile"]["identifiers"][0]["value"].as_str().unwrap();
+                format!("email:{}", e.trim().to_lowercase())
+            }
+            None => String::new(),
+        };
+        assert_eq!(k, &want, "{v}");
+        assert_eq!(*partition_of.entry(k.clone()).or_insert(*p), *p, "{k}");
+    }
+    assert!(
+        partition_of
+            .values()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1,
+        "keys spread over partitions: {partition_of:?}"
+    );
+}
+
 /// Records whose outcome does not depend on the order across topics and
 /// partitions: every record names its user, keys are user ids.
 fn workload(users: usize, per_user: usize) -> Workload {
@@ -314,7 +398,14 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
     let w = workload(24, 18);
     let want = embedded_expectation(dir.path(), &w);
     let s = start_kafka(dir.path(), "k1", &broker.addr, "g-e2e");
-    produce_settings(&broker.addr);
+    // The settings through the NDJSON endpoint: keyed `visibility` (below).
+    let (st, _) = s
+        .post_raw(
+            "/api/v1/topics/context.settings/records",
+            &SETTINGS.replace('\n', " "),
+        )
+        .unwrap();
+    assert_eq!(st, 202);
     for (topic, lines) in &w.by_topic {
         kcat_produce(&broker.addr, topic, lines);
     }
@@ -333,6 +424,9 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
             "last snapshot on the topic for {u}"
         );
     }
+    let settings = kcat_consume(&broker.addr, "context.settings");
+    assert_eq!(settings.len(), 1);
+    assert_eq!(settings[0].2, "visibility");
     let dlq = kcat_consume(&broker.addr, "context.dlq");
     assert!(
         dlq.len() >= w.bad,

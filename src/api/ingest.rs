@@ -1,7 +1,8 @@
 //! Write endpoints: validate, then append to the input topic; 202 once durable.
 
 use super::{ApiError, AppState};
-use crate::ingest::{self, ErrorCode, InputKind, Normalized, Rejection};
+use crate::app::Appender;
+use crate::ingest::{self, ErrorCode, InputKind, Rejection};
 use crate::log::OutRecord;
 use crate::model::time;
 use axum::body::Bytes;
@@ -17,15 +18,6 @@ fn accepted() -> Accepted {
     (StatusCode::ACCEPTED, Json(json!({"status": "received"})))
 }
 
-/// The key an input record is appended with: the user id, else the
-/// highest-priority identifier, so one user's records stay in order.
-fn routing_key(n: &Normalized) -> Option<Vec<u8>> {
-    let (explicit, ids) = n.identity();
-    explicit
-        .map(|u| u.as_bytes().to_vec())
-        .or_else(|| ids.first().map(|i| i.key().into_bytes()))
-}
-
 async fn validate_and_append(
     app: &AppState,
     kind: InputKind,
@@ -34,7 +26,7 @@ async fn validate_and_append(
 ) -> Result<Accepted, ApiError> {
     let now = time::now_ms();
     let n = ingest::normalize(kind, &body, time::ms_to_ns(now), app.limits)?;
-    let key = routing_key(&n);
+    let key = n.routing_key();
     app.appender
         .append(vec![OutRecord {
             topic,
@@ -205,30 +197,46 @@ pub async fn delete_profile(
 
 /// NDJSON: each non-blank line appended as is, in one atomic append;
 /// validation happens in the pipeline (bad lines are dead-lettered).
+/// Settings lines get the key `visibility`; in Kafka mode every line is
+/// keyed as a single write would be (`ingest::input_key`), so that one
+/// customer's records share a partition and keep their order.
 pub async fn post_records(
     State(app): State<AppState>,
     Path(topic): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !app.topics().inputs().contains(&topic.as_str()) {
+    let Some(kind) = app.topics().kind(&topic) else {
         return Err(ApiError::not_found(format!(
             "{topic:?} is not an input topic; use one of {:?}",
             app.topics().inputs()
         )));
-    }
+    };
     let now = time::now_ms();
-    let records: Vec<OutRecord> = body
-        .split(|b| *b == b'\n')
-        .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
-        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
-        .map(|l| OutRecord {
-            topic: topic.clone(),
-            partition: None,
-            key: None,
-            value: l.into(),
-            timestamp_ms: now,
-        })
-        .collect();
+    let keyed = kind == InputKind::Settings || matches!(app.appender, Appender::Kafka(_));
+    let limits = app.limits;
+    let split = move || {
+        body.split(|b| *b == b'\n')
+            .map(|l| l.strip_suffix(b"\r").unwrap_or(l))
+            .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()))
+            .map(|l| OutRecord {
+                topic: topic.clone(),
+                partition: None,
+                key: if keyed {
+                    ingest::input_key(kind, l, limits)
+                } else {
+                    None
+                },
+                value: l.into(),
+                timestamp_ms: now,
+            })
+            .collect::<Vec<OutRecord>>()
+    };
+    // Keying validates every line: off the async threads.
+    let records = if keyed {
+        super::blocking(move || Ok(split())).await?
+    } else {
+        split()
+    };
     let n = records.len();
     if n > 0 {
         app.appender

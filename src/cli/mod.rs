@@ -62,8 +62,8 @@ pub struct Common {
     /// Kafka consumer group.
     #[arg(long)]
     group_id: Option<String>,
-    /// Partitions of created topics and of the state.
-    #[arg(long)]
+    /// Partitions of created topics and of the state (1 to 10000).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=10_000))]
     partitions: Option<u32>,
     /// Encoding of context.snapshots values.
     #[arg(long, value_enum)]
@@ -133,7 +133,9 @@ struct RebuildArgs {
     from_inputs: bool,
 }
 
+/// `--brokers` and `--http-addr` are the two ways to send: one at a time.
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("target").args(["brokers", "http_addr"])))]
 struct ProduceArgs {
     #[command(flatten)]
     common: Common,
@@ -173,7 +175,12 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         ),
         Cmd::Rebuild(r) => rebuild(r.common.load()?, r.from_inputs),
         Cmd::Digest(c) => digest(c.load()?),
-        Cmd::Produce(p) => produce::produce(p.common.load()?, &p.topic, p.file.as_deref()),
+        Cmd::Produce(p) => produce::produce(
+            p.common.load()?,
+            &p.topic,
+            p.file.as_deref(),
+            p.common.http_addr.is_some(),
+        ),
         Cmd::Workload(w) => write_workload(&w),
         Cmd::Checkpoint(CheckpointCmd::Create { common, dir }) => {
             checkpoint_create(common.load()?, &dir)
@@ -370,44 +377,6 @@ fn checkpoint_restore(config: Config, dir: &std::path::Path) -> Result<()> {
         config.data_dir.display(),
         dir.display()
     );
-    Ok(())
-}
-
-fn kafka_produce(
-    config: &Config,
-    brokers: &str,
-    topic: &str,
-    input: Box<dyn std::io::Read>,
-) -> Result<()> {
-    use std::io::BufRead;
-    let producer = contextd::log::kafka::KafkaProducer::new(config)
-        .with_context(|| format!("cannot connect to {brokers}"))?;
-    let mut chunk = Vec::new();
-    let mut total = 0;
-    for line in std::io::BufReader::new(input).lines() {
-        let line = line.context("cannot read the input")?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        chunk.push(contextd::log::OutRecord {
-            topic: topic.to_string(),
-            partition: None,
-            key: None,
-            value: line.into_bytes().into(),
-            timestamp_ms: contextd::model::time::now_ms(),
-        });
-        if chunk.len() == 5000 {
-            total += chunk.len();
-            producer
-                .send_all_blocking(&std::mem::take(&mut chunk))
-                .with_context(|| format!("producing to {topic} on {brokers} failed"))?;
-        }
-    }
-    total += chunk.len();
-    producer
-        .send_all_blocking(&chunk)
-        .with_context(|| format!("producing to {topic} on {brokers} failed"))?;
-    println!("appended {total} records to {topic} on {brokers}");
     Ok(())
 }
 

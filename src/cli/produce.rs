@@ -1,19 +1,73 @@
 //! `contextd produce`: NDJSON records from a file or stdin to a topic, over
 //! the HTTP API (`--http-addr`) or straight to Kafka (`--brokers`).
+//!
+//! Lines are passed on as bytes: a line that is not UTF-8 or not JSON is
+//! appended like any other and dead-lettered by the pipeline (`invalid_json`),
+//! as `POST /api/v1/topics/{topic}/records` does with it. Straight to Kafka,
+//! each record is keyed as the HTTP API keys it (`ingest::input_key`):
+//! settings `visibility`, other records by user id or highest-priority
+//! identifier, so one customer's records share a partition and stay in
+//! order. Straight to Kafka, contextd's topics are created first if missing
+//! (as `contextd run` creates them).
 
 use anyhow::{bail, Context, Result};
 use contextd::config::Config;
+use contextd::ingest;
+use contextd::log::OutRecord;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
 const CHUNK: usize = 5000;
 
-fn post(addr: &str, topic: &str, lines: &[String]) -> Result<()> {
+/// Where `produce` sends: Kafka if brokers are configured, unless
+/// `--http-addr` was given on the command line (flags beat the environment
+/// and the config file; both flags at once are refused by clap).
+pub fn produce(
+    config: Config,
+    topic: &str,
+    file: Option<&Path>,
+    http_flag_given: bool,
+) -> Result<()> {
+    let input: Box<dyn Read> = match file {
+        Some(f) => Box::new(
+            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?,
+        ),
+        None => Box::new(std::io::stdin()),
+    };
+    let lines = ndjson_lines(input);
+    match &config.brokers {
+        Some(brokers) if !http_flag_given => to_kafka(&config, brokers, topic, lines),
+        _ => to_http(&config.http_addr, topic, lines),
+    }
+}
+
+/// The non-blank lines of an NDJSON stream (a trailing `\r` dropped), as bytes.
+fn ndjson_lines(input: impl Read) -> impl Iterator<Item = Result<Vec<u8>>> {
+    BufReader::new(input)
+        .split(b'\n')
+        .map(|l| {
+            let mut l = l.context("cannot read the input")?;
+            if l.last() == Some(&b'\r') {
+                l.pop();
+            }
+            Ok(l)
+        })
+        .filter(|l| {
+            l.as_ref()
+                .map_or(true, |l| l.iter().any(|b| !b.is_ascii_whitespace()))
+        })
+}
+
+fn post(addr: &str, topic: &str, lines: &[Vec<u8>]) -> Result<()> {
     let url = format!("http://{addr}/api/v1/topics/{topic}/records");
-    let body = lines.join("\n") + "\n";
+    let mut body = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+    for l in lines {
+        body.extend_from_slice(l);
+        body.push(b'\n');
+    }
     match ureq::post(&url)
         .set("Content-Type", "application/x-ndjson")
-        .send_string(&body)
+        .send_bytes(&body)
     {
         Ok(_) => Ok(()),
         Err(ureq::Error::Status(code, resp)) => {
@@ -24,37 +78,64 @@ fn post(addr: &str, topic: &str, lines: &[String]) -> Result<()> {
     }
 }
 
-pub fn produce(config: Config, topic: &str, file: Option<&Path>) -> Result<()> {
-    let input: Box<dyn Read> = match file {
-        Some(f) => Box::new(
-            std::fs::File::open(f).with_context(|| format!("cannot open {}", f.display()))?,
-        ),
-        None => Box::new(std::io::stdin()),
-    };
-    if let Some(brokers) = &config.brokers {
-        return super::kafka_produce(&config, brokers, topic, input);
-    }
-    let mut lines = Vec::with_capacity(CHUNK);
+fn to_http(addr: &str, topic: &str, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<()> {
+    let mut chunk = Vec::with_capacity(CHUNK);
     let mut total = 0usize;
-    for line in BufReader::new(input).lines() {
-        let line = line.context("cannot read the input")?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        lines.push(line);
-        if lines.len() == CHUNK {
-            post(&config.http_addr, topic, &lines)?;
-            total += lines.len();
-            lines.clear();
+    for line in lines {
+        chunk.push(line?);
+        if chunk.len() == CHUNK {
+            post(addr, topic, &chunk)?;
+            total += chunk.len();
+            chunk.clear();
         }
     }
-    if !lines.is_empty() {
-        post(&config.http_addr, topic, &lines)?;
-        total += lines.len();
+    if !chunk.is_empty() {
+        post(addr, topic, &chunk)?;
+        total += chunk.len();
     }
-    println!(
-        "appended {total} records to {topic} via http://{}",
-        config.http_addr
-    );
+    println!("appended {total} records to {topic} via http://{addr}");
+    Ok(())
+}
+
+fn to_kafka(
+    config: &Config,
+    brokers: &str,
+    topic: &str,
+    lines: impl Iterator<Item = Result<Vec<u8>>>,
+) -> Result<()> {
+    // contextd's topics exist before anything is written to them, as `run`
+    // creates them: partitioned and compacted as configured, not as the
+    // broker would auto-create them.
+    contextd::log::kafka::ensure_topics(config)
+        .with_context(|| format!("cannot create contextd's topics on {brokers}"))?;
+    let producer = contextd::log::kafka::KafkaProducer::new(config)
+        .with_context(|| format!("cannot connect to {brokers}"))?;
+    let kind = config.topics.kind(topic);
+    let limits = contextd::app::limits(config);
+    let send = |chunk: &[OutRecord]| {
+        producer
+            .send_all_blocking(chunk)
+            .with_context(|| format!("producing to {topic} on {brokers} failed"))
+    };
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut total = 0;
+    for line in lines {
+        let value = line?;
+        chunk.push(OutRecord {
+            topic: topic.to_string(),
+            partition: None,
+            key: kind.and_then(|k| ingest::input_key(k, &value, limits)),
+            value: value.into(),
+            timestamp_ms: contextd::model::time::now_ms(),
+        });
+        if chunk.len() == CHUNK {
+            send(&chunk)?;
+            total += chunk.len();
+            chunk.clear();
+        }
+    }
+    send(&chunk)?;
+    total += chunk.len();
+    println!("appended {total} records to {topic} on {brokers}");
     Ok(())
 }

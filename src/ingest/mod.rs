@@ -102,6 +102,32 @@ impl Normalized {
     }
 }
 
+/// The key of every `context.settings` record (the topic is compacted on it).
+pub const SETTINGS_KEY: &[u8] = b"visibility";
+
+impl Normalized {
+    /// The key an input record is appended with: its user id, else its
+    /// highest-priority identifier, so that one customer's records share a
+    /// partition and stay in order.
+    pub fn routing_key(&self) -> Option<Vec<u8>> {
+        let (explicit, ids) = self.identity();
+        explicit
+            .map(|u| u.as_bytes().to_vec())
+            .or_else(|| ids.first().map(|i| i.key().into_bytes()))
+    }
+}
+
+/// The key for a raw record of `kind` appended without one (`contextd
+/// produce`, NDJSON over HTTP in Kafka mode): `visibility` for settings;
+/// the routing key of a record that validates; none for one that does not
+/// (it is dead-lettered with whatever key it has).
+pub fn input_key(kind: InputKind, bytes: &[u8], limits: Limits) -> Option<Vec<u8>> {
+    match kind {
+        InputKind::Settings => Some(SETTINGS_KEY.to_vec()),
+        _ => normalize(kind, bytes, 0, limits).ok()?.routing_key(),
+    }
+}
+
 /// Limits that validation enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -146,3 +172,41 @@ pub fn normalize_settings(
 }
 
 pub use fields::{normalize_identifier, parse_object, sort_by_priority};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unkeyed_record_is_keyed_by_its_user_or_first_identifier() {
+        let key = |kind, v: &str| {
+            input_key(kind, v.as_bytes(), Limits::default()).map(|k| String::from_utf8(k).unwrap())
+        };
+        let ids =
+            r#"[{"type": "twitter", "value": "jd"}, {"type": "EMAIL", "value": " Jane@X.com "}]"#;
+        let profile = format!(r#"{{"source": "shop", "type": "customer", "identifiers": {ids}}}"#);
+        let event = r#"{"source": "shop", "type": "order"}"#;
+        assert_eq!(
+            key(InputKind::Settings, "not even json").as_deref(),
+            Some("visibility")
+        );
+        assert_eq!(
+            key(
+                InputKind::ZendeskEvents,
+                r#"{"user_id": 12, "type": "article_viewed"}"#
+            )
+            .as_deref(),
+            Some("12")
+        );
+        let custom = format!(r#"{{"profile": {profile}, "event": {event}}}"#);
+        assert_eq!(
+            key(InputKind::CustomEvents, &custom).as_deref(),
+            Some("email:jane@x.com"),
+            "the highest-priority identifier, normalized"
+        );
+        let put = format!(r#"{{"op": "put", "user_id": "u1", "profile": {profile}}}"#);
+        assert_eq!(key(InputKind::Profiles, &put).as_deref(), Some("u1"));
+        assert_eq!(key(InputKind::Profiles, r#"{"op": "merge"}"#), None);
+        assert_eq!(key(InputKind::CustomEvents, "\u{1}"), None);
+    }
+}

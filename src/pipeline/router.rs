@@ -15,7 +15,7 @@ use crate::model::{
 use prost::Message;
 use std::collections::HashMap;
 
-pub const SETTINGS_KEY: &[u8] = b"visibility";
+pub use crate::ingest::SETTINGS_KEY;
 
 /// What a routed batch produces.
 #[derive(Default)]
