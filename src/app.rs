@@ -141,6 +141,7 @@ pub fn open_embedded_with(
 ) -> Result<Arc<EmbeddedLog>, PipelineError> {
     let mut store = Store::open(&c.data_dir, store_options)?;
     store.check_partitions(c.partitions)?;
+    store.check_mode(false)?;
     store.drop_column_families(drop)?;
     Ok(Arc::new(EmbeddedLog::open_with(
         store,
@@ -292,9 +293,10 @@ pub struct KafkaRuntime {
 
 impl KafkaRuntime {
     pub fn start(config: Config) -> Result<KafkaRuntime, PipelineError> {
-        crate::log::kafka::ensure_topics(&config)?;
         let store = Store::open(&config.data_dir, &config.store_options())?;
         store.check_partitions(config.partitions)?;
+        store.check_mode(true)?;
+        crate::log::kafka::ensure_topics(&config)?;
         let producer = KafkaProducer::new(&config)?;
         let ready = Arc::new(Readiness::new(1));
         let stop = Arc::new(AtomicBool::new(false));

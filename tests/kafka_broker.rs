@@ -469,6 +469,23 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
     let (ok, after, err) = common::run_cli(&["digest", "--data-dir", d]);
     assert!(ok, "{err}");
     assert_eq!(before, after, "digest after a Kafka-mode rebuild");
+    // An embedded-mode command on the Kafka-mode data dir is refused
+    // before it touches the state.
+    let (ok, out, err) = common::run_cli(&["rebuild", "--data-dir", d, "--partitions", "4"]);
+    assert!(!ok && err.contains("Kafka mode's state"), "{out} {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    let (ok, again, err) = common::run_cli(&["digest", "--data-dir", d]);
+    assert!(ok, "{err}");
+    assert_eq!(again, before, "the refused rebuild dropped nothing");
+    let embedded = dir.path().join("embedded");
+    let e = embedded.to_str().unwrap();
+    let (ok, before, err) = common::run_cli(&["digest", "--data-dir", e]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = common::run_cli(&["rebuild", "--data-dir", e, "--brokers", &broker.addr]);
+    assert!(!ok && err.contains("embedded mode's state"), "{out} {err}");
+    let (ok, again, err) = common::run_cli(&["digest", "--data-dir", e]);
+    assert!(ok, "{err}");
+    assert_eq!(again, before);
 }
 
 #[test]

@@ -1475,9 +1475,10 @@ fn go_live(
 /// restore path as a partition assignment), then settles snapshot versions
 /// against the snapshots topic. Returns (records replayed, snapshots published).
 pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), PipelineError> {
-    crate::log::kafka::ensure_topics(c)?;
     let mut store = Store::open(&c.data_dir, &c.store_options())?;
     store.check_partitions(c.partitions)?;
+    store.check_mode(true)?;
+    crate::log::kafka::ensure_topics(c)?;
     store.drop_column_families(&keys::REBUILT_CFS)?;
     store
         .db()

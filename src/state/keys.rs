@@ -187,6 +187,8 @@ pub fn position(stage: &str, topic: &str, partition: i32) -> Vec<u8> {
 pub const META_SETTINGS: &[u8] = b"settings";
 /// meta: the partition count the data dir was created with.
 pub const META_PARTITIONS: &[u8] = b"partitions";
+/// meta: the mode the data dir was created in (`embedded` or `kafka`).
+pub const META_MODE: &[u8] = b"mode";
 
 /// ident: identifier key `type:value`.
 pub fn ident(type_value: &str) -> Vec<u8> {

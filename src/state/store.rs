@@ -237,6 +237,29 @@ impl Store {
         }
     }
 
+    /// Records the mode (`kafka` or not) a new data dir is created in, and
+    /// refuses one of the other mode: its offsets, outbox and topics mean
+    /// nothing there (an embedded `rebuild` of a Kafka-mode data dir would
+    /// replay an empty records log and drop its state). Data dirs of
+    /// versions that did not record it take the mode they are opened in.
+    pub fn check_mode(&self, kafka: bool) -> Result<(), StoreError> {
+        let name = |kafka: bool| if kafka { "kafka" } else { "embedded" };
+        match self.get_raw(CF_META, META_MODE)? {
+            None => {
+                self.db
+                    .put_cf(self.cf(CF_META), META_MODE, name(kafka).as_bytes())?;
+                Ok(())
+            }
+            Some(v) if v == name(kafka).as_bytes() => Ok(()),
+            Some(_) if kafka => Err(StoreError::Incompatible(
+                "the data dir holds embedded mode's state and topics; run without --brokers, or give Kafka mode another data dir".into(),
+            )),
+            Some(_) => Err(StoreError::Incompatible(
+                "the data dir holds Kafka mode's state (it was run with --brokers); pass --brokers, or use another data dir".into(),
+            )),
+        }
+    }
+
     pub fn get_i64(&self, cf: &str, key: &[u8]) -> Result<Option<i64>, StoreError> {
         Ok(self
             .get_raw(cf, key)?
