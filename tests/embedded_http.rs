@@ -562,8 +562,36 @@ fn produce_appends_every_line_and_the_pipeline_sorts_out_the_bad_ones() {
         let d = s.dead_letters();
         (d.len() == 2).then_some(d)
     });
-    for d in dead {
+    for d in &dead {
         assert_eq!(d["error"]["code"], "invalid_json", "{d}");
+    }
+    // The answer says how many there are and whether it holds them all;
+    // `from` reads on through the dead-letter log.
+    let page = |q: &str| s.get(&format!("/api/admin/dead_letters{q}"));
+    let (st, all) = page("");
+    assert_eq!(st, 200);
+    assert_eq!(
+        all["meta"],
+        json!({"total": 2, "has_more": false, "next_from": 2})
+    );
+    let (_, newest) = page("?limit=1");
+    assert_eq!(newest["dead_letters"], json!([dead[1]]));
+    assert_eq!(
+        newest["meta"],
+        json!({"total": 2, "has_more": true, "next_from": 2})
+    );
+    let (_, first) = page("?from=0&limit=1");
+    assert_eq!(first["dead_letters"], json!([dead[0]]));
+    assert_eq!(first["meta"]["next_from"], 1);
+    let (_, rest) = page("?from=1");
+    assert_eq!(rest["dead_letters"], json!([dead[1]]));
+    let (_, past) = page("?from=2");
+    assert_eq!(past["dead_letters"], json!([]));
+    assert_eq!(past["meta"]["next_from"], 2);
+    for q in ["?limit=0", "?limit=x", "?from=-1"] {
+        let (st, body) = page(q);
+        assert_eq!(st, 422, "{q}: {body}");
+        assert_eq!(body["errors"][0]["code"], "invalid_field", "{q}");
     }
 }
 

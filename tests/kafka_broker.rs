@@ -439,6 +439,11 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
         assert_eq!(d["error"]["code"], "invalid_json");
         assert_eq!(d["topic"], "sunshine.events");
     }
+    // The admin API reads the same topic (every one: fewer than its limit).
+    let (st, api) = s.get("/api/admin/dead_letters");
+    assert_eq!(st, 200);
+    assert_eq!(api["dead_letters"].as_array().unwrap().len(), dlq.len());
+    assert_eq!(api["meta"]["has_more"], false, "{}", api["meta"]);
     // Lag is a metric; SIGTERM exits cleanly; a rebuild from the records topic keeps the digest.
     s.wait_for(20, "consumer lag metric", |s| {
         let (_, m) = s.get("/metrics");

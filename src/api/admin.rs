@@ -91,40 +91,72 @@ pub async fn profile_types(State(app): State<AppState>) -> Result<Json<Value>, A
     types(app, TypeKind::Profile, "profile_types").await
 }
 
-/// The most recent dead letters (`?limit=`, default 1000, at most 10000), oldest first.
+/// The dead letters (CONTRACT §6), oldest first: the newest `?limit=`
+/// (default 1000, at most 10000), or in embedded mode those from the
+/// dead-letter log's offset `?from=` on. `meta.total` is how many the
+/// topic holds, `meta.has_more` whether any of them is not in the answer,
+/// and (embedded) `meta.next_from` the offset to read on from.
 pub async fn dead_letters(
     State(app): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
-    let limit = q
-        .get("limit")
-        .and_then(|l| l.parse::<usize>().ok())
-        .unwrap_or(1000)
-        .clamp(1, 10_000);
+    let number = |name: &str, min: i64| -> Result<Option<i64>, ApiError> {
+        q.get(name)
+            .map(|v| match v.parse::<i64>() {
+                Ok(n) if n >= min => Ok(n),
+                _ => Err(ApiError::from(ingest::Rejection::new(
+                    ingest::ErrorCode::InvalidField,
+                    format!("{name} must be a whole number of at least {min}, got {v:?}"),
+                ))),
+            })
+            .transpose()
+    };
+    let limit = number("limit", 1)?.unwrap_or(1000).min(10_000) as usize;
+    let from = number("from", 0)?;
     let topic = app.topics().dlq.clone();
+    let entry = |r: &crate::log::LogRecord| {
+        serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null)
+    };
     let log = match app.appender.clone() {
         Appender::Embedded(log) => log,
         Appender::Kafka(_) => {
+            if from.is_some() {
+                return Err(ingest::Rejection::new(
+                    ingest::ErrorCode::InvalidField,
+                    "from is an offset of the embedded dead-letter log; in Kafka mode read context.dlq with a Kafka consumer",
+                )
+                .into());
+            }
             let c = app.config.clone();
             return blocking(move || {
-                let items = crate::log::kafka::tail(&c, &topic, limit).map_err(ApiError::internal)?;
-                Ok(Json(json!({"dead_letters": items.iter().map(|r| serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null)).collect::<Vec<_>>()})))
+                let (items, total) =
+                    crate::log::kafka::tail(&c, &topic, limit).map_err(ApiError::internal)?;
+                let total = total.max(items.len() as i64);
+                Ok(Json(json!({
+                    "dead_letters": items.iter().map(entry).collect::<Vec<_>>(),
+                    "meta": {"total": total, "has_more": total > items.len() as i64},
+                })))
             })
             .await;
         }
     };
     blocking(move || {
-        let mut items = Vec::new();
-        for (p, end) in log.end_offsets(&topic).into_iter().enumerate() {
-            let from = end.saturating_sub(limit as i64).max(0);
-            for r in log
-                .read(&topic, p as i32, from, limit)
-                .map_err(ApiError::internal)?
-            {
-                items.push(serde_json::from_slice::<Value>(&r.value).unwrap_or(Value::Null));
-            }
-        }
-        Ok(Json(json!({"dead_letters": items})))
+        // The embedded dead-letter log has one partition (total order).
+        let (start, end) = log.offset_range(&topic, 0).map_err(ApiError::internal)?;
+        let first = from.unwrap_or(end - limit as i64).max(start);
+        let items = log
+            .read(&topic, 0, first, limit)
+            .map_err(ApiError::internal)?;
+        let next = items.last().map_or(first.min(end), |r| r.offset + 1);
+        let total = end - start;
+        Ok(Json(json!({
+            "dead_letters": items.iter().map(entry).collect::<Vec<_>>(),
+            "meta": {
+                "total": total,
+                "has_more": (items.len() as i64) < total,
+                "next_from": next,
+            },
+        })))
     })
     .await
 }

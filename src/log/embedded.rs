@@ -455,6 +455,16 @@ impl EmbeddedLog {
         self.commit(WriteBatch::default(), records)
     }
 
+    /// The first retained offset of a partition and its end (the next
+    /// offset to append).
+    pub fn offset_range(&self, topic: &str, partition: i32) -> Result<(i64, i64), LogError> {
+        let part = self.partition(topic, partition)?;
+        let end = part.committed.load(Ordering::Acquire);
+        let segs = part.segments.read().expect("segments lock");
+        let start = segs.first().map_or(end, |s| s.base.min(end));
+        Ok((start, end))
+    }
+
     /// Reads up to `max` records of one partition from `from` (from the
     /// partition's first retained offset if `from` is below it).
     pub fn read(

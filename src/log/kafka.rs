@@ -429,21 +429,30 @@ pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
 }
 
 /// The last `limit` records of every partition of `topic`.
-pub fn tail(c: &Config, topic: &str, limit: usize) -> Result<Vec<LogRecord>, LogError> {
+/// The newest `limit` records of a topic over all its partitions, oldest
+/// first (by timestamp, then partition and offset), and how many records
+/// the topic holds (high minus low watermarks).
+pub fn tail(c: &Config, topic: &str, limit: usize) -> Result<(Vec<LogRecord>, i64), LogError> {
     let consumer: BaseConsumer = consumer_config(c, "contextd-reader")
         .create()
         .map_err(kerr)?;
     let n = partition_count(&consumer, topic)?;
     let mut parts = Vec::new();
+    let mut total = 0;
     for p in 0..n as i32 {
         let (low, high) = consumer
             .fetch_watermarks(topic, p, Duration::from_secs(10))
             .map_err(kerr)?;
         if high > low {
+            total += high - low;
             parts.push((topic.to_string(), p, (high - limit as i64).max(low)));
         }
     }
     let mut out = Vec::new();
     read_until_idle(c, &parts, Duration::from_millis(200), |r| out.push(r))?;
-    Ok(out)
+    out.sort_by_key(|r| (r.timestamp_ms, r.partition, r.offset));
+    let newest = out.len().saturating_sub(limit);
+    out.drain(..newest);
+    // tansu's high watermark can trail what a read finds.
+    Ok((out, total.max(0)))
 }
