@@ -595,6 +595,46 @@ fn produce_appends_every_line_and_the_pipeline_sorts_out_the_bad_ones() {
     }
 }
 
+/// A `+` in an `identifier` query parameter is a plus (phone numbers,
+/// sub-addressed emails), whether sent as is or as `%2B`.
+#[test]
+fn identifier_values_keep_a_plus() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let put = |q: &str, tier: &str| {
+        let body = json!({"profile": {"attributes": {"tier": tier}}});
+        let (st, b) = s.put(&format!("/api/v2/user_profiles?identifier={q}"), &body);
+        assert_eq!(st, 202, "{q}: {b}");
+    };
+    put("shop:customer:phone_number:+4712345678", "gold");
+    put("shop:customer:email:Jane+Tag@Example.com", "gold");
+    put("shop:customer:phone_number:%2B4798765432", "gold");
+    for (q, user) in [
+        ("phone_number:+4712345678", "phone_number:+4712345678"),
+        ("phone_number:%2B4712345678", "phone_number:+4712345678"),
+        ("email:jane+tag@example.com", "email:jane+tag@example.com"),
+        ("phone_number:+4798765432", "phone_number:+4798765432"),
+    ] {
+        let body = s.wait_for(20, q, |s| {
+            let (st, b) = s.get(&format!("/api/v2/users/lookup?identifier={q}"));
+            (st == 200).then_some(b)
+        });
+        assert_eq!(body["user_id"], user, "{q}");
+    }
+    // A patch through the identifier finds the profile the put made.
+    let body = json!({"profile": {"attributes": {"tier": "silver"}}});
+    let (st, _) = s.patch(
+        "/api/v2/user_profiles?identifier=shop:customer:phone_number:+4712345678",
+        &body,
+    );
+    assert_eq!(st, 202);
+    s.wait_for(20, "patched", |s| {
+        let (_, b) = s.get("/api/v2/users/phone_number:+4712345678/profiles");
+        (b["profiles"][0]["attributes"]["tier"] == "silver").then_some(())
+    });
+    assert!(s.dead_letters().is_empty(), "{:?}", s.dead_letters());
+}
+
 #[test]
 fn bad_flags_and_config_fail_clearly() {
     let (ok, _, err) = run_cli(&[

@@ -1,12 +1,12 @@
 //! Write endpoints: validate, then append to the input topic; 202 once durable.
 
-use super::{ApiError, AppState};
+use super::{ApiError, AppState, LiteralQuery};
 use crate::app::Appender;
 use crate::ingest::{self, ErrorCode, InputKind, Rejection};
 use crate::log::OutRecord;
 use crate::model::time;
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde_json::{json, Value};
@@ -174,7 +174,7 @@ async fn profile_op(
 
 pub async fn put_profile(
     State(app): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    LiteralQuery(q): LiteralQuery,
     body: Bytes,
 ) -> Result<Accepted, ApiError> {
     profile_op(app, "put", q, Some(body)).await
@@ -182,7 +182,7 @@ pub async fn put_profile(
 
 pub async fn patch_profile(
     State(app): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    LiteralQuery(q): LiteralQuery,
     body: Bytes,
 ) -> Result<Accepted, ApiError> {
     profile_op(app, "patch", q, Some(body)).await
@@ -190,7 +190,7 @@ pub async fn patch_profile(
 
 pub async fn delete_profile(
     State(app): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    LiteralQuery(q): LiteralQuery,
 ) -> Result<Accepted, ApiError> {
     profile_op(app, "delete", q, None).await
 }

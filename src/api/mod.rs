@@ -19,6 +19,41 @@ use std::sync::Arc;
 
 pub type AppState = Arc<App>;
 
+/// Query parameters percent-decoded as RFC 3986 has it, a `+` kept as is
+/// (not a space, as HTML forms encode one): the `identifier` parameters
+/// carry phone numbers (`phone_number:+4712345678`) and sub-addressed
+/// emails (`jane+tag@example.com`) far more often than a space, which
+/// clients send as `%20`.
+pub struct LiteralQuery(pub std::collections::HashMap<String, String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for LiteralQuery {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        Ok(LiteralQuery(
+            parts
+                .uri
+                .query()
+                .unwrap_or("")
+                .split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    (decode(k), decode(v))
+                })
+                .collect(),
+        ))
+    }
+}
+
 /// An API error: `{"errors": [{"code", "title"}]}`.
 #[derive(Debug)]
 pub struct ApiError {

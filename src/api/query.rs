@@ -1,7 +1,7 @@
 //! Read endpoints: context, timeline, profiles, identifier lookup.
 
 use super::forward;
-use super::{blocking, ApiError, AppState};
+use super::{blocking, ApiError, AppState, LiteralQuery};
 use crate::ingest::{normalize_identifier, ErrorCode, Rejection};
 use crate::model::{time, StoredEvent, UserState};
 use crate::snapshot;
@@ -161,7 +161,7 @@ pub async fn events(
 /// `?identifier=TYPE:VALUE` -> the user it is linked to.
 pub async fn lookup(
     State(app): State<AppState>,
-    Query(q): Query<HashMap<String, String>>,
+    LiteralQuery(q): LiteralQuery,
 ) -> Result<Json<Value>, ApiError> {
     let raw = q.get("identifier").cloned().unwrap_or_default();
     let Some((t, v)) = raw.split_once(':') else {
