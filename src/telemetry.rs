@@ -8,8 +8,10 @@ use tracing_subscriber::EnvFilter;
 pub fn init_logs(format: LogFormat) {
     let filter = EnvFilter::try_from_env("CONTEXTD_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    // Colours only for a terminal: not in files and log collectors.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Human => builder.try_init(),

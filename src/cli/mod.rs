@@ -261,17 +261,25 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
             bail!("--from-inputs re-routes the input topics and needs embedded mode; in Kafka mode rebuild replays context.records (reset the group's input offsets to re-route)");
         }
         let started = std::time::Instant::now();
-        let (replayed, published) =
-            contextd::pipeline::kafka::rebuild(&config, &|n| eprint!("\rreplayed {n} records"))
-                .with_context(|| {
-                    format!(
-                "rebuild of {} from {} failed (is contextd still running on this data dir?)",
-                config.data_dir.display(),
-                config.brokers.as_deref().unwrap_or_default()
-            )
-                })?;
+        // A progress line for a terminal only, as the embedded rebuild's bar.
+        let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let progress = |n: u64| {
+            if terminal {
+                eprint!("\rreplayed {n} records")
+            }
+        };
+        let (replayed, published) = contextd::pipeline::kafka::rebuild(&config, &progress)
+            .with_context(|| {
+                format!(
+                    "rebuild of {} from {} failed (is contextd still running on this data dir?)",
+                    config.data_dir.display(),
+                    config.brokers.as_deref().unwrap_or_default()
+                )
+            })?;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
-        eprintln!();
+        if terminal {
+            eprintln!();
+        }
         println!("rebuilt {} from Kafka: {replayed} records replayed in {secs:.2}s ({:.0} records/s), {published} snapshots re-published", config.data_dir.display(), replayed as f64 / secs);
         return Ok(());
     }
