@@ -232,6 +232,61 @@ fn produce_keys_settings_and_each_customers_records() {
     );
 }
 
+/// At a first start on a backlog, the settings already on their topic are
+/// routed before any input record, even ones produced earlier (as Kafka
+/// Streams restores a global table first): no snapshot is published under
+/// the default settings (nothing shown) and then again under the real ones.
+#[test]
+fn the_settings_on_the_topic_are_routed_before_the_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let b = &broker.addr;
+    let users = 60;
+    let mut lines = Vec::new();
+    for i in 0..1200 {
+        let u = 7000 + i % users;
+        lines.push(json!({"id": format!("a{i}"), "user_id": u.to_string(), "type": "article_viewed", "properties": {"n": i}}).to_string());
+    }
+    let inputs = dir.path().join("inputs.ndjson");
+    std::fs::write(&inputs, lines.join("\n")).unwrap();
+    let settings = dir.path().join("settings.ndjson");
+    std::fs::write(&settings, SETTINGS.replace('\n', " ")).unwrap();
+    // The inputs first, the settings after them (a later log time).
+    for (topic, file) in [("zendesk.events", &inputs), ("context.settings", &settings)] {
+        let (ok, out, err) = common::run_cli(&[
+            "produce",
+            "--brokers",
+            b,
+            "--partitions",
+            "4",
+            "--topic",
+            topic,
+            file.to_str().unwrap(),
+        ]);
+        assert!(ok, "{out} {err}");
+    }
+    let s = start_kafka(dir.path(), "k1", b, "g-settings-first");
+    s.wait_for(60, "every event applied", |s| {
+        let n: usize = (0..users)
+            .filter_map(|i| s.all_events(&(7000 + i).to_string()))
+            .map(|e| e.len())
+            .sum();
+        (n == lines.len()).then_some(())
+    });
+    let snaps = s.wait_for(20, "every user's snapshot on the topic", |_| {
+        let snaps = kcat_consume(b, "context.snapshots");
+        let keys: std::collections::HashSet<&String> = snaps.iter().map(|x| &x.2).collect();
+        (keys.len() == users).then_some(snaps)
+    });
+    for (_, _, k, v) in &snaps {
+        let snap: Value = serde_json::from_str(v).unwrap();
+        assert!(
+            !snap["events"].as_array().unwrap().is_empty(),
+            "{k}: a snapshot under the default settings: {snap}"
+        );
+    }
+}
+
 /// Records whose outcome does not depend on the order across topics and
 /// partitions: every record names its user, keys are user ids.
 fn workload(users: usize, per_user: usize) -> Workload {

@@ -41,7 +41,7 @@ use crate::state::keys::{self, CF_IDENT, CF_META, CF_OUTBOX, CF_PART};
 use crate::state::Store;
 use prost::Message as _;
 use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
@@ -219,6 +219,124 @@ fn retry<T>(
     }
 }
 
+/// The routing stage's consumer context: settings first. When an
+/// assignment includes partitions of the settings topic, the input
+/// partitions assigned with them are paused until the settings already on
+/// those partitions are routed (`SettingsFirst`), as Kafka Streams
+/// restores a global table before it processes records. Otherwise, at a
+/// first start on a backlog, the poll that happens to come first routes
+/// thousands of records under the default settings (nothing shown), and
+/// the settings record after them re-publishes and reloads every user
+/// routed so far.
+struct RouterContext {
+    settings_topic: String,
+    pending: Mutex<Option<SettingsFirst>>,
+}
+
+/// An assignment whose inputs wait for its settings partitions.
+struct SettingsFirst {
+    settings: Vec<i32>,
+    paused: TopicPartitionList,
+    since: Instant,
+    /// Per settings partition, the end to reach (its high watermark when
+    /// the routing loop first saw this assignment); `None` until then.
+    ends: Option<HashMap<i32, i64>>,
+}
+
+/// How long inputs wait for their settings at most (a broker that does not
+/// answer: routing goes on, with the settings whenever they come).
+const SETTINGS_FIRST_MAX: Duration = Duration::from_secs(10);
+
+impl ClientContext for RouterContext {}
+
+impl ConsumerContext for RouterContext {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut pending = self.pending.lock().expect("lock");
+        *pending = None;
+        let Rebalance::Assign(tpl) = rebalance else {
+            return;
+        };
+        let mut settings = Vec::new();
+        let mut inputs = TopicPartitionList::new();
+        for e in tpl.elements() {
+            if e.topic() == self.settings_topic {
+                settings.push(e.partition());
+            } else {
+                inputs.add_partition(e.topic(), e.partition());
+            }
+        }
+        if settings.is_empty() || inputs.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.pause(&inputs) {
+            tracing::warn!(error = %e, "cannot pause the inputs for the settings; routing them as they come");
+            return;
+        }
+        *pending = Some(SettingsFirst {
+            settings,
+            paused: inputs,
+            since: Instant::now(),
+            ends: None,
+        });
+    }
+}
+
+impl RouterContext {
+    /// After each routed batch (`next`: next offsets routed per (topic,
+    /// partition)): resumes the paused inputs once every settings partition
+    /// reached its end.
+    fn settings_first(
+        &self,
+        consumer: &BaseConsumer<RouterContext>,
+        next: &HashMap<(String, i32), i64>,
+    ) {
+        let mut guard = self.pending.lock().expect("lock");
+        let Some(sf) = guard.as_mut() else { return };
+        let ends = sf.ends.get_or_insert_with(|| {
+            // Committed offsets say where each settings partition starts.
+            let mut tpl = TopicPartitionList::new();
+            for p in &sf.settings {
+                tpl.add_partition(&self.settings_topic, *p);
+            }
+            let committed = consumer
+                .committed_offsets(tpl, Duration::from_secs(10))
+                .ok();
+            let mut ends = HashMap::new();
+            for p in &sf.settings {
+                let from = committed
+                    .as_ref()
+                    .and_then(|t| t.find_partition(&self.settings_topic, *p))
+                    .and_then(|e| e.offset().to_raw())
+                    .unwrap_or(0)
+                    .max(0);
+                match consumer.fetch_watermarks(&self.settings_topic, *p, Duration::from_secs(10)) {
+                    Ok((_, high)) if high > from => {
+                        ends.insert(*p, high);
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, partition = p, "no high watermark for a settings partition"),
+                }
+            }
+            ends
+        });
+        ends.retain(|p, end| {
+            next.get(&(self.settings_topic.clone(), *p))
+                .is_none_or(|n| n < end)
+        });
+        let late = sf.since.elapsed() > SETTINGS_FIRST_MAX;
+        if ends.is_empty() || late {
+            if late {
+                tracing::warn!(waiting = ?ends, "settings not routed in time; routing the inputs anyway");
+            }
+            if let Err(e) = consumer.resume(&sf.paused) {
+                tracing::warn!(error = %e, "cannot resume the inputs");
+            }
+            tracing::debug!(after = ?sf.since.elapsed(), "settings routed first; inputs resumed");
+            *guard = None;
+        }
+    }
+}
+
 /// The routing stage (group `group_id`).
 pub fn run_router(
     c: Config,
@@ -229,7 +347,12 @@ pub fn run_router(
     followed: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), PipelineError> {
-    let consumer: BaseConsumer = consumer_config(&c, &c.group_id).create().map_err(kerr)?;
+    let consumer: BaseConsumer<RouterContext> = consumer_config(&c, &c.group_id)
+        .create_with_context(RouterContext {
+            settings_topic: c.topics.settings.clone(),
+            pending: Mutex::new(None),
+        })
+        .map_err(kerr)?;
     consumer.subscribe(&c.topics.inputs()).map_err(kerr)?;
     let router = Router::new(c.topics.clone(), c.partitions, crate::app::limits(&c));
     // Resolve nothing before every link made elsewhere is known.
@@ -254,6 +377,9 @@ pub fn run_router(
             Duration::from_millis(50),
         )?;
         if batch.is_empty() {
+            consumer
+                .context()
+                .settings_first(&consumer, &HashMap::new());
             let assigned = consumer
                 .assignment()
                 .map(|a| a.count() > 0)
@@ -306,6 +432,9 @@ pub fn run_router(
                 .iter()
                 .map(|((t, p), next)| (t.as_str(), *p, *next)),
         );
+        consumer
+            .context()
+            .settings_first(&consumer, &routed.positions);
         metrics::histogram!("contextd_batch_seconds", "stage" => "route")
             .record(t0.elapsed().as_secs_f64());
     }
