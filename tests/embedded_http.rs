@@ -595,6 +595,68 @@ fn produce_appends_every_line_and_the_pipeline_sorts_out_the_bad_ones() {
     }
 }
 
+/// Properties and attributes as deep as validation allows (30 levels of
+/// objects, the deepest `google.protobuf.Struct` for it) go through every
+/// stage, the API and a rebuild unchanged; one level more is refused at
+/// the door (422), not accepted and then undecodable.
+#[test]
+fn the_deepest_properties_allowed_round_trip_and_deeper_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let mut s = Server::start(&data, &[]);
+    s.set_visibility(&all_visible(&[("shop", "order")], &[("shop", "customer")]));
+    let nested = |levels: usize| {
+        let mut v = json!("leaf");
+        for _ in 0..levels {
+            v = json!({ "k": v });
+        }
+        v
+    };
+    let ids = json!([{"type": "email", "value": "deep@example.com"}]);
+    let mut ev = custom("shop", "order", Some("d1"), 1, ids.clone());
+    ev["event"]["properties"] = nested(30);
+    ev["profile"]["attributes"] = nested(30);
+    let (st, body) = s.post("/api/v2/user_profiles/events", &ev);
+    assert_eq!(st, 202, "{body}");
+    let put = json!({"profile": {"attributes": nested(30)}});
+    let q = "/api/v2/user_profiles?identifier=shop:customer:email:deep@example.com";
+    assert_eq!(s.put(q, &put).0, 202);
+    let ctx = s.wait_for(20, "the deep context", |s| {
+        let (st, c) = s.get("/api/v2/users/email:deep@example.com/context");
+        (st == 200 && c["profiles"][0]["attributes"] == nested(30)).then_some(c)
+    });
+    assert_eq!(ctx["events"][0]["properties"], nested(30));
+    for (path, body) in [
+        ("/api/v2/user_profiles/events", {
+            let mut e = ev.clone();
+            e["event"]["properties"] = nested(31);
+            e
+        }),
+        (
+            "/api/v2/zendesk/events",
+            json!({"user_id": "z", "type": "article_viewed", "properties": nested(31)}),
+        ),
+    ] {
+        let (st, b) = s.post(path, &body);
+        assert_eq!(st, 422, "{path}: {b}");
+        assert!(
+            b["errors"][0]["title"].as_str().unwrap().contains("nested"),
+            "{b}"
+        );
+    }
+    let (st, b) = s.patch(q, &json!({"profile": {"attributes": nested(31)}}));
+    assert_eq!(st, 422, "{b}");
+    assert_eq!(s.stop(), Some(0));
+    let d = data.to_str().unwrap();
+    let (ok, before, err) = run_cli(&["digest", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
+    assert!(ok, "{out} {err}");
+    let (ok, after, err) = run_cli(&["digest", "--data-dir", d]);
+    assert!(ok, "{err}");
+    assert_eq!(before, after);
+}
+
 /// A `+` in an `identifier` query parameter is a plus (phone numbers,
 /// sub-addressed emails), whether sent as is or as `%2B`.
 #[test]

@@ -57,7 +57,7 @@ fn build_event(
     let empty = Obj::new();
     let properties = at(
         || format!("{path}.properties"),
-        |f| fields::opt_obj(o, "properties", f),
+        |f| fields::opt_free_obj(o, "properties", f),
     )?
     .unwrap_or(&empty);
     let id = match at(|| format!("{path}.id"), |f| event_id(o, f))? {
@@ -327,6 +327,35 @@ mod tests {
     fn custom(event: Value) -> Value {
         json!({"profile": {"source": "shopify", "type": "customer",
             "identifiers": [{"type": "email", "value": "Jane@Example.com"}]}, "event": event})
+    }
+
+    #[test]
+    fn custom_event_rules_nesting() {
+        use crate::ingest::fields::MAX_NESTING;
+        let nested = |levels: usize| {
+            let mut v = json!(1);
+            for i in 1..levels {
+                v = if i % 2 == 0 {
+                    json!([v, 2])
+                } else {
+                    json!({ "k": v })
+                };
+            }
+            json!({ "p": v })
+        };
+        let ok = zd(json!({"user_id": "1", "type": "x", "properties": nested(MAX_NESTING)}));
+        assert!(ok.is_ok(), "{ok:?}");
+        let deep = zd(json!({"user_id": "1", "type": "x", "properties": nested(MAX_NESTING + 1)}));
+        assert_eq!(code(deep), "invalid_field");
+        let deep = normalize(
+            InputKind::CustomEvents,
+            custom(json!({"source": "s", "type": "t", "properties": nested(MAX_NESTING + 1)}))
+                .to_string()
+                .as_bytes(),
+            0,
+            Limits::default(),
+        );
+        assert_eq!(code(deep), "invalid_field");
     }
 
     #[test]

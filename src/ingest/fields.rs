@@ -142,6 +142,43 @@ pub fn opt_obj<'a, 'b>(
     }
 }
 
+/// How deep `properties` and `attributes` may nest (objects and arrays,
+/// the field itself counting as one). They are stored and published as
+/// `google.protobuf.Struct`, three protobuf levels per object level, and
+/// protobuf decoders (prost's, Java's, Python's) stop at 100 levels: a
+/// deeper value would be accepted here and then fail to decode in
+/// contextd's own stages and in every snapshot consumer.
+pub const MAX_NESTING: usize = 30;
+
+/// The nesting depth of a JSON value: 0 for a scalar, 1 + the deepest
+/// member for an object or array.
+pub fn nesting(v: &Value) -> usize {
+    match v {
+        Value::Object(o) => 1 + o.iter().map(|(_, m)| nesting(m)).max().unwrap_or(0),
+        Value::Array(a) => 1 + a.iter().map(nesting).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// An optional object of free-form values (`properties`, `attributes`):
+/// as `opt_obj`, nested at most `MAX_NESTING` levels.
+pub fn opt_free_obj<'a, 'b>(
+    o: &'a Obj<'b>,
+    key: &str,
+    path: &str,
+) -> Result<Option<&'a Obj<'b>>, Rejection> {
+    let m = opt_obj(o, key, path)?;
+    if let Some(v) = o.get(key) {
+        if nesting(v) > MAX_NESTING {
+            return Err(invalid(
+                path,
+                format_args!("is nested more than {MAX_NESTING} levels deep"),
+            ));
+        }
+    }
+    Ok(m)
+}
+
 /// A user id: a non-empty string or an integer.
 pub fn user_id(
     o: &Obj,

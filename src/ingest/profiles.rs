@@ -34,7 +34,7 @@ pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
         ProfileOpKind::Put => {
             out.name = profile.name;
             let empty = Obj::new();
-            let attrs = fields::opt_obj(p, "attributes", "profile.attributes")?;
+            let attrs = fields::opt_free_obj(p, "attributes", "profile.attributes")?;
             out.attributes = Some(json::to_struct(attrs.unwrap_or(&empty)));
         }
         ProfileOpKind::Patch => {
@@ -46,12 +46,7 @@ pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
                 patch.insert("name", name.clone());
             }
             if let Some(attrs) = p.get("attributes") {
-                if !matches!(attrs, Value::Null | Value::Object(_)) {
-                    return Err(invalid(
-                        "profile.attributes",
-                        format_args!("must be an object, got {}", fields::kind_name(attrs)),
-                    ));
-                }
+                fields::opt_free_obj(p, "attributes", "profile.attributes")?;
                 patch.insert("attributes", attrs.clone());
             }
             out.patch = Some(json::to_struct(&patch));
@@ -66,7 +61,7 @@ pub fn profile_op(o: &Obj) -> Result<Normalized, Rejection> {
 
 #[cfg(test)]
 mod tests {
-    use crate::ingest::{normalize, InputKind, Limits, Normalized};
+    use crate::ingest::{normalize, InputKind, Limits, Normalized, Rejection};
     use serde_json::{json, Value};
 
     fn op(v: Value) -> Result<Normalized, crate::ingest::Rejection> {
@@ -87,6 +82,46 @@ mod tests {
             p[k] = v.clone();
         }
         p
+    }
+
+    /// `MAX_NESTING` levels of attributes decode everywhere: as the
+    /// records-log entry, the stored profile and the published snapshot
+    /// (protobuf decoders stop at 100 levels); one more is refused.
+    #[test]
+    fn attributes_nest_at_most_max_nesting_levels() {
+        use crate::ingest::fields::MAX_NESTING;
+        use prost::Message;
+        let nested = |levels: usize| {
+            let mut v = json!("leaf");
+            for i in 1..levels {
+                v = if i % 3 == 0 {
+                    json!([v])
+                } else {
+                    json!({ "k": v })
+                };
+            }
+            json!({ "a": v })
+        };
+        for kind in ["put", "patch"] {
+            let deepest = op(
+                json!({"op": kind, "profile": prof(json!({"attributes": nested(MAX_NESTING)}))}),
+            );
+            let Ok(Normalized::Profile { op, .. }) = deepest else {
+                panic!("{kind}: {deepest:?}")
+            };
+            let record = crate::model::Record {
+                body: Some(crate::model::record::Body::ProfileOp(op)),
+                ..Default::default()
+            };
+            crate::model::Record::decode(&record.encode_to_vec()[..]).expect(kind);
+            let too_deep = op_result(kind, nested(MAX_NESTING + 1));
+            assert_eq!(too_deep.code.as_str(), "invalid_field", "{kind}");
+            assert!(too_deep.message.contains("nested"), "{}", too_deep.message);
+        }
+    }
+
+    fn op_result(kind: &str, attributes: Value) -> Rejection {
+        op(json!({"op": kind, "profile": prof(json!({"attributes": attributes}))})).unwrap_err()
     }
 
     #[test]
