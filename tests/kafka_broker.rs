@@ -537,6 +537,32 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
     let (ok, again, err) = common::run_cli(&["digest", "--data-dir", d]);
     assert!(ok, "{err}");
     assert_eq!(again, before, "the refused rebuild dropped nothing");
+    // A checkpoint of the Kafka-mode state restores to the same digest.
+    let cp = dir.path().join("cp");
+    let copy = dir.path().join("k1-restored");
+    let (ok, out, err) = common::run_cli(&[
+        "checkpoint",
+        "create",
+        "--data-dir",
+        d,
+        "--partitions",
+        "4",
+        cp.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out} {err}");
+    let (ok, out, err) = common::run_cli(&[
+        "checkpoint",
+        "restore",
+        "--data-dir",
+        copy.to_str().unwrap(),
+        "--partitions",
+        "4",
+        cp.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out} {err}");
+    let (ok, restored, err) = common::run_cli(&["digest", "--data-dir", copy.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert_eq!(restored, before, "a Kafka-mode checkpoint restored");
     let embedded = dir.path().join("embedded");
     let e = embedded.to_str().unwrap();
     let (ok, before, err) = common::run_cli(&["digest", "--data-dir", e]);

@@ -94,8 +94,9 @@ pub async fn profile_types(State(app): State<AppState>) -> Result<Json<Value>, A
 /// The dead letters (CONTRACT §6), oldest first: the newest `?limit=`
 /// (default 1000, at most 10000), or in embedded mode those from the
 /// dead-letter log's offset `?from=` on. `meta.total` is how many the
-/// topic holds, `meta.has_more` whether any of them is not in the answer,
-/// and (embedded) `meta.next_from` the offset to read on from.
+/// topic holds; `meta.has_more` says, for the newest, that older ones are
+/// left out and, reading on with `from`, that newer ones follow;
+/// (embedded) `meta.next_from` is the offset to read on from.
 pub async fn dead_letters(
     State(app): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -148,14 +149,14 @@ pub async fn dead_letters(
             .read(&topic, 0, first, limit)
             .map_err(ApiError::internal)?;
         let next = items.last().map_or(first.min(end), |r| r.offset + 1);
-        let total = end - start;
+        // Reading on (`from`): more after this page; the newest: older ones.
+        let has_more = match from {
+            Some(_) => next < end,
+            None => items.first().is_some_and(|r| r.offset > start),
+        };
         Ok(Json(json!({
             "dead_letters": items.iter().map(entry).collect::<Vec<_>>(),
-            "meta": {
-                "total": total,
-                "has_more": (items.len() as i64) < total,
-                "next_from": next,
-            },
+            "meta": {"total": end - start, "has_more": has_more, "next_from": next},
         })))
     })
     .await

@@ -269,11 +269,14 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
             }
         };
         let (replayed, published) = contextd::pipeline::kafka::rebuild(&config, &progress)
-            .with_context(|| {
-                format!(
-                    "rebuild of {} from {} failed (is contextd still running on this data dir?)",
-                    config.data_dir.display(),
-                    config.brokers.as_deref().unwrap_or_default()
+            .map_err(|e| {
+                failed(
+                    e.into(),
+                    format!(
+                        "rebuild of {} from {} failed",
+                        config.data_dir.display(),
+                        config.brokers.as_deref().unwrap_or_default()
+                    ),
                 )
             })?;
         let secs = started.elapsed().as_secs_f64().max(1e-9);
@@ -289,10 +292,10 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
             config.data_dir.display()
         );
     }
-    let r = replay::rebuild_embedded(&config, from_inputs, true).with_context(|| {
-        format!(
-            "rebuild of {} failed (is contextd still running on it?)",
-            config.data_dir.display()
+    let r = replay::rebuild_embedded(&config, from_inputs, true).map_err(|e| {
+        failed(
+            e.into(),
+            format!("rebuild of {} failed", config.data_dir.display()),
         )
     })?;
     let secs = r.elapsed.as_secs_f64().max(1e-9);
@@ -319,8 +322,24 @@ fn open_store(config: &Config) -> Result<state::Store> {
             config.data_dir.display()
         );
     }
-    state::Store::open(&config.data_dir, &config.store_options())
-        .with_context(|| "is contextd still running on this data dir? stop it first".to_string())
+    state::Store::open(&config.data_dir, &config.store_options()).map_err(|e| {
+        failed(
+            e.into(),
+            format!("cannot open {}", config.data_dir.display()),
+        )
+    })
+}
+
+/// `e` in the context `what`, with a hint when RocksDB found the store
+/// locked: another process (a running contextd) has it open.
+fn failed(e: anyhow::Error, what: String) -> anyhow::Error {
+    if format!("{e:#}").contains("lock") {
+        e.context(format!(
+            "{what}: is contextd still running on this data dir? stop it first"
+        ))
+    } else {
+        e.context(what)
+    }
 }
 
 fn digest(config: Config) -> Result<()> {
@@ -336,15 +355,26 @@ fn checkpoint_create(config: Config, dir: &std::path::Path) -> Result<()> {
             dir.display()
         );
     }
-    // The embedded topics are part of the data: their committed ends are in
-    // the store, so the store's checkpoint and the topics' copy agree.
-    let log = contextd::app::open_embedded(&config)
-        .context("is contextd still running on this data dir? stop it first")?;
-    rocksdb::checkpoint::Checkpoint::new(log.store().db())
-        .and_then(|c| c.create_checkpoint(dir))
-        .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))?;
-    log.checkpoint(&dir.join(CHECKPOINT_FOLDER))
-        .with_context(|| format!("cannot copy the embedded topics into {}", dir.display()))?;
+    let store = open_store(&config)?;
+    store.check_partitions(config.partitions)?;
+    if store.is_kafka_mode()? {
+        // Kafka mode: the state and the offsets it covers; the topics are
+        // the broker's.
+        rocksdb::checkpoint::Checkpoint::new(store.db())
+            .and_then(|c| c.create_checkpoint(dir))
+            .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))?;
+    } else {
+        drop(store);
+        // The embedded topics are part of the data: their committed ends
+        // are in the store, so the store's checkpoint and the topics' copy
+        // agree.
+        let log = contextd::app::open_embedded(&config)?;
+        rocksdb::checkpoint::Checkpoint::new(log.store().db())
+            .and_then(|c| c.create_checkpoint(dir))
+            .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))?;
+        log.checkpoint(&dir.join(CHECKPOINT_FOLDER))
+            .with_context(|| format!("cannot copy the embedded topics into {}", dir.display()))?;
+    }
     println!(
         "checkpoint of {} written to {}",
         config.data_dir.display(),

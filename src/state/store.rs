@@ -237,6 +237,11 @@ impl Store {
         }
     }
 
+    /// Whether the data dir was created in Kafka mode (`check_mode`).
+    pub fn is_kafka_mode(&self) -> Result<bool, StoreError> {
+        Ok(self.get_raw(CF_META, META_MODE)?.as_deref() == Some(b"kafka".as_slice()))
+    }
+
     /// Records the mode (`kafka` or not) a new data dir is created in, and
     /// refuses one of the other mode: its offsets, outbox and topics mean
     /// nothing there (an embedded `rebuild` of a Kafka-mode data dir would
