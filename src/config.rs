@@ -121,8 +121,10 @@ pub struct StorageConfig {
 #[serde(default)]
 pub struct KafkaConfig {
     /// Extra librdkafka consumer settings (TLS, SASL, timeouts...).
+    #[serde(deserialize_with = "settings_map")]
     pub consumer: BTreeMap<String, String>,
     /// Extra librdkafka producer settings.
+    #[serde(deserialize_with = "settings_map")]
     pub producer: BTreeMap<String, String>,
     /// The HTTP address other instances use to reach this one (defaults to http_addr).
     pub advertised_http_addr: Option<String>,
@@ -216,6 +218,63 @@ pub struct Overrides {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
+/// librdkafka settings as text, whatever type the source gave them
+/// (`CONTEXTD_KAFKA__PRODUCER__LINGER_MS=5` is a number to the environment
+/// provider, `"linger.ms" = 5` to TOML): librdkafka takes strings.
+fn settings_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Scalar {
+        Text(String),
+        Int(i64),
+        Float(f64),
+        Bool(bool),
+    }
+    Ok(BTreeMap::<String, Scalar>::deserialize(d)?
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                Scalar::Text(s) => s,
+                Scalar::Int(i) => i.to_string(),
+                Scalar::Float(f) => f.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            };
+            (k, v)
+        })
+        .collect())
+}
+
+/// librdkafka settings whose names have an underscore of their own (the
+/// others separate words with dots).
+const LIBRDKAFKA_UNDERSCORED: [&str; 2] = ["log_level", "enabled_events"];
+
+/// librdkafka setting names are dotted (`security.protocol`), and a dot
+/// cannot be written in an environment variable's name: in
+/// `CONTEXTD_KAFKA__CONSUMER__SECURITY_PROTOCOL` (and `..._PRODUCER__...`)
+/// each underscore stands for a dot. Keys from the config file are taken
+/// as written.
+fn librdkafka_names_from_env(k: &mut KafkaConfig) {
+    for (section, map) in [
+        ("CONTEXTD_KAFKA__CONSUMER__", &mut k.consumer),
+        ("CONTEXTD_KAFKA__PRODUCER__", &mut k.producer),
+    ] {
+        for (var, _) in std::env::vars_os() {
+            let Some(name) = var.to_str().and_then(|v| v.strip_prefix(section)) else {
+                continue;
+            };
+            let name = name.to_lowercase();
+            if LIBRDKAFKA_UNDERSCORED.contains(&name.as_str()) {
+                continue;
+            }
+            if let Some(v) = map.remove(&name) {
+                map.insert(name.replace('_', "."), v);
+            }
+        }
+    }
+}
+
 impl Config {
     pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
@@ -233,6 +292,7 @@ impl Config {
             .merge(Env::prefixed("CONTEXTD_").split("__").ignore(&["config"]))
             .merge(Serialized::defaults(flags));
         let mut c: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        librdkafka_names_from_env(&mut c.kafka);
         if c.brokers.as_deref().is_some_and(|b| b.trim().is_empty()) {
             c.brokers = None;
         }
@@ -392,6 +452,17 @@ mod tests {
             let c = Config::load(Some(Path::new("ok.toml")), &Overrides::default()).unwrap();
             assert_eq!(c.snapshot.min_interval_ms, 5);
             assert_eq!(c.kafka.producer["linger.ms"], "5");
+            // librdkafka's dotted names from the environment: an underscore
+            // stands for a dot (but for the names that have their own),
+            // and the environment beats the file.
+            jail.set_env("CONTEXTD_KAFKA__CONSUMER__SECURITY_PROTOCOL", "ssl");
+            jail.set_env("CONTEXTD_KAFKA__PRODUCER__LINGER_MS", "9");
+            jail.set_env("CONTEXTD_KAFKA__PRODUCER__LOG_LEVEL", "7");
+            let c = Config::load(Some(Path::new("ok.toml")), &Overrides::default()).unwrap();
+            assert_eq!(c.kafka.consumer["security.protocol"], "ssl");
+            assert_eq!(c.kafka.producer["linger.ms"], "9");
+            assert_eq!(c.kafka.producer["log_level"], "7");
+            assert_eq!(c.kafka.producer.len(), 2, "{:?}", c.kafka.producer);
             Ok(())
         });
     }
