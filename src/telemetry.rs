@@ -94,6 +94,10 @@ fn describe() {
         "Records-log entries skipped because their input offset was already applied"
     );
     describe_counter!(
+        "contextd_events_deduplicated_total",
+        "Events not stored again: the user's timeline already holds their id"
+    );
+    describe_counter!(
         "contextd_snapshots_published_total",
         "Context snapshots published"
     );
@@ -125,14 +129,21 @@ fn describe() {
         Unit::Bytes,
         "Approximate live bytes in the state store"
     );
-    describe_gauge!("contextd_users", "Approximate number of users in state");
+    describe_gauge!("contextd_users", "Users in the local state");
     describe_gauge!(
         "contextd_ready",
         "1 once the pipeline caught up after start"
     );
     metrics::gauge!("contextd_ready").set(0.0);
-    metrics::counter!("contextd_snapshots_published_total").increment(0);
-    metrics::counter!("contextd_identity_conflicts_total").increment(0);
+    // Counters a dashboard sums are there from the start, at 0.
+    for c in [
+        "contextd_snapshots_published_total",
+        "contextd_identity_conflicts_total",
+        "contextd_records_duplicate_skipped_total",
+        "contextd_events_deduplicated_total",
+    ] {
+        metrics::counter!(c).increment(0);
+    }
 }
 
 #[cfg(test)]

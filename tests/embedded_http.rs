@@ -120,6 +120,24 @@ fn identity_resolution_dedupe_and_dead_letters() {
         assert!(!d["payload_base64"].as_str().unwrap().is_empty());
     }
 
+    // The state's gauges are read when scraped: exact users (777 and
+    // external_id:X-9; the rejected operations created none), readiness,
+    // bytes; the events not stored again are counted.
+    let (_, m) = s.get("/metrics");
+    let m = m.as_str().unwrap().to_string();
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in {m}"))
+    };
+    assert_eq!(value("contextd_users"), 2.0);
+    assert_eq!(value("contextd_ready"), 1.0);
+    assert_eq!(value("contextd_events_deduplicated_total"), 3.0);
+    assert_eq!(value("contextd_records_duplicate_skipped_total"), 0.0);
+    assert!(value("contextd_state_bytes") > 0.0);
+    assert!(value("contextd_log_bytes") > 0.0);
+    assert!(value("contextd_batch_records_count{stage=\"route\"}") > 0.0);
+
     // PUT and PATCH need {"profile": {...}}; nothing is appended without it.
     let path = "/api/v2/user_profiles?identifier=shop:member:email:ann@example.com";
     for (method, body, status, code) in [

@@ -21,7 +21,6 @@ pub async fn healthz(State(app): State<AppState>) -> impl IntoResponse {
 
 pub async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     if app.ready.ready() {
-        metrics::gauge!("contextd_ready").set(1.0);
         (StatusCode::OK, Json(json!({"status": "ready"})))
     } else {
         (
@@ -31,7 +30,27 @@ pub async fn readyz(State(app): State<AppState>) -> impl IntoResponse {
     }
 }
 
-pub async fn metrics() -> impl IntoResponse {
+/// The gauges of the state, read when scraped: readiness, the users
+/// counted in the local state, RocksDB's estimate of its live data, and
+/// (embedded) the bytes of the local topics' files.
+fn state_gauges(app: &AppState) {
+    metrics::gauge!("contextd_ready").set(if app.ready.ready() { 1.0 } else { 0.0 });
+    let users: i64 = (0..app.config.partitions)
+        .filter_map(|p| app.store.user_count(p).ok().flatten())
+        .sum();
+    metrics::gauge!("contextd_users").set(users as f64);
+    metrics::gauge!("contextd_state_bytes").set(app.store.approximate_size() as f64);
+    if let crate::app::Appender::Embedded(log) = &app.appender {
+        metrics::gauge!("contextd_log_bytes").set(log.disk_bytes() as f64);
+    }
+}
+
+pub async fn metrics(State(app): State<AppState>) -> impl IntoResponse {
+    let _ = super::blocking(move || {
+        state_gauges(&app);
+        Ok(())
+    })
+    .await;
     (
         [(
             header::CONTENT_TYPE,

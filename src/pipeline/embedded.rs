@@ -525,7 +525,8 @@ pub fn run_router(
     while !stop.load(Ordering::Acquire) {
         let gen = log.generation();
         let started = Instant::now();
-        if stage.step(&log, opts.batch_records)? == 0 {
+        let n = stage.step(&log, opts.batch_records)?;
+        if n == 0 {
             if !ready.router.load(Ordering::Acquire) && stage.caught_up_with(&log, &start_ends) {
                 ready.router.store(true, Ordering::Release);
             }
@@ -534,6 +535,7 @@ pub fn run_router(
         }
         metrics::histogram!("contextd_batch_seconds", "stage" => "route")
             .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("contextd_batch_records", "stage" => "route").record(n as f64);
     }
     Ok(())
 }
@@ -550,7 +552,6 @@ pub fn run_materializer(
     ready: Arc<Readiness>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), PipelineError> {
-    let store = log.store().clone();
     let mut stage = MaterializerStep::for_partitions(&log, mat, &partitions)?;
     let mut caught_up = false;
     let mut last_size_check = Instant::now();
@@ -593,9 +594,6 @@ pub fn run_materializer(
                     log.truncate(&topic, *p as i32, end - opts.snapshot_retention)?;
                 }
             }
-            metrics::gauge!("contextd_state_bytes").set(store.approximate_size() as f64);
-            metrics::gauge!("contextd_log_bytes").set(log.disk_bytes() as f64);
-            metrics::gauge!("contextd_users").set(store.user_count_estimate() as f64);
             last_size_check = Instant::now();
         }
     }

@@ -435,6 +435,8 @@ pub fn run_router(
         consumer
             .context()
             .settings_first(&consumer, &routed.positions);
+        metrics::histogram!("contextd_batch_records", "stage" => "route")
+            .record(batch.len() as f64);
         metrics::histogram!("contextd_batch_seconds", "stage" => "route")
             .record(t0.elapsed().as_secs_f64());
     }
@@ -990,6 +992,8 @@ impl Worker {
             observe_latency(&m.log_times_ns);
             metrics::histogram!("contextd_batch_seconds", "stage" => "materialize")
                 .record(t0.elapsed().as_secs_f64());
+            metrics::histogram!("contextd_batch_records", "stage" => "materialize")
+                .record(share.live.len() as f64);
         } else if self.release_due() {
             self.release(store, producer, false, stop)?;
         }

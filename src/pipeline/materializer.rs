@@ -250,6 +250,7 @@ impl Materializer {
         let mut links_seen: HashSet<String> = HashSet::new();
         let mut applied = 0;
         let mut applied_by_topic: Vec<(&str, u64)> = Vec::new();
+        let mut duplicates = 0u64;
         let mut log_times_ns = Vec::with_capacity(decoded.len());
         for (p, rec, r) in decoded.iter_mut() {
             let p = *p;
@@ -301,7 +302,11 @@ impl Materializer {
                 .and_then(|u| u.get_mut(r.user_id.as_str()))
                 .expect("loaded above");
             let catalog = catalogs.entry(p).or_default();
-            match apply::apply(&mut t.state, r, self.opts.limits, catalog) {
+            let outcome = apply::apply(&mut t.state, r, self.opts.limits, catalog);
+            if matches!(outcome, Outcome::Duplicate) {
+                duplicates += 1;
+            }
+            match outcome {
                 Outcome::Applied | Outcome::Duplicate => {
                     applied += 1;
                     log_times_ns.push(r.log_time_ns);
@@ -324,6 +329,7 @@ impl Materializer {
             }
         }
         let mut published = 0;
+        let mut created: BTreeMap<u32, i64> = BTreeMap::new();
         let mut touched: Vec<((u32, String), Touched)> = users
             .into_iter()
             .flat_map(|(p, u)| u.into_iter().map(move |(uid, t)| ((p, uid), t)))
@@ -338,6 +344,9 @@ impl Materializer {
             // nothing stored, nothing published, and the API answers 404.
             if !t.existed && !t.applied {
                 continue;
+            }
+            if !t.existed {
+                *created.entry(p).or_default() += 1;
             }
             let changes = t.state.end_batch();
             let new_bodies = changes.new_bodies;
@@ -386,6 +395,15 @@ impl Materializer {
         for (p, delta) in &catalogs {
             store.merge_catalog(&mut batch, *p, delta)?;
         }
+        for (p, n) in created {
+            // The count is written with the users it counts; one stage
+            // writes a partition at a time.
+            let before = match store.user_count(p)? {
+                Some(c) => c,
+                None => store.count_users(p)?,
+            };
+            store.put_i64(&mut batch, CF_PART, &keys::part_users(p), before + n);
+        }
         for ((p, input_partition), by_topic) in marks {
             for (topic, off) in by_topic {
                 let mk = keys::part_input_mark(p, &topic, input_partition);
@@ -400,6 +418,9 @@ impl Materializer {
                 .increment(n);
         }
         self.count_published();
+        if duplicates > 0 {
+            metrics::counter!("contextd_events_deduplicated_total").increment(duplicates);
+        }
         if self.linked.len() + links_seen.len() > LINKED_MAX {
             self.linked.clear();
         }
@@ -1059,6 +1080,11 @@ mod tests {
         );
         assert!(store.get_user(0, "ghost").unwrap().is_none());
         assert!(store.get_user(0, "u").unwrap().is_some());
+        // The users counted as they are created (`contextd_users`) are the
+        // users stored.
+        assert_eq!(store.user_count(0).unwrap(), Some(1));
+        assert_eq!(store.count_users(0).unwrap(), 1);
+        assert_eq!(store.count_users(1).unwrap(), 0);
     }
 
     #[test]

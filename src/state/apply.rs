@@ -76,7 +76,8 @@ impl Default for ApplyLimits {
 pub enum Outcome {
     /// The state changed (or may have).
     Applied,
-    /// An event whose id the timeline already holds: nothing stored.
+    /// An event whose id the timeline already holds: the event is not
+    /// stored (a custom event's profile part is applied all the same).
     Duplicate,
     /// Not applied; goes to the dead-letter topic.
     Rejected(Rejection),
@@ -423,11 +424,7 @@ fn apply_event(
     };
     let hash = id_hash(&event.id);
     if w.ids.holds(hash, &event.id, &w.timeline) {
-        return if rec.profile.is_some() {
-            Outcome::Applied
-        } else {
-            Outcome::Duplicate
-        };
+        return Outcome::Duplicate;
     }
     let mut event = rec.event.take().expect("checked above");
     catalog_add(catalog, TypeKind::Event, &event.source, &event.r#type, at);

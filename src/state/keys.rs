@@ -160,6 +160,13 @@ pub fn part_held_prefix(p: u32) -> Vec<u8> {
     k
 }
 
+/// part: how many users the partition holds (`contextd_users`).
+pub fn part_users(p: u32) -> Vec<u8> {
+    let mut k = p.to_be_bytes().to_vec();
+    k.push(b'n');
+    k
+}
+
 /// part: the visibility settings in effect for the partition.
 pub fn part_settings(p: u32) -> Vec<u8> {
     let mut k = p.to_be_bytes().to_vec();

@@ -628,24 +628,49 @@ impl Store {
     }
 
     /// Approximate bytes of live data (for the state-size metric).
+    /// RocksDB's estimate of the state's live bytes: in its tables and in
+    /// its memtables (data not flushed yet).
     pub fn approximate_size(&self) -> u64 {
         ALL_CFS
             .iter()
-            .filter_map(|n| {
-                self.db
-                    .property_int_value_cf(self.cf(n), "rocksdb.estimate-live-data-size")
-                    .ok()
-                    .flatten()
+            .flat_map(|n| {
+                [
+                    "rocksdb.estimate-live-data-size",
+                    "rocksdb.cur-size-all-mem-tables",
+                ]
+                .map(|prop| {
+                    self.db
+                        .property_int_value_cf(self.cf(n), prop)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                })
             })
             .sum()
     }
 
-    pub fn user_count_estimate(&self) -> u64 {
-        self.db
-            .property_int_value_cf(self.cf(CF_USERS), "rocksdb.estimate-num-keys")
-            .ok()
-            .flatten()
-            .unwrap_or(0)
+    /// The users of partition `p`, counted by the materializing stage as it
+    /// creates them (`count_users` the first time, for a data dir of a
+    /// version that did not count).
+    pub fn user_count(&self, p: u32) -> Result<Option<i64>, StoreError> {
+        self.get_i64(CF_PART, &keys::part_users(p))
+    }
+
+    /// Counts the users of partition `p` key by key.
+    pub fn count_users(&self, p: u32) -> Result<i64, StoreError> {
+        let mut ro = ReadOptions::default();
+        if let Some(next) = p.checked_add(1) {
+            ro.set_iterate_upper_bound(next.to_be_bytes().to_vec());
+        }
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_USERS), ro);
+        it.seek(p.to_be_bytes());
+        let mut n = 0;
+        while it.valid() {
+            n += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok(n)
     }
 }
 
