@@ -32,6 +32,8 @@ pub async fn context(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Ingest trims user ids; a lookup by id does as well.
+    let user_id = user_id.trim().to_string();
     if let Some(r) = forward(&app, &user_id, &uri, &headers).await {
         return Ok(r);
     }
@@ -56,6 +58,8 @@ pub async fn profiles(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Ingest trims user ids; a lookup by id does as well.
+    let user_id = user_id.trim().to_string();
     if let Some(r) = forward(&app, &user_id, &uri, &headers).await {
         return Ok(r);
     }
@@ -103,6 +107,8 @@ pub async fn events(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Ingest trims user ids; a lookup by id does as well.
+    let user_id = user_id.trim().to_string();
     if let Some(r) = forward(&app, &user_id, &uri, &headers).await {
         return Ok(r);
     }

@@ -258,6 +258,11 @@ mod tests {
             "invalid_field"
         );
         assert_eq!(
+            code(zd(json!({"user_id": "1", "type": " \t "}))),
+            "missing_field",
+            "only whitespace is empty"
+        );
+        assert_eq!(
             code(zd(json!({"user_id": "1", "type": "t".repeat(41)}))),
             "invalid_field"
         );

@@ -93,7 +93,7 @@ pub fn invalid(path: &str, why: impl std::fmt::Display) -> Rejection {
 pub fn req_str<'a>(o: &'a Obj, key: &str, path: &str) -> Result<&'a str, Rejection> {
     match o.get(key) {
         None | Some(Value::Null) => Err(missing(path)),
-        Some(Value::String(s)) if s.is_empty() => Err(missing(path)),
+        Some(Value::String(s)) if s.trim().is_empty() => Err(missing(path)),
         Some(Value::String(s)) => Ok(s.as_ref()),
         Some(v) => Err(invalid(
             path,

@@ -99,6 +99,22 @@ pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
         .filter(|t| t.error().is_none() && !t.partitions().is_empty())
         .map(|t| t.name().to_string())
         .collect();
+    let mismatch = |topic: &str, got: i32| {
+        LogError::Kafka(format!(
+            "topic {topic} has {got} partitions but contextd runs with --partitions {n}; state is co-partitioned with it: start with --partitions {got} or use other topic names"
+        ))
+    };
+    // Checked before anything is created, so a refusal leaves no topic behind.
+    for topic in [&t.records, &t.snapshots, &t.identities] {
+        let got = md
+            .topics()
+            .iter()
+            .find(|m| m.name() == topic.as_str() && m.error().is_none())
+            .map_or(0, |m| m.partitions().len() as i32);
+        if got > 0 && got != n {
+            return Err(mismatch(topic, got));
+        }
+    }
     let new: Vec<NewTopic> = specs
         .iter()
         .filter(|(name, _, _)| !existing.contains(*name))
@@ -132,9 +148,7 @@ pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
                 break;
             }
             if got > 0 || Instant::now() > deadline {
-                return Err(LogError::Kafka(format!(
-                    "topic {topic} has {got} partitions but contextd runs with --partitions {n}; state is co-partitioned with it: start with --partitions {got} or use other topic names"
-                )));
+                return Err(mismatch(topic, got));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
