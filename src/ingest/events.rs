@@ -82,7 +82,7 @@ pub fn zendesk_event(o: &Obj, log_time_ns: i64) -> Result<Normalized, Rejection>
     let user_id = fields::user_id(o, "user_id", "user_id", true)?.expect("required");
     let kind = fields::type_name(o, "type", "type")?;
     if let Some(source) = fields::opt_str(o, "source", "source")? {
-        if source != ZENDESK {
+        if !source.eq_ignore_ascii_case(ZENDESK) {
             return Err(invalid(
                 "source",
                 format_args!("of a Zendesk event must be \"zendesk\", got {source:?}"),
@@ -119,7 +119,7 @@ pub fn zendesk_event(o: &Obj, log_time_ns: i64) -> Result<Normalized, Rejection>
 fn reserved(path: &str) -> Rejection {
     Rejection::new(
         ErrorCode::ReservedSource,
-        format!("{path} \"zendesk\" is reserved for Zendesk product events"),
+        format!("{path} \"zendesk\" (in any case) is reserved for Zendesk product events"),
     )
 }
 
@@ -128,7 +128,7 @@ pub fn profile_ref(o: &Obj) -> Result<ProfileRef, Rejection> {
     let p = fields::req_obj(o, "profile", "profile")?;
     let source = fields::type_name(p, "source", "profile.source")?;
     let kind = fields::type_name(p, "type", "profile.type")?;
-    if source == ZENDESK {
+    if source.eq_ignore_ascii_case(ZENDESK) {
         return Err(reserved("profile.source"));
     }
     let name = fields::opt_str(p, "name", "profile.name")?.map(str::to_string);
@@ -154,7 +154,7 @@ pub fn custom_event(o: &Obj, log_time_ns: i64) -> Result<Normalized, Rejection> 
     let e = fields::req_obj(o, "event", "event")?;
     let source = fields::type_name(e, "source", "event.source")?;
     let kind = fields::type_name(e, "type", "event.type")?;
-    if source == ZENDESK {
+    if source.eq_ignore_ascii_case(ZENDESK) {
         return Err(reserved("event.source"));
     }
     let profile = profile_ref(o)?;
@@ -243,6 +243,7 @@ mod tests {
             "invalid_field"
         );
         assert!(zd(json!({"user_id": "1", "type": "x", "source": "zendesk"})).is_ok());
+        assert!(zd(json!({"user_id": "1", "type": "x", "source": "Zendesk"})).is_ok());
         assert_eq!(
             code(zd(
                 json!({"user_id": "1", "type": "x", "created_at": "yesterday"})
@@ -368,7 +369,7 @@ mod tests {
         let ok = json!({"source": "shopify", "type": "order_completed"});
         assert!(ce(custom(ok.clone())).is_ok());
         assert_eq!(
-            code(ce(custom(json!({"source": "zendesk", "type": "x"})))),
+            code(ce(custom(json!({"source": "ZenDesk", "type": "x"})))),
             "reserved_source"
         );
         assert_eq!(
