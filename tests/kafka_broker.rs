@@ -103,6 +103,22 @@ fn produce_settings(broker: &str) {
     );
 }
 
+/// `contextd produce --brokers` of an NDJSON file (creating contextd's
+/// topics with 4 partitions if missing).
+fn contextd_produce(broker: &str, topic: &str, file: &Path) {
+    let (ok, out, err) = common::run_cli(&[
+        "produce",
+        "--brokers",
+        broker,
+        "--partitions",
+        "4",
+        "--topic",
+        topic,
+        file.to_str().unwrap(),
+    ]);
+    assert!(ok, "{out} {err}");
+}
+
 /// (partition, offset, key, value) of every record of a topic, via kcat.
 fn kcat_consume(broker: &str, topic: &str) -> Vec<(i32, i64, String, String)> {
     let out = Command::new("kcat")
@@ -191,17 +207,7 @@ fn produce_keys_settings_and_each_customers_records() {
         ("sunshine.profiles", &profiles),
     ] {
         // The first produce creates contextd's topics, with 4 partitions.
-        let (ok, out, err) = common::run_cli(&[
-            "produce",
-            "--brokers",
-            b,
-            "--partitions",
-            "4",
-            "--topic",
-            topic,
-            file.to_str().unwrap(),
-        ]);
-        assert!(ok, "{out} {err}");
+        contextd_produce(b, topic, file);
     }
     let got = kcat_consume(b, "context.settings");
     assert_eq!(got.len(), 2, "{got:?}");
@@ -253,17 +259,7 @@ fn the_settings_on_the_topic_are_routed_before_the_inputs() {
     std::fs::write(&settings, SETTINGS.replace('\n', " ")).unwrap();
     // The inputs first, the settings after them (a later log time).
     for (topic, file) in [("zendesk.events", &inputs), ("context.settings", &settings)] {
-        let (ok, out, err) = common::run_cli(&[
-            "produce",
-            "--brokers",
-            b,
-            "--partitions",
-            "4",
-            "--topic",
-            topic,
-            file.to_str().unwrap(),
-        ]);
-        assert!(ok, "{out} {err}");
+        contextd_produce(b, topic, file);
     }
     let s = start_kafka(dir.path(), "k1", b, "g-settings-first");
     s.wait_for(60, "every event applied", |s| {

@@ -355,23 +355,24 @@ fn checkpoint_create(config: Config, dir: &std::path::Path) -> Result<()> {
             dir.display()
         );
     }
+    let of_state = |store: &state::Store| {
+        rocksdb::checkpoint::Checkpoint::new(store.db())
+            .and_then(|c| c.create_checkpoint(dir))
+            .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))
+    };
     let store = open_store(&config)?;
     store.check_partitions(config.partitions)?;
     if store.is_kafka_mode()? {
         // Kafka mode: the state and the offsets it covers; the topics are
         // the broker's.
-        rocksdb::checkpoint::Checkpoint::new(store.db())
-            .and_then(|c| c.create_checkpoint(dir))
-            .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))?;
+        of_state(&store)?;
     } else {
         drop(store);
         // The embedded topics are part of the data: their committed ends
         // are in the store, so the store's checkpoint and the topics' copy
         // agree.
         let log = contextd::app::open_embedded(&config)?;
-        rocksdb::checkpoint::Checkpoint::new(log.store().db())
-            .and_then(|c| c.create_checkpoint(dir))
-            .with_context(|| format!("cannot create a checkpoint in {}", dir.display()))?;
+        of_state(log.store())?;
         log.checkpoint(&dir.join(CHECKPOINT_FOLDER))
             .with_context(|| format!("cannot copy the embedded topics into {}", dir.display()))?;
     }

@@ -804,6 +804,32 @@ mod tests {
     use crate::model::{Identifier, IdentityLink};
     use crate::state::StoreOptions;
 
+    /// A publishing stage with the default configuration on a fresh store.
+    fn fresh() -> (
+        tempfile::TempDir,
+        Store,
+        Materializer,
+        crate::config::Config,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = crate::config::Config::default();
+        let mat = Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+        (dir, store, mat, c)
+    }
+
+    /// A records-log entry of partition 0 at `offset`.
+    fn entry(offset: i64, r: Record) -> LogRecord {
+        LogRecord {
+            topic: "context.records".into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: r.encode_to_vec(),
+        }
+    }
+
     fn linking(offset: i64, user: &str) -> LogRecord {
         let r = Record {
             user_id: user.into(),
@@ -930,19 +956,7 @@ mod tests {
     #[test]
     fn a_settings_change_never_moves_updated_at_back() {
         use crate::model::{record, ContextSnapshot, EventRecord, Settings, StoredEvent, TypeRef};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let c = crate::config::Config::default();
-        let mut mat =
-            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
-        let entry = |offset: i64, r: Record| LogRecord {
-            topic: "context.records".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: 0,
-            key: None,
-            value: r.encode_to_vec(),
-        };
+        let (_dir, store, mut mat, _) = fresh();
         let shown = |ty: &str| Record {
             log_time_ns: 1_000,
             body: Some(record::Body::Settings(Settings {
@@ -995,19 +1009,7 @@ mod tests {
     #[test]
     fn a_rejected_profile_operation_creates_no_user_and_publishes_nothing() {
         use crate::model::{record, InputRef, ProfileOp, ProfileOpKind, Settings, TypeRef};
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let c = crate::config::Config::default();
-        let mut mat =
-            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
-        let entry = |offset: i64, r: Record| LogRecord {
-            topic: "context.records".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: 0,
-            key: None,
-            value: r.encode_to_vec(),
-        };
+        let (_dir, store, mut mat, c) = fresh();
         let op = |kind: ProfileOpKind, user: &str, ty: &str| Record {
             user_id: user.into(),
             log_time_ns: 7_000,
@@ -1089,11 +1091,7 @@ mod tests {
 
     #[test]
     fn links_are_written_again_after_a_failed_commit_and_never_replaced() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
-        let c = crate::config::Config::default();
-        let mut mat =
-            Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
+        let (_dir, store, mut mat, c) = fresh();
         // A batch whose commit failed: dropped, and the stage told so.
         let _ = mat.process(&store, &[linking(0, "u1")]).unwrap();
         mat.forget_all();
