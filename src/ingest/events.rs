@@ -128,7 +128,7 @@ pub fn profile_ref(o: &Obj) -> Result<ProfileRef, Rejection> {
     let p = fields::req_obj(o, "profile", "profile")?;
     let source = fields::type_name(p, "source", "profile.source")?;
     let kind = fields::type_name(p, "type", "profile.type")?;
-    if source.eq_ignore_ascii_case(ZENDESK) {
+    if source.trim().eq_ignore_ascii_case(ZENDESK) {
         return Err(reserved("profile.source"));
     }
     let name = fields::opt_str(p, "name", "profile.name")?.map(str::to_string);
@@ -154,7 +154,7 @@ pub fn custom_event(o: &Obj, log_time_ns: i64) -> Result<Normalized, Rejection> 
     let e = fields::req_obj(o, "event", "event")?;
     let source = fields::type_name(e, "source", "event.source")?;
     let kind = fields::type_name(e, "type", "event.type")?;
-    if source.eq_ignore_ascii_case(ZENDESK) {
+    if source.trim().eq_ignore_ascii_case(ZENDESK) {
         return Err(reserved("event.source"));
     }
     let profile = profile_ref(o)?;
@@ -369,7 +369,7 @@ mod tests {
         let ok = json!({"source": "shopify", "type": "order_completed"});
         assert!(ce(custom(ok.clone())).is_ok());
         assert_eq!(
-            code(ce(custom(json!({"source": "ZenDesk", "type": "x"})))),
+            code(ce(custom(json!({"source": " ZenDesk", "type": "x"})))),
             "reserved_source"
         );
         assert_eq!(
