@@ -165,14 +165,26 @@ pub struct KafkaProducer {
     inner: FutureProducer,
     snapshot_topic: String,
     snapshot_content_type: &'static str,
+    dlq_topic: String,
+    /// The producer's `message.max.bytes`, less room for the record's
+    /// framing: dead letters are cut to it (`deadletter::fit`).
+    max_dead_letter: usize,
 }
 
 impl KafkaProducer {
     pub fn new(c: &Config) -> Result<KafkaProducer, LogError> {
+        let max_message = c
+            .kafka
+            .producer
+            .get("message.max.bytes")
+            .and_then(|m| m.parse::<usize>().ok())
+            .unwrap_or(1_000_000);
         Ok(KafkaProducer {
             inner: producer_config(c).create().map_err(kerr)?,
             snapshot_topic: c.topics.snapshots.clone(),
             snapshot_content_type: c.snapshot_format.content_type(),
+            dlq_topic: c.topics.dlq.clone(),
+            max_dead_letter: max_message.saturating_sub(64 * 1024).max(4096),
         })
     }
 
@@ -184,7 +196,12 @@ impl KafkaProducer {
         for r in recs {
             // A snapshot's events are shared parts: rdkafka copies the
             // payload from one slice.
-            let value = r.value.contiguous();
+            let mut value = r.value.contiguous();
+            if r.topic == self.dlq_topic {
+                if let Some(cut) = crate::pipeline::deadletter::fit(&value, self.max_dead_letter) {
+                    value = std::borrow::Cow::Owned(cut);
+                }
+            }
             let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&r.topic)
                 .payload(&value[..])
                 .timestamp(r.timestamp_ms);
