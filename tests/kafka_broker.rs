@@ -610,6 +610,12 @@ fn two_instances_survive_a_kill_9_with_no_loss_and_monotonic_versions() {
     }
     // Queries for every user go to the survivor, which took over A's partitions.
     wait_contexts(&b, &want, 150);
+    // A restarts on its data dir: what its outbox still held from before the
+    // kill is sent again only where B has not published a newer version
+    // since (checked below: versions never go back in topic order).
+    let a = start_kafka(dir.path(), "a", &broker.addr, "g-two");
+    a.wait_ready(Duration::from_secs(90));
+    wait_contexts(&a, &want, 60);
     // Within each key, versions never go backwards in topic order; a new
     // version shows something new (the survivor, taking over A's
     // partitions, does not publish A's last contexts again), a re-send is

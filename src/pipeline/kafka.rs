@@ -47,7 +47,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 use rocksdb::{IteratorMode, WriteBatch};
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -796,12 +796,18 @@ fn commit_with_outbox(
     Ok(())
 }
 
-/// Re-sends what a previous run wrote to the outbox but may not have delivered.
+/// Re-sends what a previous run wrote to the outbox but may not have
+/// delivered; returns (records re-sent, snapshots dropped as superseded).
+/// A snapshot whose user has a snapshot of the same or a higher version
+/// on the topic by now is not sent again: after a crash another instance
+/// may have taken the partition over and published newer versions, and a
+/// late re-send would leave the older one last on the compacted topic.
 fn drain_outbox(
+    c: &Config,
     store: &Store,
     producer: &KafkaProducer,
     stop: &AtomicBool,
-) -> Result<usize, PipelineError> {
+) -> Result<(usize, usize), PipelineError> {
     let mut out = Vec::new();
     let mut ks = Vec::new();
     for item in store
@@ -813,6 +819,31 @@ fn drain_outbox(
             out.push(r);
         }
         ks.push(k.to_vec());
+    }
+    let snapshots = &c.topics.snapshots;
+    let ps: BTreeSet<u32> = out
+        .iter()
+        .filter(|r| &r.topic == snapshots)
+        .filter_map(|r| r.partition.map(|p| p as u32))
+        .collect();
+    let mut superseded = 0;
+    if !ps.is_empty() {
+        let seen = seen_versions(c, store, &ps.into_iter().collect::<Vec<_>>(), stop)?;
+        let json = c.snapshot_format == super::SnapshotFormat::Json;
+        out.retain(|r| {
+            let (true, Some(p), Some(k)) = (&r.topic == snapshots, r.partition, &r.key) else {
+                return true;
+            };
+            let Some(mine) = crate::snapshot::published(&r.value.contiguous(), json) else {
+                return true;
+            };
+            let newer = seen
+                .get(&(p as u32))
+                .and_then(|s| s.versions.get(String::from_utf8_lossy(k).as_ref()))
+                .is_some_and(|s| s.version >= mine.version);
+            superseded += usize::from(newer);
+            !newer
+        });
     }
     if !out.is_empty() {
         retry(stop, "publish", || {
@@ -826,7 +857,7 @@ fn drain_outbox(
         del.delete_cf(store.cf(CF_OUTBOX), k);
     }
     store.write(del)?;
-    Ok(out.len())
+    Ok((out.len(), superseded))
 }
 
 struct PartState {
@@ -1237,9 +1268,13 @@ pub fn run_materializer(
     ready: Arc<Readiness>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), PipelineError> {
-    let resent = drain_outbox(&store, &producer, &stop)?;
-    if resent > 0 {
-        tracing::info!(records = resent, "re-sent outbox from the previous run");
+    let (resent, superseded) = drain_outbox(&c, &store, &producer, &stop)?;
+    if resent + superseded > 0 {
+        tracing::info!(
+            records = resent,
+            superseded,
+            "re-sent outbox from the previous run"
+        );
     }
     let topic = c.topics.records.clone();
     let ctx = MatContext {
