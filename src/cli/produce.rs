@@ -78,21 +78,30 @@ fn post(addr: &str, topic: &str, lines: &[Vec<u8>]) -> Result<()> {
     }
 }
 
-fn to_http(addr: &str, topic: &str, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<()> {
+/// Hands `items` to `send` in chunks of `CHUNK`; returns how many.
+fn in_chunks<T>(
+    items: impl Iterator<Item = Result<T>>,
+    mut send: impl FnMut(&[T]) -> Result<()>,
+) -> Result<usize> {
     let mut chunk = Vec::with_capacity(CHUNK);
-    let mut total = 0usize;
-    for line in lines {
-        chunk.push(line?);
+    let mut total = 0;
+    for item in items {
+        chunk.push(item?);
         if chunk.len() == CHUNK {
-            post(addr, topic, &chunk)?;
+            send(&chunk)?;
             total += chunk.len();
             chunk.clear();
         }
     }
     if !chunk.is_empty() {
-        post(addr, topic, &chunk)?;
+        send(&chunk)?;
         total += chunk.len();
     }
+    Ok(total)
+}
+
+fn to_http(addr: &str, topic: &str, lines: impl Iterator<Item = Result<Vec<u8>>>) -> Result<()> {
+    let total = in_chunks(lines, |chunk| post(addr, topic, chunk))?;
     println!("appended {total} records to {topic} via http://{addr}");
     Ok(())
 }
@@ -112,30 +121,21 @@ fn to_kafka(
         .with_context(|| format!("cannot connect to {brokers}"))?;
     let kind = config.topics.kind(topic);
     let limits = contextd::app::limits(config);
-    let send = |chunk: &[OutRecord]| {
-        producer
-            .send_all_blocking(chunk)
-            .with_context(|| format!("producing to {topic} on {brokers} failed"))
-    };
-    let mut chunk = Vec::with_capacity(CHUNK);
-    let mut total = 0;
-    for line in lines {
+    let records = lines.map(|line| {
         let value = line?;
-        chunk.push(OutRecord {
+        Ok(OutRecord {
             topic: topic.to_string(),
             partition: None,
             key: kind.and_then(|k| ingest::input_key(k, &value, limits)),
             value: value.into(),
             timestamp_ms: contextd::model::time::now_ms(),
-        });
-        if chunk.len() == CHUNK {
-            send(&chunk)?;
-            total += chunk.len();
-            chunk.clear();
-        }
-    }
-    send(&chunk)?;
-    total += chunk.len();
+        })
+    });
+    let total = in_chunks(records, |chunk| {
+        producer
+            .send_all_blocking(chunk)
+            .with_context(|| format!("producing to {topic} on {brokers} failed"))
+    })?;
     println!("appended {total} records to {topic} on {brokers}");
     Ok(())
 }

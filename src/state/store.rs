@@ -239,7 +239,7 @@ impl Store {
 
     /// Whether the data dir was created in Kafka mode (`check_mode`).
     pub fn is_kafka_mode(&self) -> Result<bool, StoreError> {
-        Ok(self.get_raw(CF_META, META_MODE)?.as_deref() == Some(b"kafka".as_slice()))
+        Ok(self.get_raw(CF_META, META_MODE)?.as_deref() == Some(mode_name(true)))
     }
 
     /// Records the mode (`kafka` or not) a new data dir is created in, and
@@ -248,14 +248,13 @@ impl Store {
     /// replay an empty records log and drop its state). Data dirs of
     /// versions that did not record it take the mode they are opened in.
     pub fn check_mode(&self, kafka: bool) -> Result<(), StoreError> {
-        let name = |kafka: bool| if kafka { "kafka" } else { "embedded" };
         match self.get_raw(CF_META, META_MODE)? {
             None => {
                 self.db
-                    .put_cf(self.cf(CF_META), META_MODE, name(kafka).as_bytes())?;
+                    .put_cf(self.cf(CF_META), META_MODE, mode_name(kafka))?;
                 Ok(())
             }
-            Some(v) if v == name(kafka).as_bytes() => Ok(()),
+            Some(v) if v == mode_name(kafka) => Ok(()),
             Some(_) if kafka => Err(StoreError::Incompatible(
                 "the data dir holds embedded mode's state and topics; run without --brokers, or give Kafka mode another data dir".into(),
             )),
@@ -581,14 +580,10 @@ impl Store {
             }
             None => prefix.to_vec(),
         };
-        let mut ro = ReadOptions::default();
-        if let Some(next) = p.checked_add(1) {
-            ro.set_iterate_upper_bound(keys::partition_prefix(next).to_vec());
-        }
         let mut out = Vec::new();
         for item in self.db.iterator_cf_opt(
             self.cf(CF_USERS),
-            ro,
+            within_partition(p),
             IteratorMode::From(&start, Direction::Forward),
         ) {
             let (k, v) = item?;
@@ -658,12 +653,10 @@ impl Store {
 
     /// Counts the users of partition `p` key by key.
     pub fn count_users(&self, p: u32) -> Result<i64, StoreError> {
-        let mut ro = ReadOptions::default();
-        if let Some(next) = p.checked_add(1) {
-            ro.set_iterate_upper_bound(next.to_be_bytes().to_vec());
-        }
-        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_USERS), ro);
-        it.seek(p.to_be_bytes());
+        let mut it = self
+            .db
+            .raw_iterator_cf_opt(self.cf(CF_USERS), within_partition(p));
+        it.seek(keys::partition_prefix(p));
         let mut n = 0;
         while it.valid() {
             n += 1;
@@ -672,6 +665,24 @@ impl Store {
         it.status()?;
         Ok(n)
     }
+}
+
+/// The value of `META_MODE` for a data dir of Kafka mode or embedded mode.
+fn mode_name(kafka: bool) -> &'static [u8] {
+    if kafka {
+        b"kafka"
+    } else {
+        b"embedded"
+    }
+}
+
+/// Read options that end iteration at partition `p`'s last key.
+fn within_partition(p: u32) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    if let Some(next) = p.checked_add(1) {
+        ro.set_iterate_upper_bound(keys::partition_prefix(next).to_vec());
+    }
+    ro
 }
 
 /// Event properties stored beside the timelines (with the ones a batch has
