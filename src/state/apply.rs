@@ -179,6 +179,11 @@ pub struct Working {
     /// hold too (read with the user for its next snapshot): `shed_properties`
     /// drops them before the user is cached.
     stored_properties: bool,
+    /// Events the timeline held when the batch began, and events dropped
+    /// since: more drops than that means the batch dropped events it
+    /// stored itself (`end_batch` then writes neither).
+    held_at_start: usize,
+    dropped: usize,
 }
 
 /// A change to a user's timeline.
@@ -203,6 +208,7 @@ impl Working {
     pub fn new(mut state: UserState) -> Working {
         let timeline = VecDeque::from(std::mem::take(&mut state.timeline));
         let ids = IdIndex::new(timeline.iter().map(|e| e.id.as_str()));
+        let held_at_start = timeline.len();
         let (timeline_bytes, stored_properties) =
             timeline.iter().fold((0, false), |(bytes, stored), e| {
                 (
@@ -217,6 +223,8 @@ impl Working {
             new_bodies: Default::default(),
             dropped_bodies: Vec::new(),
             shown_events: Default::default(),
+            held_at_start,
+            dropped: 0,
             timeline_ops: Vec::new(),
             timeline_bytes,
             stored_properties,
@@ -256,6 +264,10 @@ impl Working {
     /// `resume` makes the state ready for the next batch (the id index is kept).
     pub fn end_batch(&mut self) -> BatchChanges {
         self.state.timeline = Vec::from(std::mem::take(&mut self.timeline));
+        if self.dropped > self.held_at_start {
+            cancel_transient(&mut self.timeline_ops);
+        }
+        self.dropped = 0;
         BatchChanges {
             new_bodies: std::mem::take(&mut self.new_bodies),
             dropped_bodies: std::mem::take(&mut self.dropped_bodies),
@@ -266,6 +278,7 @@ impl Working {
     /// After `end_batch`: takes the timeline back for applying.
     pub fn resume(&mut self) {
         self.timeline = VecDeque::from(std::mem::take(&mut self.state.timeline));
+        self.held_at_start = self.timeline.len();
     }
 
     /// The state to store, with the bodies to write and delete.
@@ -290,6 +303,38 @@ impl Working {
         }
         st
     }
+}
+
+/// Drops from a batch's timeline changes each event both stored and
+/// dropped by the batch (a `Put` and a later `Delete` of its key): its key
+/// did not exist before the `Put` (an event is stored only when the
+/// timeline does not hold its id, and a key dropped earlier in the batch
+/// keeps its `Delete`), so writing neither leaves the store as writing
+/// both would. A user receiving more events in one batch than
+/// `max_events_per_user` (the head of a replay's large batches) wrote
+/// each of them, and a tombstone, for nothing.
+fn cancel_transient(ops: &mut Vec<TimelineOp>) {
+    let mut keep = vec![true; ops.len()];
+    let mut stored: std::collections::HashMap<(i64, &str), usize> =
+        std::collections::HashMap::new();
+    for (i, op) in ops.iter().enumerate() {
+        match op {
+            TimelineOp::Put(at, id, _) => {
+                stored.insert((*at, id.as_str()), i);
+            }
+            TimelineOp::Delete(at, id) => {
+                if let Some(j) = stored.remove(&(*at, id.as_str())) {
+                    keep[i] = false;
+                    keep[j] = false;
+                }
+            }
+        }
+    }
+    let mut i = 0;
+    ops.retain(|_| {
+        i += 1;
+        keep[i - 1]
+    });
 }
 
 /// What a batch changed besides the state value itself.
@@ -457,6 +502,7 @@ fn apply_event(
             w.timeline_bytes = w.timeline_bytes.saturating_sub(stored_len(&old));
             w.ids.remove(&old.id);
             w.shown_events.remove(old.created_at_ns, &old.id);
+            w.dropped += 1;
             w.timeline_ops
                 .push(TimelineOp::Delete(old.created_at_ns, old.id.clone()));
             if w.new_bodies.remove(&old.id).is_none()
@@ -632,6 +678,56 @@ mod tests {
 
     fn ids(s: &Working) -> Vec<&str> {
         s.timeline().iter().map(|e| e.id.as_str()).collect()
+    }
+
+    fn op_keys(ops: &[TimelineOp]) -> Vec<String> {
+        ops.iter()
+            .map(|o| match o {
+                TimelineOp::Put(at, id, _) => format!("put {id}@{at}"),
+                TimelineOp::Delete(at, id) => format!("del {id}@{at}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_stored_and_dropped_by_one_batch_are_not_written() {
+        let mut w = Working::new(new_user("u"));
+        let mut c = CatalogDelta::new();
+        let l = ApplyLimits {
+            max_events_per_user: 3,
+        };
+        for (id, at) in [("a", 1), ("b", 2)] {
+            apply(&mut w, &mut ev(id, at), l, &mut c);
+        }
+        assert_eq!(op_keys(&w.end_batch().timeline_ops), ["put a@1", "put b@2"]);
+        w.resume();
+        // Four more in one batch of a three-event timeline: "a" and "b"
+        // were stored before and are deleted; "c" comes and goes within
+        // the batch and is written neither way.
+        for (id, at) in [("c", 3), ("d", 4), ("e", 5), ("f", 6)] {
+            apply(&mut w, &mut ev(id, at), l, &mut c);
+        }
+        assert_eq!(
+            op_keys(&w.end_batch().timeline_ops),
+            ["put d@4", "del a@1", "put e@5", "del b@2", "put f@6"]
+        );
+        w.resume();
+        // An id dropped and sent again within one batch: its earlier key's
+        // delete stays; the copy stored and dropped again is not written.
+        let l1 = ApplyLimits {
+            max_events_per_user: 1,
+        };
+        apply(&mut w, &mut ev("g", 7), l1, &mut c);
+        apply(&mut w, &mut ev("f", 6), l1, &mut c);
+        assert_eq!(ids(&w), ["g"]);
+        assert_eq!(
+            op_keys(&w.end_batch().timeline_ops),
+            ["put g@7", "del d@4", "del e@5", "del f@6"]
+        );
+        w.resume();
+        // Fewer drops than events held: nothing to cancel, written as is.
+        apply(&mut w, &mut ev("h", 8), l1, &mut c);
+        assert_eq!(op_keys(&w.end_batch().timeline_ops), ["put h@8", "del g@7"]);
     }
 
     #[test]

@@ -897,6 +897,63 @@ mod tests {
         );
     }
 
+    /// Whatever a batch's timeline changes leave out (events stored and
+    /// dropped by one batch), the store holds exactly the timeline after
+    /// every batch: batches of random sizes, out-of-order times, ids sent
+    /// again after they were dropped, and duplicates.
+    #[test]
+    fn the_stored_timeline_is_the_working_timeline_after_every_batch() {
+        use crate::model::{record, EventRecord, Record};
+        use crate::state::apply::{apply, ApplyLimits, Working};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let limits = ApplyLimits {
+            max_events_per_user: 5,
+        };
+        let mut w = Working::new(new_user("u"));
+        let mut seed = 7u64;
+        let mut next = |n: u64| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..200 {
+            for _ in 0..1 + next(12) {
+                let id = format!("e{}", next(40));
+                // Times from the id, so an id sent again has its key again,
+                // and out of order across ids.
+                let at = 1_000 + id[1..].parse::<i64>().unwrap() * 7 % 40;
+                let mut rec = Record {
+                    log_time_ns: at,
+                    body: Some(record::Body::Event(EventRecord {
+                        event: Some(event(&id, at)),
+                        profile: None,
+                    })),
+                    ..Default::default()
+                };
+                apply(&mut w, &mut rec, limits, &mut Default::default());
+            }
+            let changes = w.end_batch();
+            let mut b = WriteBatch::default();
+            store.put_timeline_ops(&mut b, 3, "u", &changes.timeline_ops);
+            store.put_user(&mut b, 3, &mut w.state);
+            store.write(b).unwrap();
+            let key = |e: &StoredEvent| (e.created_at_ns, e.id.clone());
+            let stored: Vec<_> = store
+                .get_user(3, "u")
+                .unwrap()
+                .unwrap()
+                .timeline
+                .iter()
+                .map(key)
+                .collect();
+            let working: Vec<_> = w.state.timeline.iter().map(key).collect();
+            assert_eq!(stored, working);
+            w.resume();
+        }
+    }
+
     #[test]
     fn timeline_is_stored_per_event_and_older_inline_state_is_split_on_write() {
         let dir = tempfile::tempdir().unwrap();
