@@ -14,7 +14,6 @@ use contextd::state::cache::UserCache;
 use contextd::workload::Workload;
 use prost::Message;
 use std::alloc::{GlobalAlloc, Layout};
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicIsize, Ordering};
 use std::sync::Arc;
 
@@ -67,7 +66,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-struct MapBodies(HashMap<String, Vec<u8>>);
+struct MapBodies(contextd::state::FastMap<String, Vec<u8>>);
 
 impl Bodies for MapBodies {
     fn properties(&self, e: &StoredEvent) -> Vec<u8> {

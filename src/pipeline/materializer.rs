@@ -22,6 +22,7 @@ use crate::state::apply::{self, ApplyLimits, CatalogDelta, Outcome};
 use crate::state::cache::UserCache;
 use crate::state::keys::{self, CF_IDENT, CF_META, CF_PART};
 use crate::state::store::StoreBodies;
+use crate::state::FastMap;
 use crate::state::Store;
 use prost::Message;
 use rocksdb::WriteBatch;
@@ -204,7 +205,7 @@ impl Materializer {
         let mut positions: BTreeMap<u32, i64> = BTreeMap::new();
         // The last input offset applied per (partition, input partition,
         // input topic), looked up without building a key per record.
-        let mut marks: HashMap<(u32, i32), HashMap<String, i64>> = HashMap::new();
+        let mut marks: HashMap<(u32, i32), FastMap<String, i64>> = HashMap::new();
         let mut decoded: Vec<(u32, &LogRecord, Record)> = Vec::with_capacity(input.len());
         for rec in input {
             let p = rec.partition as u32;
@@ -232,7 +233,7 @@ impl Materializer {
         let loaded = self.load(store, &wanted)?;
         // By partition, then user id: a record finds its user without
         // copying the id.
-        let mut users: HashMap<u32, HashMap<String, Touched>> = HashMap::new();
+        let mut users: HashMap<u32, FastMap<String, Touched>> = HashMap::new();
         for ((p, uid), state) in wanted.iter().zip(loaded) {
             let existed = state.is_some();
             users.entry(*p).or_default().insert(
@@ -628,7 +629,7 @@ impl Materializer {
         settings: &Arc<Settings>,
         state: &mut crate::model::UserState,
         at_ns: i64,
-        pending: Option<&HashMap<String, Vec<u8>>>,
+        pending: Option<&crate::state::FastMap<String, Vec<u8>>>,
         shown: &mut snapshot::EncodedEvents,
     ) -> bool {
         let at_ns = at_ns.max(state.snapshot_updated_at_ns);

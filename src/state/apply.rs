@@ -8,7 +8,7 @@ use crate::model::{
 };
 use prost_types::{value::Kind, Struct};
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
 use std::sync::OnceLock;
 
 /// Kind of a catalog entry.
@@ -111,8 +111,8 @@ impl Hasher for Prehashed {
 /// One keyed hash for every id index of the process (SipHash with random
 /// keys: ids come from outside).
 fn id_hash(id: &str) -> u64 {
-    static KEYS: OnceLock<RandomState> = OnceLock::new();
-    KEYS.get_or_init(RandomState::new).hash_one(id)
+    static KEYS: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
+    KEYS.get_or_init(Default::default).hash_one(id)
 }
 
 impl IdIndex {
@@ -160,7 +160,7 @@ pub struct Working {
     /// Properties of events stored by this batch (event id -> encoded
     /// Struct), for its snapshot: the store has them in the events'
     /// timeline values (written once), the cached timeline does not.
-    pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
+    pub new_bodies: crate::state::FastMap<String, Vec<u8>>,
     /// Ids of events trimmed by this batch whose properties are in the
     /// `bodies` column family (state written before `body_in_timeline`).
     pub dropped_bodies: Vec<String>,
@@ -286,7 +286,7 @@ impl Working {
         mut self,
     ) -> (
         UserState,
-        std::collections::HashMap<String, Vec<u8>>,
+        crate::state::FastMap<String, Vec<u8>>,
         Vec<String>,
     ) {
         let c = self.end_batch();
@@ -315,8 +315,7 @@ impl Working {
 /// each of them, and a tombstone, for nothing.
 fn cancel_transient(ops: &mut Vec<TimelineOp>) {
     let mut keep = vec![true; ops.len()];
-    let mut stored: std::collections::HashMap<(i64, &str), usize> =
-        std::collections::HashMap::new();
+    let mut stored: crate::state::FastMap<(i64, &str), usize> = Default::default();
     for (i, op) in ops.iter().enumerate() {
         match op {
             TimelineOp::Put(at, id, _) => {
@@ -340,7 +339,7 @@ fn cancel_transient(ops: &mut Vec<TimelineOp>) {
 /// What a batch changed besides the state value itself.
 pub struct BatchChanges {
     /// Properties of events stored by the batch (event id -> encoded Struct).
-    pub new_bodies: std::collections::HashMap<String, Vec<u8>>,
+    pub new_bodies: crate::state::FastMap<String, Vec<u8>>,
     /// Ids of events dropped by the batch whose properties are in the store.
     pub dropped_bodies: Vec<String>,
     /// Timeline events stored and dropped, in order.

@@ -9,7 +9,7 @@
 //! restore) forgets the partition first.
 
 use super::apply::Working;
-use std::collections::HashMap;
+use super::FastMap;
 
 /// Bytes of memory per encoded byte of a user's value (profiles and
 /// their attributes: strings, maps and their nodes).
@@ -56,7 +56,7 @@ struct Entry {
 }
 
 pub struct UserCache {
-    map: HashMap<(u32, String), Entry>,
+    map: FastMap<(u32, String), Entry>,
     /// The users' estimates, summed (their slots in the table apart).
     users: usize,
     /// What `contextd_user_cache_bytes` was last moved to, for this cache.
@@ -68,7 +68,7 @@ pub struct UserCache {
 impl UserCache {
     pub fn new(budget_bytes: usize) -> UserCache {
         UserCache {
-            map: HashMap::new(),
+            map: FastMap::default(),
             users: 0,
             reported: 0,
             budget: budget_bytes,

@@ -691,7 +691,7 @@ pub struct StoreBodies<'a> {
     pub store: &'a Store,
     pub partition: u32,
     pub user_id: &'a str,
-    pub pending: Option<&'a std::collections::HashMap<String, Vec<u8>>>,
+    pub pending: Option<&'a crate::state::FastMap<String, Vec<u8>>>,
 }
 
 /// A timeline value's properties (its other fields skipped).
