@@ -38,7 +38,9 @@ test: build tansu
 	cargo test --release -- --test-threads=2
 	bash tests/browser/run.sh
 
-bench: build
+# The full harness: the broker and the peer's Python packages first.
+bench: build tansu
+	python3 -c 'import confluent_kafka, quixstreams' 2>/dev/null || python3 -m pip install -q -r bench/peers/requirements.txt 2>/dev/null || python3 -m pip install -q --break-system-packages -r bench/peers/requirements.txt
 	python3 bench/run.py
 
 clean:
