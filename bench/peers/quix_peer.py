@@ -404,6 +404,10 @@ class Counters:
     def __init__(self):
         self.inputs = 0
         self.settings = 0
+        # Input records processed before the first settings record: until
+        # it arrives nothing is shown, so those records publish no
+        # snapshots (Kafka orders nothing across topics).
+        self.inputs_before_settings = None
         self.snapshots = 0
         self.snapshot_bytes = 0
         self.dead_letters = 0
@@ -588,6 +592,12 @@ def build(args):
             if counters.first is None:
                 counters.first = now
         elif topic == args.settings_topic:
+            if counters.settings == 0:
+                counters.inputs_before_settings = counters.inputs
+                if args.ready_file:
+                    # The harness loads the inputs once this exists.
+                    with open(args.ready_file, "w") as f:
+                        f.write("settings processed\n")
             counters.settings += 1
         counters.last = now
 
@@ -738,6 +748,8 @@ def main():
     ap.add_argument("--idle-exit", type=float, default=5.0, help="stop after this many idle seconds (once records were seen)")
     ap.add_argument("--start-timeout", type=float, default=300.0, help="give up if nothing arrives within this many seconds")
     ap.add_argument("--loglevel", default="WARNING")
+    ap.add_argument("--ready-file", default=None,
+                    help="written once the first settings record is processed (the harness then loads the inputs)")
     args = ap.parse_args()
     if args.state_dir is None:
         args.state_dir = tempfile.mkdtemp(prefix="quix-peer-")
@@ -767,7 +779,8 @@ def main():
         print(f"quix_peer: {outcome['error']}", file=sys.stderr)
         sys.exit(1)
     secs = max((c.last or started) - (c.first or started), 1e-9)
-    print(orjson.dumps({"mode": "quix", "records": c.inputs, "settings": c.settings, "snapshots": c.snapshots,
+    print(orjson.dumps({"mode": "quix", "records": c.inputs, "settings": c.settings,
+                        "inputs_before_settings": c.inputs_before_settings, "snapshots": c.snapshots,
                         "snapshot_bytes": c.snapshot_bytes, "dead_letters": c.dead_letters, "identity_conflicts": c.conflicts,
                         "seconds": round(secs, 3), "records_per_s": round(c.inputs / secs),
                         "t_start": c.first, "t_end": c.last, "changelog": not args.no_changelog}).decode(), flush=True)
