@@ -22,7 +22,8 @@ Why it is shaped like this:
   than one `concat` of the four: concat turns on Quix's cross-topic time
   alignment, which pauses and resumes partitions and, measured on tansu, left
   the app waiting on fetches (3.4x slower). Without it, as in any Kafka
-  consumer, there is no order across topics (nor in contextd).
+  consumer, there is no order across topics; the harness loads the settings
+  before the inputs (`--ready-file`), as contextd routes them first.
 * Quix allows one group_by per chain and none across dataframes, so both
   re-keys use explicit topics (`peer.validated`, and `peer.records`, which is
   contextd's records log).
