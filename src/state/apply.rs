@@ -108,8 +108,8 @@ impl Hasher for Prehashed {
     }
 }
 
-/// One keyed hash for every id index of the process (SipHash with random
-/// keys: ids come from outside).
+/// One keyed hash for every id index of the process (foldhash, seeded at
+/// random per process: ids come from outside).
 fn id_hash(id: &str) -> u64 {
     static KEYS: OnceLock<foldhash::fast::RandomState> = OnceLock::new();
     KEYS.get_or_init(Default::default).hash_one(id)
