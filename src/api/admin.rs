@@ -2,10 +2,10 @@
 
 use super::{blocking, ApiError, AppState};
 use crate::app::Appender;
+use crate::ingest::SETTINGS_KEY;
 use crate::ingest::{self, settings_to_json};
 use crate::log::OutRecord;
 use crate::model::{record, time, Record, Settings};
-use crate::pipeline::router::SETTINGS_KEY;
 use crate::snapshot;
 use crate::state::apply::TypeKind;
 use crate::state::keys::{CF_META, META_SETTINGS};

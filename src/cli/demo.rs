@@ -4,10 +4,10 @@
 use anyhow::{Context, Result};
 use contextd::app::EmbeddedRuntime;
 use contextd::config::Config;
+use contextd::ingest::SETTINGS_KEY;
 use contextd::log::OutRecord;
 use contextd::model::{json, time, ContextSnapshot};
 use contextd::pipeline::embedded::lag;
-use contextd::pipeline::router::SETTINGS_KEY;
 use contextd::telemetry;
 use contextd::workload::Workload;
 use indicatif::{ProgressBar, ProgressStyle};

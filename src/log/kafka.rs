@@ -459,7 +459,6 @@ pub fn partition_count<C: rdkafka::consumer::ConsumerContext>(
         .unwrap_or(0))
 }
 
-/// The last `limit` records of every partition of `topic`.
 /// The newest `limit` records of a topic over all its partitions, oldest
 /// first (by timestamp, then partition and offset), and how many records
 /// the topic holds (high minus low watermarks).

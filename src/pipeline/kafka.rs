@@ -25,10 +25,11 @@
 
 use super::embedded::{LinkCache, Readiness, StoreLookup};
 use super::materializer::{observe_latency, Materializer};
-use super::router::{Router, SETTINGS_KEY};
+use super::router::Router;
 use super::PipelineError;
 use crate::config::Config;
 use crate::ingest;
+use crate::ingest::SETTINGS_KEY;
 use crate::log::kafka::{
     consumer_config, partition_count, read_until_idle, to_log_record, Acks, KafkaProducer,
     MEMBERS_TOPIC,

@@ -15,7 +15,7 @@ use crate::model::{
 use prost::Message;
 use std::collections::HashMap;
 
-pub use crate::ingest::SETTINGS_KEY;
+use crate::ingest::SETTINGS_KEY;
 
 /// What a routed batch produces.
 #[derive(Default)]

@@ -622,7 +622,6 @@ impl Store {
         Ok(())
     }
 
-    /// Approximate bytes of live data (for the state-size metric).
     /// RocksDB's estimate of the state's live bytes: in its tables and in
     /// its memtables (data not flushed yet).
     pub fn approximate_size(&self) -> u64 {
