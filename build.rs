@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(files, ["proto"])?;
     prost_build::Config::new()
+        // An event's properties decode as a slice of the entry they come
+        // from (`Bytes`), not a copy (prost copies a `Vec<u8>` field twice).
+        .bytes([".contextd.v1.StoredEvent.properties"])
         .type_attribute(
             "contextd.v1.TypeRef",
             "#[derive(Eq, Hash, PartialOrd, Ord)]",

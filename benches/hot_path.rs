@@ -174,7 +174,7 @@ fn bench(c: &mut Criterion) {
                 kind: Some(prost_types::value::Kind::StringValue(format!("{i:0>500}"))),
             },
         );
-        e.properties = props.encode_to_vec();
+        e.properties = props.encode_to_vec().into();
         e.body_in_timeline = true;
     }
     let mut batch = rocksdb::WriteBatch::default();

@@ -235,7 +235,8 @@ pub fn rebuild_embedded(
 
 /// After a replay or a partition restore (the one code path for both):
 /// every user of partition `p` continues from the last snapshot published
-/// (`published`), and a snapshot is published only where the visible
+/// (`published`: what a Kafka restore saw on the snapshots topic; else the
+/// user's mark in the store), and a snapshot is published only where the visible
 /// content differs from it (or its content is unknown). `commit` makes each
 /// page of users durable with the snapshots it publishes. Users `mat` has
 /// cached are taken from its cache (a replay leaves most of them there), so
@@ -245,7 +246,7 @@ pub fn settle_partition(
     store: &Store,
     mat: &mut Materializer,
     p: u32,
-    published: &dyn Fn(&str) -> Result<Option<Published>, PipelineError>,
+    published: &dyn Fn(&str) -> Option<Published>,
     commit: &mut dyn FnMut(
         rocksdb::WriteBatch,
         Vec<crate::log::OutRecord>,
@@ -263,14 +264,17 @@ pub fn settle_partition(
         let Some((last, _)) = page.last() else { break };
         after = Some(last.clone());
         let mut out = Vec::new();
-        for (uid, value) in page {
-            let mut w = match mat.take_cached(p, &uid) {
+        let uids: Vec<&str> = page.iter().map(|(uid, _)| uid.as_str()).collect();
+        let marks = store.get_marks(p, &uids)?;
+        for ((uid, value), mark) in page.iter().zip(marks) {
+            let mut w = match mat.take_cached(p, uid) {
                 Some(w) => w,
-                None => Working::new(store.user_value(p, &value)?),
+                None => Working::new(store.user_value(p, value)?),
             };
             w.end_batch();
             let st = &mut w.state;
-            if let Some(last) = published(&st.user_id)? {
+            if let Some(last) = published(&st.user_id).or_else(|| mark.as_ref().map(Published::of))
+            {
                 if last.version > st.snapshot_version
                     || (last.version == st.snapshot_version && last.hash.is_some())
                 {
@@ -315,16 +319,13 @@ fn settle_snapshots(
     let store = log.store();
     let mut republished = 0;
     for p in parts.iter().copied() {
-        let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-            Ok(store.get_mark(p, uid)?.as_ref().map(Published::of))
-        };
         // A bulk write nothing reads right away: past the page cache.
         let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
             log.commit_direct(batch, &out)
                 .map(|_| ())
                 .map_err(PipelineError::from)
         };
-        republished += settle_partition(store, mat, p, &published, &mut commit)? as u64;
+        republished += settle_partition(store, mat, p, &|_| None, &mut commit)? as u64;
     }
     Ok(republished)
 }

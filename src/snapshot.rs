@@ -69,7 +69,7 @@ pub fn properties_of(e: &StoredEvent, bodies: &impl Bodies) -> Vec<u8> {
     if e.properties.is_empty() {
         bodies.properties(e)
     } else {
-        e.properties.clone()
+        e.properties.to_vec()
     }
 }
 
@@ -179,7 +179,7 @@ fn shown_events(
             let props = if e.properties.is_empty() {
                 fetched.next().unwrap_or_default()
             } else {
-                e.properties.clone()
+                e.properties.to_vec()
             };
             snap_event(e, props)
         })
@@ -974,7 +974,7 @@ mod tests {
             st.encode_to_vec()
         };
         // Some properties inline, some in the body store, one empty.
-        s.timeline[0].properties = props("inline");
+        s.timeline[0].properties = props("inline").into();
         s.timeline[1].description = "Order #1001".into();
         s.timeline[2].received_at_ns = 1_700_000_000_123_456_789;
         let bodies = MapBodies(
@@ -1027,7 +1027,7 @@ mod tests {
             r#type: "email".into(),
             value: "jane@example.com".into(),
         }];
-        s.timeline[0].properties = json::encode_struct(&attrs);
+        s.timeline[0].properties = json::encode_struct(&attrs).into();
         let at = 1_700_000_002_500_000_000;
         let on = Arc::new(settings(true, true, true));
         let snap = next_snapshot(&mut s, &on, 50, at, &mut EncodedEvents::new(), &()).unwrap();

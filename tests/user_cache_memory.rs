@@ -66,11 +66,11 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-struct MapBodies(contextd::state::FastMap<String, Vec<u8>>);
+struct MapBodies(contextd::state::FastMap<String, bytes::Bytes>);
 
 impl Bodies for MapBodies {
     fn properties(&self, e: &StoredEvent) -> Vec<u8> {
-        self.0.get(&e.id).cloned().unwrap_or_default()
+        self.0.get(&e.id).map(|b| b.to_vec()).unwrap_or_default()
     }
 }
 

@@ -69,7 +69,7 @@ fn build_event(
         source: source.to_string(),
         r#type: kind.to_string(),
         description,
-        properties: json::encode_struct(properties),
+        properties: json::encode_struct(properties).into(),
         created_at_ns,
         received_at_ns: log_time_ns,
         body_in_timeline: false,

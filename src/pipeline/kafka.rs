@@ -1622,12 +1622,7 @@ fn go_live(
     // (read from it): a snapshot is published again only where the context
     // differs from it, whoever published it (a partition that moved, a
     // rebuild into a new data dir), and its `updated_at` never goes back.
-    let published = |uid: &str| -> Result<Option<Published>, PipelineError> {
-        Ok(match published_versions.get(uid) {
-            Some(seen) => Some(seen.clone()),
-            None => store.get_mark(p, uid)?.as_ref().map(Published::of),
-        })
-    };
+    let published = |uid: &str| published_versions.get(uid).cloned();
     let mut commit =
         |batch, out: Vec<OutRecord>| commit_with_outbox(store, producer, batch, &out, stop);
     // Settled from the store's pages, not from what the cache holds.

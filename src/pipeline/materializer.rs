@@ -68,6 +68,10 @@ pub struct Materializer {
     /// true; a failed commit clears it (`forget_all`), and it is cleared
     /// whenever it reaches `LINKED_MAX` entries.
     linked: HashSet<String>,
+    /// The size of the last batch's write batch: the next one reserves
+    /// that much at once instead of growing by doubling (every step a
+    /// copy of what it holds, into fresh memory).
+    batch_bytes: usize,
 }
 
 /// Identifier keys `Materializer::linked` holds at most (a few MiB).
@@ -131,6 +135,7 @@ impl Materializer {
             held: HashMap::new(),
             linked: HashSet::new(),
             published_uncounted: (0, 0),
+            batch_bytes: 0,
         }
     }
 
@@ -200,7 +205,8 @@ impl Materializer {
         store: &Store,
         input: &[LogRecord],
     ) -> Result<Materialized, PipelineError> {
-        let mut batch = WriteBatch::default();
+        // A little over the last batch's size: a batch like it fits.
+        let mut batch = WriteBatch::with_capacity_bytes(self.batch_bytes + self.batch_bytes / 8);
         let mut out = Vec::new();
         let mut positions: BTreeMap<u32, i64> = BTreeMap::new();
         // The last input offset applied per (partition, input partition,
@@ -426,6 +432,7 @@ impl Materializer {
             self.linked.clear();
         }
         self.linked.extend(links_seen);
+        self.batch_bytes = batch.size_in_bytes();
         Ok(Materialized {
             batch,
             out,
@@ -629,7 +636,7 @@ impl Materializer {
         settings: &Arc<Settings>,
         state: &mut crate::model::UserState,
         at_ns: i64,
-        pending: Option<&crate::state::FastMap<String, Vec<u8>>>,
+        pending: Option<&crate::state::FastMap<String, bytes::Bytes>>,
         shown: &mut snapshot::EncodedEvents,
     ) -> bool {
         let at_ns = at_ns.max(state.snapshot_updated_at_ns);
@@ -902,7 +909,8 @@ mod tests {
                             .as_object()
                             .unwrap()
                             .into(),
-                    ),
+                    )
+                    .into(),
                     ..Default::default()
                 }),
                 profile: None,

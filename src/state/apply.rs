@@ -160,7 +160,7 @@ pub struct Working {
     /// Properties of events stored by this batch (event id -> encoded
     /// Struct), for its snapshot: the store has them in the events'
     /// timeline values (written once), the cached timeline does not.
-    pub new_bodies: crate::state::FastMap<String, Vec<u8>>,
+    pub new_bodies: crate::state::FastMap<String, bytes::Bytes>,
     /// Ids of events trimmed by this batch whose properties are in the
     /// `bodies` column family (state written before `body_in_timeline`).
     pub dropped_bodies: Vec<String>,
@@ -238,7 +238,7 @@ impl Working {
         if std::mem::take(&mut self.stored_properties) {
             for e in &mut self.state.timeline {
                 if e.body_in_timeline && !e.properties.is_empty() {
-                    e.properties = Vec::new();
+                    e.properties = bytes::Bytes::new();
                 }
             }
         }
@@ -286,7 +286,7 @@ impl Working {
         mut self,
     ) -> (
         UserState,
-        crate::state::FastMap<String, Vec<u8>>,
+        crate::state::FastMap<String, bytes::Bytes>,
         Vec<String>,
     ) {
         let c = self.end_batch();
@@ -339,7 +339,7 @@ fn cancel_transient(ops: &mut Vec<TimelineOp>) {
 /// What a batch changed besides the state value itself.
 pub struct BatchChanges {
     /// Properties of events stored by the batch (event id -> encoded Struct).
-    pub new_bodies: crate::state::FastMap<String, Vec<u8>>,
+    pub new_bodies: crate::state::FastMap<String, bytes::Bytes>,
     /// Ids of events dropped by the batch whose properties are in the store.
     pub dropped_bodies: Vec<String>,
     /// Timeline events stored and dropped, in order.

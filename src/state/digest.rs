@@ -29,7 +29,7 @@ fn user_hash(store: &Store, p: u32, s: &UserState) -> [u8; 32] {
     for e in &s.timeline {
         h.update(b"e");
         let mut full = e.clone();
-        full.properties = properties_of(e, &bodies);
+        full.properties = properties_of(e, &bodies).into();
         // Where the properties are stored is not content.
         full.body_in_timeline = false;
         h.update(StoredEvent::encode_to_vec(&full));
