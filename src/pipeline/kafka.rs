@@ -1751,6 +1751,16 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     let mut live = Materializer::new(c.topics.clone(), crate::app::materializer_options(c, true));
     let mut replayed = 0u64;
     let mut published = 0;
+    let commit = |m: crate::pipeline::materializer::Materialized| {
+        commit_with_outbox(
+            &store,
+            &producer,
+            m.batch,
+            &m.out,
+            &c.topics.snapshots,
+            &stop,
+        )
+    };
     for p in 0..c.partitions as i32 {
         let mut chunk = Vec::new();
         let mut result = Ok(());
@@ -1763,30 +1773,13 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
                 if chunk.len() >= c.pipeline.batch_records && result.is_ok() {
                     result = restore
                         .process(&store, &std::mem::take(&mut chunk))
-                        .and_then(|m| {
-                            commit_with_outbox(
-                                &store,
-                                &producer,
-                                m.batch,
-                                &m.out,
-                                &c.topics.snapshots,
-                                &stop,
-                            )
-                        });
+                        .and_then(commit);
                 }
             },
         )?;
         result?;
         if !chunk.is_empty() {
-            let m = restore.process(&store, &chunk)?;
-            commit_with_outbox(
-                &store,
-                &producer,
-                m.batch,
-                &m.out,
-                &c.topics.snapshots,
-                &stop,
-            )?;
+            commit(restore.process(&store, &chunk)?)?;
         }
         replayed += store
             .get_i64(CF_PART, &keys::part_offset(p as u32))?
