@@ -9,8 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(files, ["proto"])?;
     prost_build::Config::new()
-        // An event's properties decode as a slice of the entry they come
-        // from (`Bytes`), not a copy (prost copies a `Vec<u8>` field twice).
+        // An event's properties decode into `Bytes`: one copy of them (a
+        // `Vec<u8>` field is copied twice, into a `BytesMut` and then into
+        // the vector), and a batch's snapshots share them.
         .bytes([".contextd.v1.StoredEvent.properties"])
         .type_attribute(
             "contextd.v1.TypeRef",
