@@ -11,7 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     prost_build::Config::new()
         // An event's properties decode into `Bytes`: one copy of them (a
         // `Vec<u8>` field is copied twice, into a `BytesMut` and then into
-        // the vector), and a batch's snapshots share them.
+        // the vector).
         .bytes([".contextd.v1.StoredEvent.properties"])
         .type_attribute(
             "contextd.v1.TypeRef",
