@@ -4,7 +4,6 @@
 
 use super::{LogError, LogRecord, OutRecord};
 use crate::config::Config;
-use futures::future::join_all;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -234,19 +233,26 @@ impl KafkaProducer {
         Ok(out)
     }
 
+    /// Waits for every delivery, in send order, and returns the first
+    /// failure (after all of them: nothing of the batch is still in flight
+    /// when it is sent again). One at a time: acks come in about that
+    /// order, so a delivery that completes while an earlier one is awaited
+    /// wakes nothing, as it would under `join_all`.
     async fn await_all(futs: Vec<rdkafka::producer::DeliveryFuture>) -> Result<(), LogError> {
-        for r in join_all(futs).await {
-            match r {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => return Err(kerr(e)),
-                Err(_) => {
-                    return Err(LogError::Kafka(
-                        "delivery cancelled (producer closed)".into(),
-                    ))
-                }
+        let mut first = Ok(());
+        for f in futs {
+            let r = match f.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(kerr(e)),
+                Err(_) => Err(LogError::Kafka(
+                    "delivery cancelled (producer closed)".into(),
+                )),
+            };
+            if first.is_ok() {
+                first = r;
             }
         }
-        Ok(())
+        first
     }
 
     /// Appends without waiting for the acks (`Acks` tells when they came).
