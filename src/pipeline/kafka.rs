@@ -1939,47 +1939,11 @@ mod tests {
     /// last one published, not the state's newer content.
     #[test]
     fn an_outboxed_snapshot_is_read_back_as_it_was_published() {
-        use crate::model::{record, EventRecord, Record, Settings, StoredEvent, TypeRef};
+        use crate::pipeline::materializer::fixtures::{entry, shop_event, shop_orders_shown};
         use crate::pipeline::materializer::Materializer;
         use crate::state::StoreOptions;
-        let entry = |offset: i64, r: &Record| LogRecord {
-            topic: "context.records".into(),
-            partition: 2,
-            offset,
-            timestamp_ms: 0,
-            key: Some(r.user_id.clone().into_bytes()),
-            value: r.encode_to_vec(),
-        };
-        let settings = Record {
-            body: Some(record::Body::Settings(Settings {
-                events_api: true,
-                shown_event_types: vec![TypeRef {
-                    source: "shop".into(),
-                    r#type: "order".into(),
-                }],
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let event = |i: i64| Record {
-            user_id: "u".into(),
-            log_time_ns: 1_000 + i,
-            body: Some(record::Body::Event(EventRecord {
-                event: Some(StoredEvent {
-                    id: format!("e{i}"),
-                    source: "shop".into(),
-                    r#type: "order".into(),
-                    created_at_ns: i * 10,
-                    properties: crate::model::json::encode_struct(
-                        &json!({ "n": i }).as_object().unwrap().into(),
-                    )
-                    .into(),
-                    ..Default::default()
-                }),
-                profile: None,
-            })),
-            ..Default::default()
-        };
+        let settings = shop_orders_shown();
+        let event = |i: i64| shop_event(i, "order", i * 10, &json!({ "n": i }));
         for (format, hold) in [
             (super::super::SnapshotFormat::Protobuf, false),
             (super::super::SnapshotFormat::Json, false),
@@ -1997,12 +1961,12 @@ mod tests {
             }
             let mut mat =
                 Materializer::new(c.topics.clone(), crate::app::materializer_options(&c, true));
-            let m = mat.process(&store, &[entry(0, &settings)]).unwrap();
+            let m = mat.process(&store, &[entry(2, 0, &settings)]).unwrap();
             store.write(m.batch).unwrap();
             let mut last = None;
             let mut published = 0;
             for i in 1..5 {
-                let m = mat.process(&store, &[entry(i, &event(i))]).unwrap();
+                let m = mat.process(&store, &[entry(2, i, &event(i))]).unwrap();
                 store.write(m.batch).unwrap();
                 for o in m.out.iter().filter(|o| o.topic == c.topics.snapshots) {
                     last = Some(o.value.to_vec());

@@ -806,8 +806,76 @@ pub fn latest_change_ns(st: &crate::model::UserState) -> i64 {
         .max(st.snapshot_updated_at_ns)
 }
 
+/// Records-log entries for tests of the materializing stage, here and in
+/// Kafka mode's.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use crate::log::LogRecord;
+    use crate::model::{record, EventRecord, Record, Settings, StoredEvent, TypeRef};
+    use prost::Message;
+
+    /// A records-log entry of `partition` at `offset` (the stage reads the
+    /// user from the record, not the key).
+    pub fn entry(partition: i32, offset: i64, r: &Record) -> LogRecord {
+        LogRecord {
+            topic: "context.records".into(),
+            partition,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: r.encode_to_vec(),
+        }
+    }
+
+    /// Settings that show custom events of type (`shop`, `order`) only.
+    pub fn shop_orders_shown() -> Record {
+        Record {
+            body: Some(record::Body::Settings(Settings {
+                events_api: true,
+                shown_event_types: vec![TypeRef {
+                    source: "shop".into(),
+                    r#type: "order".into(),
+                }],
+                ..Default::default()
+            })),
+            ..Default::default()
+        }
+    }
+
+    /// The `i`th event of user `u`: a `shop` event of type `ty`, id `e{i}`,
+    /// logged at 1,000 + `i` ns, with `properties`.
+    pub fn shop_event(
+        i: i64,
+        ty: &str,
+        created_at_ns: i64,
+        properties: &serde_json::Value,
+    ) -> Record {
+        Record {
+            user_id: "u".into(),
+            log_time_ns: 1_000 + i,
+            body: Some(record::Body::Event(EventRecord {
+                event: Some(StoredEvent {
+                    id: format!("e{i}"),
+                    source: "shop".into(),
+                    r#type: ty.into(),
+                    created_at_ns,
+                    received_at_ns: 1_000 + i,
+                    properties: crate::model::json::encode_struct(
+                        &properties.as_object().expect("an object").into(),
+                    )
+                    .into(),
+                    ..Default::default()
+                }),
+                profile: None,
+            })),
+            ..Default::default()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use super::fixtures::{shop_event, shop_orders_shown};
     use super::*;
     use crate::model::{Identifier, IdentityLink};
     use crate::state::StoreOptions;
@@ -828,14 +896,7 @@ mod tests {
 
     /// A records-log entry of partition 0 at `offset`.
     fn entry(offset: i64, r: Record) -> LogRecord {
-        LogRecord {
-            topic: "context.records".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: 0,
-            key: None,
-            value: r.encode_to_vec(),
-        }
+        super::fixtures::entry(0, offset, &r)
     }
 
     fn linking(offset: i64, user: &str) -> LogRecord {
@@ -869,53 +930,20 @@ mod tests {
     /// kept it cached (and reused its last snapshot's encoded events).
     #[test]
     fn a_user_loaded_again_publishes_what_a_cached_one_does() {
-        use crate::model::{record, EventRecord, Settings, StoredEvent, TypeRef};
         let mut c = crate::config::Config::default();
         c.snapshot.max_events = 3;
         c.timeline.max_events_per_user = 6;
-        let entry = |offset: i64, r: Record| LogRecord {
-            topic: "context.records".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: 0,
-            key: Some(r.user_id.clone().into_bytes()),
-            value: r.encode_to_vec(),
-        };
-        let settings = Record {
-            body: Some(record::Body::Settings(Settings {
-                events_api: true,
-                shown_event_types: vec![TypeRef {
-                    source: "shop".into(),
-                    r#type: "order".into(),
-                }],
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        let event = |i: i64, ty: &str| Record {
-            user_id: "u".into(),
-            log_time_ns: 1_000 + i,
-            body: Some(record::Body::Event(EventRecord {
-                event: Some(StoredEvent {
-                    id: format!("e{i}"),
-                    source: "shop".into(),
-                    r#type: ty.into(),
-                    // Out of order now and then: an older event lands
-                    // among the shown ones.
-                    created_at_ns: if i % 4 == 3 { i * 10 - 25 } else { i * 10 },
-                    received_at_ns: 1_000 + i,
-                    properties: crate::model::json::encode_struct(
-                        &serde_json::json!({ "n": i, "pad": "x".repeat(i as usize) })
-                            .as_object()
-                            .unwrap()
-                            .into(),
-                    )
-                    .into(),
-                    ..Default::default()
-                }),
-                profile: None,
-            })),
-            ..Default::default()
+        let settings = shop_orders_shown();
+        let event = |i: i64, ty: &str| {
+            // Out of order now and then: an older event lands among the
+            // shown ones.
+            let at = if i % 4 == 3 { i * 10 - 25 } else { i * 10 };
+            shop_event(
+                i,
+                ty,
+                at,
+                &serde_json::json!({ "n": i, "pad": "x".repeat(i as usize) }),
+            )
         };
         let mut batches = vec![vec![settings]];
         for b in 0..6 {
