@@ -375,7 +375,7 @@ pub fn run_router(
         }
         let batch = poll_batch(
             &consumer,
-            c.pipeline.batch_records,
+            4 * c.pipeline.batch_records,
             Duration::from_millis(50),
         )?;
         if batch.is_empty() {
@@ -970,6 +970,10 @@ impl Share {
     fn is_empty(&self) -> bool {
         self.restoring.is_empty() && self.live.is_empty()
     }
+
+    fn len(&self) -> usize {
+        self.restoring.len() + self.live.len()
+    }
 }
 
 /// One worker of the materializing stage: its partitions' materializers,
@@ -1144,6 +1148,28 @@ impl Worker {
     }
 }
 
+/// Appends to `share` the shares queued behind it, in order, while the
+/// whole stays within `limit` records, and returns the first command taken
+/// and not merged (a barrier, or a share that would pass the limit).
+///
+/// A worker behind the loop finds shares waiting: applied as one batch,
+/// they make one snapshot per user for all of them and one commit, as the
+/// embedded stage's batch takes the whole backlog up to its budget. A
+/// worker that keeps up finds none and applies each share as it comes.
+fn merge_queued(share: &mut Share, rx: &mpsc::Receiver<Cmd>, limit: usize) -> Option<Cmd> {
+    while share.len() < limit {
+        match rx.try_recv() {
+            Ok(Cmd::Work(more)) if share.len() + more.len() <= limit => {
+                share.restoring.extend(more.restoring);
+                share.live.extend(more.live);
+            }
+            Ok(cmd) => return Some(cmd),
+            Err(_) => return None,
+        }
+    }
+    None
+}
+
 /// What the stage's loop hands a worker thread, in order.
 enum Cmd {
     /// A share of a polled batch.
@@ -1174,12 +1200,15 @@ struct Pool {
     broken: AtomicBool,
     /// Per partition, the offset after the last record the workers committed.
     done: Mutex<BTreeMap<i32, i64>>,
+    /// The most records a worker applies as one batch when shares queue up.
+    merge_records: usize,
 }
 
 impl Pool {
     /// Starts a thread per worker.
     fn start(
         workers: Vec<Worker>,
+        merge_records: usize,
         store: &Store,
         producer: &KafkaProducer,
         stop: &Arc<AtomicBool>,
@@ -1197,6 +1226,7 @@ impl Pool {
             failed: Mutex::new(None),
             broken: AtomicBool::new(false),
             done: Mutex::new(BTreeMap::new()),
+            merge_records,
         });
         let mut handles = Vec::with_capacity(receivers.len());
         for (i, rx) in receivers.into_iter().enumerate() {
@@ -1235,16 +1265,25 @@ impl Pool {
         producer: &KafkaProducer,
         stop: &AtomicBool,
     ) {
+        // A command taken from the queue while merging, not merged.
+        let mut next: Option<Cmd> = None;
         loop {
-            let wait = self.worker(i).live.next_due().map_or(WORKER_IDLE, |due| {
-                due.saturating_duration_since(Instant::now())
-                    .min(WORKER_IDLE)
-            });
-            match rx.recv_timeout(wait) {
-                Ok(Cmd::Work(share)) => {
+            let got = match next.take() {
+                Some(cmd) => Ok(cmd),
+                None => {
+                    let wait = self.worker(i).live.next_due().map_or(WORKER_IDLE, |due| {
+                        due.saturating_duration_since(Instant::now())
+                            .min(WORKER_IDLE)
+                    });
+                    rx.recv_timeout(wait)
+                }
+            };
+            match got {
+                Ok(Cmd::Work(mut share)) => {
                     if self.has_failed() {
                         continue;
                     }
+                    next = merge_queued(&mut share, &rx, self.merge_records);
                     let result = self.worker(i).materialize(store, producer, &share, stop);
                     match result {
                         Ok(()) => {
@@ -1393,7 +1432,13 @@ pub fn run_materializer(
             Worker::new(share(true), share(false))
         })
         .collect();
-    let (pool, handles) = Pool::start(workers, &store, &producer, &stop)?;
+    let (pool, handles) = Pool::start(
+        workers,
+        2 * c.pipeline.batch_records,
+        &store,
+        &producer,
+        &stop,
+    )?;
     let _ = consumer.context().pool.set(pool.clone());
     let result = materialize_loop(&c, &store, &producer, &consumer, &pool, &own, &ready, &stop);
     pool.close(handles);
@@ -1814,6 +1859,57 @@ mod tests {
     fn same(a: &OutRecord, b: &OutRecord) -> bool {
         (&a.topic, a.partition, &a.key, &a.value, a.timestamp_ms)
             == (&b.topic, b.partition, &b.key, &b.value, b.timestamp_ms)
+    }
+
+    #[test]
+    fn a_worker_behind_applies_the_queued_shares_as_one_batch_within_the_limit() {
+        let r = |partition: i32, offset: i64| LogRecord {
+            topic: "context.records".into(),
+            partition,
+            offset,
+            timestamp_ms: 0,
+            key: None,
+            value: Default::default(),
+        };
+        let share = |restoring: Vec<LogRecord>, live: Vec<LogRecord>| Share { restoring, live };
+        let offsets = |v: &[LogRecord]| -> Vec<(i32, i64)> {
+            v.iter().map(|r| (r.partition, r.offset)).collect()
+        };
+        let (tx, rx) = mpsc::sync_channel(8);
+        let send = |c: Cmd| tx.send(c).expect("queued");
+        send(Cmd::Work(share(vec![r(2, 5)], vec![r(1, 8), r(1, 9)])));
+        send(Cmd::Work(share(vec![], vec![r(1, 10), r(3, 0)])));
+        // Would make 7 with the 5 above: over the limit of 6, so it ends
+        // the merge and comes back whole.
+        send(Cmd::Work(share(vec![], vec![r(1, 11), r(1, 12)])));
+        let (ack, _acked) = mpsc::sync_channel(1);
+        send(Cmd::Barrier(ack));
+        send(Cmd::Work(share(vec![], vec![r(1, 13)])));
+
+        let Ok(Cmd::Work(mut first)) = rx.try_recv() else {
+            panic!("a share first")
+        };
+        let Some(Cmd::Work(next)) = merge_queued(&mut first, &rx, 6) else {
+            panic!("the share over the limit is handed back")
+        };
+        assert_eq!(offsets(&first.restoring), [(2, 5)]);
+        assert_eq!(offsets(&first.live), [(1, 8), (1, 9), (1, 10), (3, 0)]);
+        assert_eq!(offsets(&next.live), [(1, 11), (1, 12)]);
+
+        // A barrier is never merged past: what follows it waits for it.
+        let mut second = next;
+        assert!(matches!(
+            merge_queued(&mut second, &rx, 6),
+            Some(Cmd::Barrier(_))
+        ));
+        assert_eq!(offsets(&second.live), [(1, 11), (1, 12)]);
+        let mut third = share(vec![], vec![]);
+        assert!(merge_queued(&mut third, &rx, 6).is_none());
+        assert_eq!(offsets(&third.live), [(1, 13)]);
+        // Nothing queued: the share is applied as it came.
+        let mut alone = share(vec![], vec![r(4, 1)]);
+        assert!(merge_queued(&mut alone, &rx, 6).is_none());
+        assert_eq!(alone.len(), 1);
     }
 
     #[test]
