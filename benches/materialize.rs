@@ -40,7 +40,7 @@ fn records_log(records: usize, users: usize) -> Vec<LogRecord> {
         offset: 0,
         timestamp_ms: 0,
         key: None,
-        value: serde_json::to_vec(&Workload::visibility()).unwrap(),
+        value: serde_json::to_vec(&Workload::visibility()).unwrap().into(),
     }];
     for i in 0..records {
         let g = w.next(&t);
@@ -50,7 +50,7 @@ fn records_log(records: usize, users: usize) -> Vec<LogRecord> {
             offset: i as i64 + 1,
             timestamp_ms: 1_700_000_000_000 + i as i64,
             key: g.key,
-            value: g.value,
+            value: g.value.into(),
         });
     }
     // Links made so far: the router's view of committed links.
@@ -76,7 +76,7 @@ fn records_log(records: usize, users: usize) -> Vec<LogRecord> {
                 offset: log.len() as i64,
                 timestamp_ms: o.timestamp_ms,
                 key: o.key,
-                value: o.value.to_vec(),
+                value: o.value.to_vec().into(),
             });
         }
     }

@@ -937,7 +937,7 @@ mod tests {
         let recs = log.read("in", 0, 0, 10).unwrap();
         assert_eq!(recs.len(), 2);
         assert_eq!(recs[1].key.as_deref(), Some(&b"k"[..]));
-        assert_eq!(recs[1].value, b"b");
+        assert_eq!(&recs[1].value[..], b"b");
         assert_eq!(recs[0].key, None);
         assert_eq!(recs[0].timestamp_ms, 7);
         assert_eq!(log.read("in", 0, 1, 10).unwrap().len(), 1);
@@ -1068,7 +1068,7 @@ mod tests {
         log.read(topic, p, from, 10_000)
             .unwrap()
             .into_iter()
-            .map(|r| (r.offset, String::from_utf8(r.value).unwrap()))
+            .map(|r| (r.offset, String::from_utf8(r.value.to_vec()).unwrap()))
             .collect()
     }
 
@@ -1178,7 +1178,7 @@ mod tests {
                         for (r, (p, off)) in recs.iter().zip(got) {
                             let read = log.read(&r.topic, p, off, 1).unwrap();
                             assert_eq!(read[0].offset, off);
-                            assert_eq!(read[0].value, r.value, "{} {p} {off}", r.topic);
+                            assert_eq!(read[0].value[..], r.value.contiguous()[..], "{} {p} {off}", r.topic);
                         }
                     }
                 });
@@ -1378,7 +1378,7 @@ mod tests {
             assert_eq!(log.end_offsets("rec"), vec![0, 9]);
             let ins = log.read("in", 0, 0, 100).unwrap();
             assert_eq!(ins.len(), 30);
-            assert_eq!(ins[29].value, b"in-29");
+            assert_eq!(&ins[29].value[..], b"in-29");
             assert_eq!(ins[29].timestamp_ms, 290);
             assert_eq!(ins[29].key, None);
             let recs = log.read("rec", 1, 0, 100).unwrap();
@@ -1400,7 +1400,7 @@ mod tests {
             drop(log);
             // The second round: nothing moved again, the new entry kept.
             let log = open(dir.path(), &topics, 200);
-            assert_eq!(log.read("in", 0, 30, 10).unwrap()[0].value, b"new");
+            assert_eq!(&log.read("in", 0, 30, 10).unwrap()[0].value[..], b"new");
             log.clear_topic("in").unwrap();
             for o in 0..30 {
                 put_old(log.store(), "in", 0, o, None, format!("in-{o}").as_bytes());

@@ -20,7 +20,9 @@ pub struct LogRecord {
     /// Log time in milliseconds (Kafka timestamp).
     pub timestamp_ms: i64,
     pub key: Option<Vec<u8>>,
-    pub value: Vec<u8>,
+    /// Shared: a records-log entry decodes its events' properties as
+    /// slices of it, not copies.
+    pub value: Bytes,
 }
 
 /// One record to append.

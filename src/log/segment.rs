@@ -449,7 +449,7 @@ impl Segment {
                     offset,
                     timestamp_ms: ts,
                     key,
-                    value: value.to_vec(),
+                    value: bytes::Bytes::copy_from_slice(value),
                 });
             }
             pos += (HEADER + len) as u64;

@@ -81,7 +81,7 @@ mod tests {
             offset: 7,
             timestamp_ms: 0,
             key: Some(b"k".to_vec()),
-            value: vec![b'x'; 900_000],
+            value: vec![b'x'; 900_000].into(),
         };
         let err = Rejection::new(ErrorCode::TooLarge, "too large");
         let d = dead_letter("context.dlq", &err, &src);

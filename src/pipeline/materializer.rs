@@ -216,7 +216,7 @@ impl Materializer {
         for rec in input {
             let p = rec.partition as u32;
             positions.insert(p, rec.offset + 1);
-            match Record::decode(&rec.value[..]) {
+            match Record::decode(rec.value.clone()) {
                 Ok(r) => decoded.push((p, rec, r)),
                 Err(e) => {
                     let err = Rejection::new(
@@ -329,7 +329,7 @@ impl Materializer {
                         offset: inp.offset,
                         timestamp_ms: r.log_time_ns / 1_000_000,
                         key: r.input_key.clone(),
-                        value: r.input_value.clone(),
+                        value: std::mem::take(&mut r.input_value).into(),
                     };
                     out.push(dead_letter(&self.topics.dlq, &err, &src));
                 }
@@ -823,7 +823,7 @@ pub(crate) mod fixtures {
             offset,
             timestamp_ms: 0,
             key: None,
-            value: r.encode_to_vec(),
+            value: r.encode_to_vec().into(),
         }
     }
 
@@ -914,7 +914,7 @@ mod tests {
             offset,
             timestamp_ms: 0,
             key: None,
-            value: r.encode_to_vec(),
+            value: r.encode_to_vec().into(),
         }
     }
 

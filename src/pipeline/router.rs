@@ -190,7 +190,7 @@ impl Router {
             links: links.clone(),
             input_key: if keep_input { rec.key.clone() } else { None },
             input_value: if keep_input {
-                rec.value.clone()
+                rec.value.to_vec()
             } else {
                 Vec::new()
             },
