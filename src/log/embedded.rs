@@ -1178,7 +1178,12 @@ mod tests {
                         for (r, (p, off)) in recs.iter().zip(got) {
                             let read = log.read(&r.topic, p, off, 1).unwrap();
                             assert_eq!(read[0].offset, off);
-                            assert_eq!(read[0].value[..], r.value.contiguous()[..], "{} {p} {off}", r.topic);
+                            assert_eq!(
+                                read[0].value[..],
+                                r.value.contiguous()[..],
+                                "{} {p} {off}",
+                                r.topic
+                            );
                         }
                     }
                 });

@@ -371,7 +371,10 @@ pub fn to_log_record<M: Message>(m: &M) -> LogRecord {
         offset: m.offset(),
         timestamp_ms: m.timestamp().to_millis().unwrap_or(0),
         key: m.key().map(<[u8]>::to_vec),
-        value: m.payload().map(bytes::Bytes::copy_from_slice).unwrap_or_default(),
+        value: m
+            .payload()
+            .map(bytes::Bytes::copy_from_slice)
+            .unwrap_or_default(),
     }
 }
 
