@@ -277,27 +277,17 @@ impl Working {
         &self.timeline
     }
 
-    /// Merges the late events into the timeline: its tail from the oldest
-    /// of them on is moved once.
+    /// Merges the late events into the timeline. Both are in order, so the
+    /// sort merges two runs: only the timeline's events newer than the
+    /// oldest late one move, once.
     fn merge_late(&mut self) {
-        let Some(first) = self.late.front() else {
+        if self.late.is_empty() {
             return;
-        };
-        let pos = self
-            .timeline
-            .partition_point(|e| event_order(e) < event_order(first));
-        let mut tail: VecDeque<StoredEvent> = self.timeline.drain(pos..).collect();
-        let mut late = std::mem::take(&mut self.late);
-        self.timeline.reserve(tail.len() + late.len());
-        loop {
-            let next = match (tail.front(), late.front()) {
-                (Some(t), Some(l)) if event_order(l) < event_order(t) => late.pop_front(),
-                (Some(_), _) => tail.pop_front(),
-                (None, Some(_)) => late.pop_front(),
-                (None, None) => break,
-            };
-            self.timeline.extend(next);
         }
+        self.timeline.extend(self.late.drain(..));
+        self.timeline
+            .make_contiguous()
+            .sort_by(|a, b| event_order(a).cmp(&event_order(b)));
     }
 
     /// Ends a batch: puts the timeline into `self.state` (complete, to
