@@ -9,9 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let fds = protox::compile(files, ["proto"])?;
     prost_build::Config::new()
-        // An event's properties decode into `Bytes`: one copy of them (a
-        // `Vec<u8>` field is copied twice, into a `BytesMut` and then into
-        // the vector).
+        // An event's properties decode into `Bytes`: from a records-log
+        // entry (itself `Bytes`) as a slice of it, from a borrowed slice
+        // with one copy (a `Vec<u8>` field is copied twice, into a
+        // `BytesMut` and then into the vector).
         .bytes([".contextd.v1.StoredEvent.properties"])
         .type_attribute(
             "contextd.v1.TypeRef",

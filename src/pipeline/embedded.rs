@@ -6,6 +6,7 @@
 use super::materializer::{observe_latency, Materializer};
 use super::router::Router;
 use super::PipelineError;
+use super::{MATERIALIZE_BUDGET, ROUTE_BUDGET};
 use crate::identity::IdentityLookup;
 use crate::log::embedded::EmbeddedLog;
 use crate::log::LogRecord;
@@ -193,12 +194,6 @@ impl Stages {
     }
 }
 
-/// A stage's batch reads at most this many times `pipeline.batch_records`
-/// in all (routing: over every input partition; a materializing thread:
-/// over its partitions), so a backlog on many partitions does not make one
-/// batch (and its memory) many times bigger than the setting.
-const ROUTE_BUDGET: usize = 4;
-const MATERIALIZE_BUDGET: usize = 2;
 /// The smallest share of a budget a partition with a backlog reads.
 const MIN_READ: usize = 256;
 

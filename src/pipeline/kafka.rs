@@ -375,7 +375,7 @@ pub fn run_router(
         }
         let batch = poll_batch(
             &consumer,
-            4 * c.pipeline.batch_records,
+            super::ROUTE_BUDGET * c.pipeline.batch_records,
             Duration::from_millis(50),
         )?;
         if batch.is_empty() {
@@ -1434,7 +1434,7 @@ pub fn run_materializer(
         .collect();
     let (pool, handles) = Pool::start(
         workers,
-        2 * c.pipeline.batch_records,
+        super::MATERIALIZE_BUDGET * c.pipeline.batch_records,
         &store,
         &producer,
         &stop,

@@ -17,6 +17,14 @@ pub mod router;
 
 use crate::ingest::InputKind;
 
+/// A stage's batch reads at most this many times `pipeline.batch_records`
+/// in all (routing: over every input partition, or Kafka mode's poll; a
+/// materializing thread: over its partitions, or a Kafka-mode worker's
+/// shares merged), so a backlog on many partitions does not make one batch
+/// (and its memory) many times bigger than the setting. Both modes alike.
+pub(crate) const ROUTE_BUDGET: usize = 4;
+pub(crate) const MATERIALIZE_BUDGET: usize = 2;
+
 /// Counts a record of `topic` (a batch's records come from a few topics:
 /// both stages increment their per-topic metrics once per batch and topic).
 pub fn count_topic<'a>(counts: &mut Vec<(&'a str, u64)>, topic: &'a str) {
