@@ -908,14 +908,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        LogRecord {
-            topic: "context.records".into(),
-            partition: 0,
-            offset,
-            timestamp_ms: 0,
-            key: None,
-            value: r.encode_to_vec().into(),
-        }
+        entry(offset, r)
     }
 
     fn email() -> Identifier {
