@@ -128,7 +128,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("snapshot_build_encode", |b| {
         b.iter(|| {
             black_box(
-                snapshot::build(&full, &settings, 50, &())
+                snapshot::build(&full, &settings, 50, usize::MAX, &())
                     .encode_to_vec()
                     .len(),
             )
@@ -139,11 +139,11 @@ fn bench(c: &mut Criterion) {
         // are kept encoded; the hash is cleared so a snapshot is made.
         let mut st = full.clone();
         let mut shown = snapshot::EncodedEvents::new();
-        snapshot::next_snapshot(&mut st, &settings, 50, 1, &mut shown, &()).unwrap();
+        snapshot::next_snapshot(&mut st, &settings, 50, usize::MAX, 1, &mut shown, &()).unwrap();
         b.iter(|| {
             st.snapshot_hash.clear();
             black_box(
-                snapshot::next_snapshot(&mut st, &settings, 50, 2, &mut shown, &())
+                snapshot::next_snapshot(&mut st, &settings, 50, usize::MAX, 2, &mut shown, &())
                     .map(|s| s.len()),
             )
         })

@@ -94,6 +94,7 @@ pub fn materializer_options(c: &Config, publish: bool) -> MaterializerOptions {
             max_events_per_user: c.timeline.max_events_per_user,
         },
         max_events: c.snapshot.max_events,
+        max_bytes: c.snapshot.max_bytes,
         format: c.snapshot_format,
         publish,
         user_cache_bytes: c.storage.user_cache_mb << 20,
@@ -124,6 +125,14 @@ pub fn materializer_threads(c: &Config) -> u32 {
 pub fn limits(c: &Config) -> Limits {
     Limits {
         max_record_bytes: c.max_record_bytes,
+        // The embedded records log takes entries of any size.
+        max_routed_bytes: if c.brokers.is_some() {
+            c.kafka
+                .max_message_bytes()
+                .saturating_sub(crate::config::KAFKA_MESSAGE_ROOM)
+        } else {
+            usize::MAX
+        },
     }
 }
 

@@ -58,6 +58,11 @@ pub struct SnapshotConfig {
     /// ends (a user quiet for longer is published at once); 0 (default) =
     /// a snapshot every batch that changes the context.
     pub min_interval_ms: u64,
+    /// Largest snapshot, in bytes of its published form: a larger one
+    /// leaves out its oldest events (then its last profiles) until it
+    /// fits. Kafka mode: at most the producer's `message.max.bytes` less
+    /// 64 KiB (the key, headers and framing).
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -130,6 +135,24 @@ pub struct KafkaConfig {
     pub advertised_http_addr: Option<String>,
 }
 
+/// The smallest `snapshot.max_bytes`: room for a user id and a few events.
+pub const MIN_SNAPSHOT_BYTES: usize = 4096;
+
+/// What a Kafka message needs beside its value (key, headers, framing):
+/// snapshots, routed records and dead letters stay this far under the
+/// producer's `message.max.bytes`.
+pub const KAFKA_MESSAGE_ROOM: usize = 64 * 1024;
+
+impl KafkaConfig {
+    /// The producer's `message.max.bytes` (librdkafka's default: 1000000).
+    pub fn max_message_bytes(&self) -> usize {
+        self.producer
+            .get("message.max.bytes")
+            .and_then(|m| m.trim().parse::<usize>().ok())
+            .unwrap_or(1_000_000)
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -157,6 +180,7 @@ impl Default for SnapshotConfig {
         SnapshotConfig {
             max_events: 50,
             min_interval_ms: 0,
+            max_bytes: 900_000,
         }
     }
 }
@@ -323,6 +347,24 @@ impl Config {
                 "pipeline.batch_records must be at least 1".into(),
             ));
         }
+        if self.snapshot.max_bytes < MIN_SNAPSHOT_BYTES {
+            return Err(ConfigError(format!(
+                "snapshot.max_bytes must be at least {MIN_SNAPSHOT_BYTES}, got {}",
+                self.snapshot.max_bytes
+            )));
+        }
+        if self.brokers.is_some() {
+            let max_message = self.kafka.max_message_bytes();
+            if self.snapshot.max_bytes + KAFKA_MESSAGE_ROOM > max_message {
+                return Err(ConfigError(format!(
+                    "snapshot.max_bytes ({}) must leave {KAFKA_MESSAGE_ROOM} bytes for a \
+                     snapshot's key and headers under the producer's message.max.bytes \
+                     ({max_message}): lower snapshot.max_bytes or raise \
+                     kafka.producer message.max.bytes (and the topic's max.message.bytes)",
+                    self.snapshot.max_bytes
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -463,6 +505,41 @@ mod tests {
             assert_eq!(c.kafka.producer["linger.ms"], "9");
             assert_eq!(c.kafka.producer["log_level"], "7");
             assert_eq!(c.kafka.producer.len(), 2, "{:?}", c.kafka.producer);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)]
+    fn snapshot_max_bytes_must_fit_a_kafka_message() {
+        figment::Jail::expect_with(|jail| {
+            let load = || Config::load(None, &Overrides::default());
+            assert_eq!(load().unwrap().snapshot.max_bytes, 900_000);
+            jail.set_env("CONTEXTD_SNAPSHOT__MAX_BYTES", "100");
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("snapshot.max_bytes must be at least 4096"),
+                "{err}"
+            );
+            // Embedded mode takes any size; Kafka mode a message's, less room
+            // for the key and headers.
+            jail.set_env("CONTEXTD_SNAPSHOT__MAX_BYTES", "2000000");
+            assert_eq!(load().unwrap().snapshot.max_bytes, 2_000_000);
+            jail.set_env("CONTEXTD_BROKERS", "b:9092");
+            let err = load().unwrap_err().to_string();
+            assert!(
+                err.contains("snapshot.max_bytes (2000000)") && err.contains("(1000000)"),
+                "{err}"
+            );
+            jail.set_env("CONTEXTD_KAFKA__PRODUCER__MESSAGE_MAX_BYTES", "2065536");
+            let c = load().unwrap();
+            assert_eq!(c.kafka.max_message_bytes(), 2_065_536);
+            assert_eq!(crate::app::limits(&c).max_routed_bytes, 2_000_000);
+            jail.set_env("CONTEXTD_SNAPSHOT__MAX_BYTES", "934465");
+            jail.set_env("CONTEXTD_KAFKA__PRODUCER__MESSAGE_MAX_BYTES", "1000000");
+            assert!(load().is_err());
+            jail.set_env("CONTEXTD_SNAPSHOT__MAX_BYTES", "934464");
+            assert!(load().is_ok());
             Ok(())
         });
     }

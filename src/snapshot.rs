@@ -130,26 +130,84 @@ fn encode_profile(p: &Profile) -> Vec<u8> {
     buf
 }
 
-/// The visible content of a user's context (version and updated_at unset).
+/// The visible content of a user's context (version and updated_at unset):
+/// at most `max_events` events, at most `max_bytes` when encoded (`within`).
 /// `settings` must be `prepared`.
 pub fn build(
     state: &UserState,
     settings: &Settings,
     max_events: usize,
+    max_bytes: usize,
     bodies: &impl Bodies,
 ) -> ContextSnapshotBytes {
+    let mut profiles: Vec<SnapshotProfile> = state
+        .profiles
+        .iter()
+        .filter(|p| profile_shown(settings, &p.source, &p.r#type))
+        .map(snap_profile)
+        .collect();
+    let mut events = shown_events(state, settings, max_events, bodies);
+    let (np, ne) = within(
+        max_bytes,
+        state.user_id.len(),
+        &profiles
+            .iter()
+            .map(|p| framed(p.encoded_len()))
+            .collect::<Vec<_>>(),
+        &events
+            .iter()
+            .map(|e| framed(e.encoded_len()))
+            .collect::<Vec<_>>(),
+    );
+    profiles.truncate(np);
+    events.truncate(ne);
     ContextSnapshotBytes {
         user_id: state.user_id.clone(),
         version: 0,
         updated_at: None,
-        profiles: state
-            .profiles
-            .iter()
-            .filter(|p| profile_shown(settings, &p.source, &p.r#type))
-            .map(snap_profile)
-            .collect(),
-        events: shown_events(state, settings, max_events, bodies),
+        profiles,
+        events,
     }
+}
+
+/// Room a snapshot's version (field 2) and `updated_at` (field 3) take at
+/// most, counted whatever they are: whether a snapshot is cut depends on
+/// its content only.
+const STAMP_ROOM: usize = 32;
+
+/// A length-delimited field of `len` bytes with its key (tags below 16)
+/// and length.
+fn framed(len: usize) -> usize {
+    1 + prost::encoding::encoded_len_varint(len as u64) + len
+}
+
+/// How many of a snapshot's shown profiles and events (`profiles`,
+/// `events`: their fields' sizes, in snapshot order, events newest first)
+/// it keeps so that its protobuf form takes at most `max_bytes`
+/// (`snapshot.max_bytes`): all of them if they fit; otherwise its oldest
+/// events are left out, then its last profiles, until it fits (a Kafka
+/// message has a maximum size, and one user's large events must not stop
+/// the snapshots of everyone else). `build` and `next_snapshot` cut alike.
+fn within(
+    max_bytes: usize,
+    user_id_len: usize,
+    profiles: &[usize],
+    events: &[usize],
+) -> (usize, usize) {
+    let mut total = framed(user_id_len)
+        + STAMP_ROOM
+        + profiles.iter().sum::<usize>()
+        + events.iter().sum::<usize>();
+    let (mut np, mut ne) = (profiles.len(), events.len());
+    while total > max_bytes && ne > 0 {
+        ne -= 1;
+        total -= events[ne];
+    }
+    while total > max_bytes && np > 0 {
+        np -= 1;
+        total -= profiles[np];
+    }
+    (np, ne)
 }
 
 /// The shown events, newest first, with their properties (the ones not
@@ -459,6 +517,9 @@ pub struct EncodedEvents {
     /// threads' time (BENCHMARKS.md item 55). Emptied when anything
     /// changed a profile (`forget_profiles`, called by `apply`).
     profiles: Vec<Option<Vec<u8>>>,
+    /// Whether the last snapshot left out events or profiles to stay
+    /// within `snapshot.max_bytes`.
+    cut: bool,
 }
 
 /// Where one shown event is in `EncodedEvents::bytes`.
@@ -517,6 +578,12 @@ impl EncodedEvents {
             + buffer
             + profiles
             + profiles / 8
+    }
+
+    /// Whether the last snapshot made left out events or profiles to stay
+    /// within its `max_bytes`.
+    pub fn cut(&self) -> bool {
+        self.cut
     }
 
     /// The user's profiles changed: encode them again for the next snapshot.
@@ -638,18 +705,20 @@ fn put_bytes(tag: u32, value: &[u8], buf: &mut Vec<u8>) {
 /// the state's version and returns the new snapshot, encoded (protobuf).
 /// `shown`: the encoded events of the last snapshot (reused, then replaced
 /// by this snapshot's; made under the same `settings`, they are known shown);
-/// the properties of the others come from `bodies`.
+/// the properties of the others come from `bodies`. At most `max_events`
+/// events, and at most `max_bytes` in all (`within`: `build` cuts alike).
 pub fn next_snapshot(
     state: &mut UserState,
     settings: &Arc<Settings>,
     max_events: usize,
+    max_bytes: usize,
     at_ns: i64,
     shown: &mut EncodedEvents,
     bodies: &impl Bodies,
 ) -> Option<Payload> {
     let same_settings = matches!(&shown.settings, Some(s) if Arc::ptr_eq(s, settings));
     encode_shown_profiles(state, settings, &mut shown.profiles);
-    let (events, profiles) = shown_parts(
+    let (mut events, mut profiles) = shown_parts(
         state,
         settings,
         max_events,
@@ -658,7 +727,7 @@ pub fn next_snapshot(
         same_settings,
         &shown.profiles,
     );
-    let hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
+    let mut hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
     if hash == state.snapshot_hash {
         return None;
     }
@@ -686,14 +755,31 @@ pub fn next_snapshot(
         })
         .collect();
     let (last, last_bytes) = (&shown.events, &shown.bytes[..]);
-    let size: usize = events
+    let sizes: Vec<usize> = events
         .iter()
         .zip(&properties)
         .map(|((_, found), (_, len))| match found {
             Some(i) => last[*i].len as usize,
             None => field_len(*len),
         })
-        .sum();
+        .collect();
+    let (np, ne) = within(
+        max_bytes,
+        state.user_id.len(),
+        &profiles.iter().map(|p| framed(p.len())).collect::<Vec<_>>(),
+        &sizes,
+    );
+    let cut = (np, ne) != (profiles.len(), events.len());
+    if cut {
+        profiles.truncate(np);
+        events.truncate(ne);
+        hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
+        if hash == state.snapshot_hash {
+            return None;
+        }
+    }
+    shown.cut = cut;
+    let size: usize = sizes[..ne].iter().sum();
     let mut buf = Vec::with_capacity(size);
     let mut entries = Vec::with_capacity(events.len());
     for ((e, found), (props, len)) in events.iter().zip(&properties) {
@@ -779,18 +865,63 @@ pub fn to_json(s: &ContextSnapshot) -> Value {
         "user_id": s.user_id,
         "version": s.version,
         "updated_at": ts_json(&s.updated_at),
-        "profiles": s.profiles.iter().map(|p| json!({
-            "source": p.source, "type": p.r#type, "name": p.name,
-            "identifiers": ids_json(&p.identifiers),
-            "attributes": json::from_struct(&p.attributes),
-            "created_at": ts_json(&p.created_at), "updated_at": ts_json(&p.updated_at),
-        })).collect::<Vec<_>>(),
-        "events": s.events.iter().map(|e| json!({
-            "id": e.id, "source": e.source, "type": e.r#type, "description": e.description,
-            "properties": json::from_struct(&e.properties),
-            "created_at": ts_json(&e.created_at), "received_at": ts_json(&e.received_at),
-        })).collect::<Vec<_>>(),
+        "profiles": s.profiles.iter().map(snapshot_profile_json).collect::<Vec<_>>(),
+        "events": s.events.iter().map(snapshot_event_json).collect::<Vec<_>>(),
     })
+}
+
+fn snapshot_profile_json(p: &crate::model::SnapshotProfile) -> Value {
+    json!({
+        "source": p.source, "type": p.r#type, "name": p.name,
+        "identifiers": ids_json(&p.identifiers),
+        "attributes": json::from_struct(&p.attributes),
+        "created_at": ts_json(&p.created_at), "updated_at": ts_json(&p.updated_at),
+    })
+}
+
+fn snapshot_event_json(e: &crate::model::SnapshotEvent) -> Value {
+    json!({
+        "id": e.id, "source": e.source, "type": e.r#type, "description": e.description,
+        "properties": json::from_struct(&e.properties),
+        "created_at": ts_json(&e.created_at), "received_at": ts_json(&e.received_at),
+    })
+}
+
+/// A snapshot's JSON form as published with `snapshot_format = "json"`:
+/// at most `max_bytes` (`snapshot.max_bytes`), its oldest events and then
+/// its last profiles left out until it fits, as `within` cuts the protobuf
+/// form (the JSON of the same content can be larger: a number's digits, a
+/// field's name, an escaped character). Also whether it was cut.
+pub fn json_bytes(s: &ContextSnapshot, max_bytes: usize) -> (Vec<u8>, bool) {
+    let whole = serde_json::to_vec(&to_json(s)).expect("json");
+    if whole.len() <= max_bytes {
+        return (whole, false);
+    }
+    // Leaving out the last element of an array shortens the text by the
+    // element's own text and, unless it was the only one, a comma.
+    let len = |v: Value| serde_json::to_vec(&v).expect("json").len();
+    let events: Vec<usize> = s
+        .events
+        .iter()
+        .map(|e| len(snapshot_event_json(e)))
+        .collect();
+    let profiles: Vec<usize> = s
+        .profiles
+        .iter()
+        .map(|p| len(snapshot_profile_json(p)))
+        .collect();
+    let (mut total, mut cut) = (whole.len(), s.clone());
+    while total > max_bytes && !cut.events.is_empty() {
+        total -= events[cut.events.len() - 1] + usize::from(cut.events.len() > 1);
+        cut.events.pop();
+    }
+    while total > max_bytes && !cut.profiles.is_empty() {
+        total -= profiles[cut.profiles.len() - 1] + usize::from(cut.profiles.len() > 1);
+        cut.profiles.pop();
+    }
+    let json = serde_json::to_vec(&to_json(&cut)).expect("json");
+    debug_assert_eq!(json.len(), total);
+    (json, true)
 }
 
 #[cfg(test)]
@@ -884,14 +1015,14 @@ mod tests {
 
     #[test]
     fn secure_by_default() {
-        let snap = build(&state(), &Settings::default(), 50, &());
+        let snap = build(&state(), &Settings::default(), 50, usize::MAX, &());
         assert!(snap.events.is_empty() && snap.profiles.is_empty());
     }
 
     #[test]
     fn visibility_rules_and_order() {
         let s = state();
-        let snap = build(&s, &settings(true, true, true), 50, &());
+        let snap = build(&s, &settings(true, true, true), 50, usize::MAX, &());
         assert_eq!(
             ids(&snap),
             ["d", "c", "b", "a"],
@@ -899,18 +1030,30 @@ mod tests {
         );
         assert_eq!(snap.profiles.len(), 1);
         assert_eq!(
-            ids(&build(&s, &settings(true, false, true), 50, &())),
+            ids(&build(
+                &s,
+                &settings(true, false, true),
+                50,
+                usize::MAX,
+                &()
+            )),
             ["d", "c", "a"]
         );
         assert_eq!(
-            ids(&build(&s, &settings(false, true, true), 50, &())),
+            ids(&build(
+                &s,
+                &settings(false, true, true),
+                50,
+                usize::MAX,
+                &()
+            )),
             ["b"]
         );
-        assert!(build(&s, &settings(true, true, false), 50, &())
+        assert!(build(&s, &settings(true, true, false), 50, usize::MAX, &())
             .profiles
             .is_empty());
         assert_eq!(
-            ids(&build(&s, &settings(true, true, true), 2, &())),
+            ids(&build(&s, &settings(true, true, true), 2, usize::MAX, &())),
             ["d", "c"],
             "max events"
         );
@@ -918,8 +1061,16 @@ mod tests {
 
     fn next(s: &mut UserState, on: &Settings, at: i64) -> Option<ContextSnapshot> {
         let mut shown = EncodedEvents::new();
-        next_snapshot(s, &Arc::new(on.clone()), 50, at, &mut shown, &())
-            .map(|b| ContextSnapshot::decode(&b.to_vec()[..]).unwrap())
+        next_snapshot(
+            s,
+            &Arc::new(on.clone()),
+            50,
+            usize::MAX,
+            at,
+            &mut shown,
+            &(),
+        )
+        .map(|b| ContextSnapshot::decode(&b.to_vec()[..]).unwrap())
     }
 
     #[test]
@@ -996,9 +1147,17 @@ mod tests {
             // Each round shows a different set, so a new snapshot is due;
             // the events kept from the round before are reused.
             s.snapshot_hash.clear();
-            let got =
-                next_snapshot(&mut s, &on, max, 77 + round as i64, &mut shown, &bodies).unwrap();
-            let mut want = build(&s, &on, max, &bodies);
+            let got = next_snapshot(
+                &mut s,
+                &on,
+                max,
+                usize::MAX,
+                77 + round as i64,
+                &mut shown,
+                &bodies,
+            )
+            .unwrap();
+            let mut want = build(&s, &on, max, usize::MAX, &bodies);
             want.version = round;
             want.updated_at = Some(time::to_timestamp(77 + round as i64));
             assert_eq!(got, want.encode_to_vec(), "round {round}");
@@ -1030,7 +1189,16 @@ mod tests {
         s.timeline[0].properties = json::encode_struct(&attrs).into();
         let at = 1_700_000_002_500_000_000;
         let on = Arc::new(settings(true, true, true));
-        let snap = next_snapshot(&mut s, &on, 50, at, &mut EncodedEvents::new(), &()).unwrap();
+        let snap = next_snapshot(
+            &mut s,
+            &on,
+            50,
+            usize::MAX,
+            at,
+            &mut EncodedEvents::new(),
+            &(),
+        )
+        .unwrap();
         let want = Published {
             version: 1,
             hash: Some(s.snapshot_hash.clone()),
@@ -1044,7 +1212,16 @@ mod tests {
         // Another content, another hash.
         s.timeline.pop();
         s.timeline.pop();
-        let other = next_snapshot(&mut s, &on, 50, at, &mut EncodedEvents::new(), &()).unwrap();
+        let other = next_snapshot(
+            &mut s,
+            &on,
+            50,
+            usize::MAX,
+            at,
+            &mut EncodedEvents::new(),
+            &(),
+        )
+        .unwrap();
         let other = published(&other.to_vec(), false).unwrap();
         assert_eq!(other.version, 2);
         assert_ne!(other.hash, Some(content_hash(&decoded)));
@@ -1061,11 +1238,11 @@ mod tests {
         let mut s = state();
         let mut shown = EncodedEvents::new();
         let all = Arc::new(settings(true, true, true));
-        next_snapshot(&mut s, &all, 50, 1, &mut shown, &()).unwrap();
+        next_snapshot(&mut s, &all, 50, usize::MAX, 1, &mut shown, &()).unwrap();
         assert_eq!(shown.len(), 4, "a, b, c, d");
         s.timeline.push(event("f", "zendesk", "article_viewed", 5));
-        let got = next_snapshot(&mut s, &all, 50, 2, &mut shown, &()).unwrap();
-        let want = build(&s, &all, 50, &());
+        let got = next_snapshot(&mut s, &all, 50, usize::MAX, 2, &mut shown, &()).unwrap();
+        let want = build(&s, &all, 50, usize::MAX, &());
         assert_eq!(
             ids(&ContextSnapshotBytes::decode(&got.to_vec()[..]).unwrap()),
             ids(&want)
@@ -1073,15 +1250,184 @@ mod tests {
         // Zendesk events off: a, c, d and f are hidden though `shown` holds them.
         let zendesk_off = Arc::new(settings(false, true, true));
         drop(all);
-        let got = next_snapshot(&mut s, &zendesk_off, 50, 3, &mut shown, &()).unwrap();
+        let got = next_snapshot(&mut s, &zendesk_off, 50, usize::MAX, 3, &mut shown, &()).unwrap();
         assert_eq!(
             ids(&ContextSnapshotBytes::decode(&got.to_vec()[..]).unwrap()),
             ["b"]
         );
-        let mut want = build(&s, &zendesk_off, 50, &());
+        let mut want = build(&s, &zendesk_off, 50, usize::MAX, &());
         want.version = 3;
         want.updated_at = Some(time::to_timestamp(3));
         assert_eq!(got, want.encode_to_vec());
+    }
+
+    /// A user with 40 shown events of 100 to 4,000 bytes of properties
+    /// (every third in the body store) and two shown profiles.
+    fn large_user() -> (UserState, MapBodies) {
+        let mut s = crate::state::apply::new_user("u-large");
+        let mut bodies = std::collections::HashMap::new();
+        for i in 0..40i64 {
+            let mut e = event(&format!("e{i}"), "shop", "order", i);
+            let mut st = prost_types::Struct::default();
+            st.fields.insert(
+                "blob".into(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(
+                        "x".repeat(100 + (i as usize * 997) % 3900),
+                    )),
+                },
+            );
+            if i % 3 == 0 {
+                bodies.insert(e.id.clone(), st.encode_to_vec());
+            } else {
+                e.properties = st.encode_to_vec().into();
+            }
+            s.timeline.push(e);
+        }
+        for ty in ["customer", "customer"] {
+            s.profiles.push(Profile {
+                source: "shop".into(),
+                r#type: ty.into(),
+                name: Some("n".repeat(300)),
+                ..Default::default()
+            });
+        }
+        s.profiles[1].source = "shop2".into();
+        (s, MapBodies(bodies))
+    }
+
+    #[test]
+    fn a_snapshot_over_max_bytes_leaves_out_its_oldest_events_in_both_paths() {
+        let mut on = settings(true, true, true);
+        on.shown_profile_types
+            .push(TypeRef::new("shop2", "customer"));
+        let on = Arc::new(prepared(on));
+        let (base, bodies) = large_user();
+        let all = build(&base, &on, 50, usize::MAX, &bodies);
+        assert_eq!((all.events.len(), all.profiles.len()), (40, 2));
+        let body_len = |b: &ContextSnapshotBytes| b.encoded_len();
+        let whole = body_len(&all);
+        for max in [
+            usize::MAX,
+            whole + STAMP_ROOM,
+            whole,
+            60_000,
+            20_000,
+            4_100,
+            700,
+            100,
+        ] {
+            let mut s = base.clone();
+            let mut shown = EncodedEvents::new();
+            let got = next_snapshot(&mut s, &on, 50, max, 5, &mut shown, &bodies).expect("new");
+            let mut want = build(&s, &on, 50, max, &bodies);
+            // Newest first, a prefix of what is shown uncut; profiles too.
+            assert_eq!(
+                want.events[..],
+                all.events[..want.events.len()],
+                "max {max}"
+            );
+            assert_eq!(want.profiles[..], all.profiles[..want.profiles.len()]);
+            let (body, kept) = (body_len(&want), want.events.len());
+            if kept < 40 || want.profiles.len() < 2 {
+                assert!(body + STAMP_ROOM <= max || kept == 0 && want.profiles.is_empty());
+                // One more event (or profile) would not have fitted.
+                let mut more = want.clone();
+                if kept < 40 {
+                    more.events.push(all.events[kept].clone());
+                } else {
+                    more.profiles
+                        .push(all.profiles[more.profiles.len()].clone());
+                }
+                assert!(
+                    body_len(&more) + STAMP_ROOM > max,
+                    "max {max}: cut more than needed"
+                );
+            } else {
+                assert_eq!(kept, 40);
+                assert!(whole + STAMP_ROOM <= max, "max {max}: not cut");
+            }
+            want.version = 1;
+            want.updated_at = Some(time::to_timestamp(5));
+            assert_eq!(got, want.encode_to_vec(), "max {max}");
+            assert!(got.len() <= max, "max {max}: {} bytes", got.len());
+            assert_eq!(shown.len(), kept);
+            assert_eq!(
+                shown.cut(),
+                kept < 40 || want.profiles.len() < 2,
+                "max {max}"
+            );
+            // Nothing changed: nothing new. An event older than the cut
+            // changes nothing shown either.
+            assert!(next_snapshot(&mut s, &on, 50, max, 6, &mut shown, &bodies).is_none());
+            if kept < 40 {
+                let mut late = event("late", "shop", "order", -1);
+                late.properties = vec![1u8; 10].into();
+                s.timeline.insert(0, late);
+                assert!(next_snapshot(&mut s, &on, 50, max, 7, &mut shown, &bodies).is_none());
+            }
+            // A newer event is published, cut again to fit (unless not
+            // even it fits: then nothing shown changed).
+            let before = build(&s, &on, 50, max, &bodies);
+            let mut newer = event("newest", "shop", "order", 100);
+            newer.properties = vec![].into();
+            s.timeline.push(newer);
+            let mut want = build(&s, &on, 50, max, &bodies);
+            let got = next_snapshot(&mut s, &on, 50, max, 8, &mut shown, &bodies);
+            if want == before {
+                assert!(got.is_none() && max < 1000, "max {max}");
+                continue;
+            }
+            let got = got.expect("new");
+            want.version = 2;
+            want.updated_at = Some(time::to_timestamp(8));
+            assert_eq!(got, want.encode_to_vec(), "max {max}, second");
+        }
+    }
+
+    #[test]
+    fn a_json_snapshot_over_max_bytes_leaves_out_its_oldest_events() {
+        let mut on = settings(true, true, true);
+        on.shown_profile_types
+            .push(TypeRef::new("shop2", "customer"));
+        let (s, bodies) = large_user();
+        let mut snap = build(&s, &prepared(on), 50, usize::MAX, &bodies);
+        snap.version = 12;
+        snap.updated_at = Some(time::to_timestamp(5));
+        let full = decode(&snap);
+        let (whole, cut) = json_bytes(&full, usize::MAX);
+        assert!(!cut);
+        assert_eq!(whole, serde_json::to_vec(&to_json(&full)).unwrap());
+        for max in [whole.len(), whole.len() - 1, 50_000, 9_000, 1_000, 10] {
+            let (got, cut) = json_bytes(&full, max);
+            assert_eq!(cut, max < whole.len());
+            let v: Value = serde_json::from_slice(&got).unwrap();
+            let events = v["events"].as_array().unwrap();
+            let profiles = v["profiles"].as_array().unwrap();
+            let mut want = full.clone();
+            want.events.truncate(events.len());
+            want.profiles.truncate(profiles.len());
+            assert_eq!(
+                got,
+                serde_json::to_vec(&to_json(&want)).unwrap(),
+                "max {max}"
+            );
+            if !want.events.is_empty() || !want.profiles.is_empty() {
+                assert!(got.len() <= max, "max {max}: {} bytes", got.len());
+            }
+            // One more would not have fitted.
+            if events.len() < full.events.len() || profiles.len() < full.profiles.len() {
+                if events.len() < full.events.len() {
+                    want.events.push(full.events[events.len()].clone());
+                } else {
+                    want.profiles.push(full.profiles[profiles.len()].clone());
+                }
+                assert!(
+                    serde_json::to_vec(&to_json(&want)).unwrap().len() > max,
+                    "max {max}"
+                );
+            }
+        }
     }
 
     #[test]
@@ -1093,8 +1439,9 @@ mod tests {
         let on = Arc::new(settings(true, true, true));
         let mut shown = EncodedEvents::new();
         let check = |s: &mut UserState, shown: &mut EncodedEvents, max: usize, round: u64| {
-            let got = next_snapshot(s, &on, max, round as i64, shown, &()).expect("changed");
-            let mut want = build(s, &on, max, &());
+            let got =
+                next_snapshot(s, &on, max, usize::MAX, round as i64, shown, &()).expect("changed");
+            let mut want = build(s, &on, max, usize::MAX, &());
             want.version = s.snapshot_version;
             want.updated_at = Some(time::to_timestamp(round as i64));
             assert_eq!(got, want.encode_to_vec(), "round {round}");
@@ -1115,7 +1462,8 @@ mod tests {
         s.timeline.push(g2);
         s.snapshot_hash.clear();
         check(&mut s, &mut shown, 4, 4);
-        let last = ContextSnapshot::decode(&*build(&s, &on, 4, &()).encode_to_vec()).unwrap();
+        let last =
+            ContextSnapshot::decode(&*build(&s, &on, 4, usize::MAX, &()).encode_to_vec()).unwrap();
         assert_eq!(last.events[0].description, "changed");
     }
 }

@@ -132,7 +132,10 @@ fn served_equals_published(log: &EmbeddedLog, c: &Config) -> BTreeMap<String, Co
     {
         let (k, _) = item.unwrap();
         let (p, uid) = split_user(&k).unwrap();
-        let Some(built) = store.context(p, uid, c.snapshot.max_events).unwrap() else {
+        let Some(built) = store
+            .context(p, uid, c.snapshot.max_events, c.snapshot.max_bytes)
+            .unwrap()
+        else {
             assert!(!published.contains_key(uid), "{uid} was published");
             continue;
         };

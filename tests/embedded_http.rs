@@ -1016,3 +1016,59 @@ fn snapshots_written_direct_by_a_stage_behind_are_what_is_served() {
         "the last snapshot published is what is served"
     );
 }
+
+/// `snapshot.max_bytes`: a context larger than it leaves out its oldest
+/// events, in either snapshot format (measured in that format), and the
+/// timeline keeps them all.
+#[test]
+fn a_context_over_max_bytes_leaves_out_its_oldest_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, "[snapshot]\nmax_bytes = 20000\n").unwrap();
+    for format in ["protobuf", "json"] {
+        let s = Server::start(
+            &dir.path().join(format),
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--snapshot-format",
+                format,
+            ],
+        );
+        s.set_visibility(&json!({"zendesk_events": true,
+            "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}]}));
+        let user = "big-user";
+        // 4 kB of properties each: five fit in 20,000 bytes, not six.
+        let body: Vec<String> = (0..12)
+            .map(|i| {
+                json!({"id": format!("e{i:02}"), "user_id": user, "type": "article_viewed",
+                    "created_at": ts(i), "properties": {"text": "y".repeat(4000)}})
+                .to_string()
+            })
+            .collect();
+        let (st, resp) = s
+            .post_raw("/api/v1/topics/zendesk.events/records", &body.join("\n"))
+            .unwrap();
+        assert_eq!(st, 202, "{resp}");
+        s.wait_for(20, "12 events", |s| {
+            s.all_events(user).filter(|e| e.len() == 12)
+        });
+        let (_, ctx) = s.get(&format!("/api/v2/users/{user}/context"));
+        let ids: Vec<&str> = ctx["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["e11", "e10", "e09", "e08"], "{format}");
+        assert!(serde_json::to_vec(&ctx).unwrap().len() <= 20_000);
+        let (_, m) = s.get("/metrics");
+        assert!(
+            m.as_str()
+                .unwrap()
+                .lines()
+                .any(|l| l.starts_with("contextd_snapshots_cut_total") && !l.ends_with(" 0")),
+            "{format}: cut snapshots counted"
+        );
+    }
+}

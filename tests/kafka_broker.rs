@@ -780,3 +780,116 @@ fn a_held_snapshot_is_published_when_its_interval_ends_with_no_more_records() {
     assert_eq!(snaps.len(), 2, "one snapshot per publish: {snaps:?}");
     assert!(snaps[1]["version"].as_u64() > snaps[0]["version"].as_u64());
 }
+
+/// A snapshot larger than a Kafka message can be (the producer's
+/// `message.max.bytes`) is published without its oldest events, and a
+/// record that routes larger than the records topic takes is dead-lettered
+/// `too_large`: either one used to stop its stage at it, retrying forever,
+/// and every user after it waited.
+#[test]
+fn oversized_snapshots_are_cut_and_oversized_records_dead_lettered_without_stopping_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = start_broker(dir.path());
+    let s = start_kafka(dir.path(), "k1", &broker.addr, "g-large");
+    produce_settings(&broker.addr);
+    s.wait_ready(Duration::from_secs(60));
+    s.wait_for(30, "visibility settings applied", |s| {
+        let (_, v) = s.get("/api/admin/visibility");
+        (v["shown_event_types"].as_array().map(|a| a.len()) == Some(2)).then_some(())
+    });
+    // 40 events of 30 kB for one user: 1.2 MB of snapshot uncut.
+    let blob = "x".repeat(30_000);
+    let big: Vec<(String, String)> = (0..40)
+        .map(|n| {
+            (
+                "big-u".to_string(),
+                json!({"id": format!("b{n:02}"), "user_id": "big-u", "type": "article_viewed",
+                    "created_at": format!("2026-11-20T10:00:{n:02}Z"), "properties": {"blob": blob}})
+                .to_string(),
+            )
+        })
+        .collect();
+    kcat_produce(&broker.addr, "zendesk.events", &big);
+    // 150,000 numbers: 300 kB of JSON, over a megabyte routed (a Struct
+    // takes 11 bytes a number), then a small event for the same user.
+    let numbers = vec!["1"; 150_000].join(",");
+    let custom = |id: &str, props: &str| {
+        (
+            "num-u".to_string(),
+            format!(
+                r#"{{"user_id":"num-u","profile":{{"source":"shop","type":"customer"}},"event":{{"id":"{id}","source":"shop","type":"order_completed","created_at":"2026-11-20T10:00:00Z","properties":{props}}}}}"#
+            ),
+        )
+    };
+    kcat_produce(
+        &broker.addr,
+        "sunshine.events",
+        &[
+            custom("n-big", &format!(r#"{{"n":[{numbers}]}}"#)),
+            custom("n-small", r#"{"order":"1"}"#),
+        ],
+    );
+    let small = (
+        "small-u".to_string(),
+        json!({"id": "s1", "user_id": "small-u", "type": "article_viewed",
+            "created_at": "2026-11-20T11:00:00Z", "properties": {}})
+        .to_string(),
+    );
+    kcat_produce(&broker.addr, "zendesk.events", &[small]);
+    s.wait_for(60, "the small user's snapshot", |s| {
+        (s.try_get("/api/v2/users/small-u/context").ok()?.0 == 200).then_some(())
+    });
+    let num = s.wait_for(60, "the small record after the dead-lettered one", |s| {
+        let (st, v) = s.try_get("/api/v2/users/num-u/context").ok()?;
+        (st == 200).then_some(v)
+    });
+    let ids: Vec<&str> = num["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["n-small"]);
+    let dead = s.wait_for(30, "the dead letter", |_| {
+        kcat_consume(&broker.addr, "context.dlq")
+            .into_iter()
+            .map(|(_, _, _, v)| serde_json::from_str::<Value>(&v).unwrap())
+            .find(|d| d["error"]["code"] == "too_large")
+    });
+    assert_eq!(dead["topic"], "sunshine.events");
+    assert!(
+        dead["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("records topic"),
+        "{dead}"
+    );
+    // The big user's last snapshot: its newest events, within 900,000 bytes.
+    let last = s.wait_for(60, "the big user's newest event published", |_| {
+        let snaps: Vec<(usize, Value)> = kcat_consume(&broker.addr, "context.snapshots")
+            .into_iter()
+            .filter(|(_, _, k, _)| k == "big-u")
+            .map(|(_, _, _, v)| (v.len(), serde_json::from_str(&v).unwrap()))
+            .collect();
+        let (_, last) = snaps.last()?;
+        (last["events"][0]["id"] == "b39").then(|| snaps.last().cloned().unwrap())
+    });
+    let (len, snap) = last;
+    assert!(len <= 900_000, "{len} bytes");
+    let events = snap["events"].as_array().unwrap();
+    assert!((20..40).contains(&events.len()), "{} events", events.len());
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["id"], format!("b{:02}", 39 - i));
+    }
+    // GET /context serves what was published.
+    let (_, ctx) = s.get("/api/v2/users/big-u/context");
+    assert_eq!(ctx, snap);
+    let (_, m) = s.get("/metrics");
+    assert!(
+        m.as_str()
+            .unwrap()
+            .lines()
+            .any(|l| l.starts_with("contextd_snapshots_cut_total") && !l.ends_with(" 0")),
+        "cut snapshots counted"
+    );
+}

@@ -111,7 +111,15 @@ fn cached_user(id: &str, events: &[StoredEvent], settings: &Arc<Settings>) -> (W
     let changes = w.end_batch();
     let bodies = MapBodies(changes.new_bodies);
     let mut shown = std::mem::take(&mut w.shown_events);
-    snapshot::next_snapshot(&mut w.state, settings, 50, 1, &mut shown, &bodies);
+    snapshot::next_snapshot(
+        &mut w.state,
+        settings,
+        50,
+        usize::MAX,
+        1,
+        &mut shown,
+        &bodies,
+    );
     w.shown_events = shown;
     let value = UserState {
         timeline: Vec::new(),

@@ -40,11 +40,21 @@ pub async fn context(
     let app2 = app.clone();
     blocking(move || {
         let p = app2.partition_of(&user_id);
+        let c = &app2.config.snapshot;
         match app2
             .store
-            .context(p, &user_id, app2.config.snapshot.max_events)
+            .context(p, &user_id, c.max_events, c.max_bytes)
             .map_err(ApiError::internal)?
         {
+            // As published: in JSON, cut to `snapshot.max_bytes` of JSON.
+            Some(s) if app2.config.snapshot_format == crate::pipeline::SnapshotFormat::Json => {
+                let (json, _) = snapshot::json_bytes(&snapshot::decode(&s), c.max_bytes);
+                Ok((
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    json,
+                )
+                    .into_response())
+            }
             Some(s) => Ok(Json(snapshot::to_json(&snapshot::decode(&s))).into_response()),
             None => Err(ApiError::not_found(format!("user {user_id:?} not found"))),
         }

@@ -99,7 +99,12 @@ pub fn demo(
     let snap = rt
         .app
         .store
-        .context(p, &user, config.snapshot.max_events)?
+        .context(
+            p,
+            &user,
+            config.snapshot.max_events,
+            config.snapshot.max_bytes,
+        )?
         .map(|s| contextd::snapshot::decode(&s))
         .context("the demo user has no snapshot")?;
     println!();

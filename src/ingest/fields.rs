@@ -327,6 +327,7 @@ mod tests {
         );
         let small = Limits {
             max_record_bytes: 4,
+            ..Limits::default()
         };
         assert_eq!(
             parse_object(b"{\"a\":1}", small).unwrap_err().code,

@@ -132,12 +132,18 @@ pub fn input_key(kind: InputKind, bytes: &[u8], limits: Limits) -> Option<Vec<u8
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub max_record_bytes: usize,
+    /// Largest routed record (its records-log entry): Kafka mode's records
+    /// topic takes at most the producer's `message.max.bytes` (less room
+    /// for the key and headers). A record can route larger than it came
+    /// (its properties as a protobuf Struct: a number takes 9 bytes).
+    pub max_routed_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_record_bytes: 1024 * 1024,
+            max_routed_bytes: usize::MAX,
         }
     }
 }

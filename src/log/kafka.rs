@@ -172,18 +172,15 @@ pub struct KafkaProducer {
 
 impl KafkaProducer {
     pub fn new(c: &Config) -> Result<KafkaProducer, LogError> {
-        let max_message = c
-            .kafka
-            .producer
-            .get("message.max.bytes")
-            .and_then(|m| m.parse::<usize>().ok())
-            .unwrap_or(1_000_000);
+        let max_message = c.kafka.max_message_bytes();
         Ok(KafkaProducer {
             inner: producer_config(c).create().map_err(kerr)?,
             snapshot_topic: c.topics.snapshots.clone(),
             snapshot_content_type: c.snapshot_format.content_type(),
             dlq_topic: c.topics.dlq.clone(),
-            max_dead_letter: max_message.saturating_sub(64 * 1024).max(4096),
+            max_dead_letter: max_message
+                .saturating_sub(crate::config::KAFKA_MESSAGE_ROOM)
+                .max(4096),
         })
     }
 

@@ -825,14 +825,14 @@ fn last_published(
     p: u32,
     user_id: &str,
 ) -> Result<Option<crate::log::Payload>, PipelineError> {
-    let Some(snap) = store.context(p, user_id, c.snapshot.max_events)? else {
+    let Some(snap) = store.context(p, user_id, c.snapshot.max_events, c.snapshot.max_bytes)? else {
         return Ok(None);
     };
     Ok(Some(match c.snapshot_format {
         super::SnapshotFormat::Protobuf => snap.encode_to_vec().into(),
         super::SnapshotFormat::Json => {
-            serde_json::to_vec(&crate::snapshot::to_json(&crate::snapshot::decode(&snap)))
-                .expect("json")
+            crate::snapshot::json_bytes(&crate::snapshot::decode(&snap), c.snapshot.max_bytes)
+                .0
                 .into()
         }
     }))

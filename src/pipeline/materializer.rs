@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 pub struct MaterializerOptions {
     pub limits: ApplyLimits,
     pub max_events: usize,
+    /// Largest snapshot (`snapshot.max_bytes`).
+    pub max_bytes: usize,
     pub format: SnapshotFormat,
     /// Publish snapshots (false during rebuild: versions are kept, nothing re-sent).
     pub publish: bool,
@@ -647,10 +649,20 @@ impl Materializer {
             user_id: &uid,
             pending,
         };
-        match snapshot::next_snapshot(state, settings, self.opts.max_events, at_ns, shown, &bodies)
-        {
+        match snapshot::next_snapshot(
+            state,
+            settings,
+            self.opts.max_events,
+            self.opts.max_bytes,
+            at_ns,
+            shown,
+            &bodies,
+        ) {
             Some(snap) => {
-                self.publish(store, batch, out, p, state, snap);
+                let json_cut = self.publish(store, batch, out, p, state, snap);
+                if shown.cut() || json_cut {
+                    metrics::counter!("contextd_snapshots_cut_total").increment(1);
+                }
                 true
             }
             None => false,
@@ -660,7 +672,8 @@ impl Materializer {
     /// Marks the user's latest snapshot (version, content hash) in the state
     /// and queues the snapshot (`encoded`: protobuf) for the snapshots topic.
     /// The snapshot itself is not stored twice: `Store::context` rebuilds it
-    /// from the state.
+    /// from the state. True if its JSON form had to leave out more than
+    /// the protobuf form (`snapshot::json_bytes`).
     pub fn publish(
         &mut self,
         store: &Store,
@@ -669,7 +682,7 @@ impl Materializer {
         p: u32,
         state: &crate::model::UserState,
         encoded: Payload,
-    ) {
+    ) -> bool {
         let updated_at = crate::model::time::to_timestamp(state.snapshot_updated_at_ns);
         store.put_mark(
             batch,
@@ -692,13 +705,12 @@ impl Materializer {
             // not be taken for the last snapshot.
             self.recent.remove(&(p, state.user_id.clone()));
         }
-        let value = match self.opts.format {
-            SnapshotFormat::Protobuf => encoded,
+        let (value, cut) = match self.opts.format {
+            SnapshotFormat::Protobuf => (encoded, false),
             SnapshotFormat::Json => {
                 let snap = ContextSnapshot::decode(&*encoded.contiguous()).expect("own encoding");
-                serde_json::to_vec(&snapshot::to_json(&snap))
-                    .expect("json")
-                    .into()
+                let (json, cut) = snapshot::json_bytes(&snap, self.opts.max_bytes);
+                (json.into(), cut)
             }
         };
         self.published_uncounted.0 += 1;
@@ -710,6 +722,7 @@ impl Materializer {
             value,
             timestamp_ms: state.snapshot_updated_at_ns / 1_000_000,
         });
+        cut
     }
 
     /// The admin API shows the latest settings any partition applied.

@@ -118,6 +118,7 @@ impl Router {
             ..Default::default()
         };
         let value = r.encode_to_vec();
+        self.fits(value.len())?;
         Ok((0..self.partitions as i32)
             .map(|p| OutRecord {
                 topic: self.topics.records.clone(),
@@ -196,15 +197,96 @@ impl Router {
             },
             body: Some(body),
         };
+        let value = r.encode_to_vec();
+        self.fits(value.len())?;
         Ok((
             OutRecord {
                 topic: self.topics.records.clone(),
                 partition: None,
                 key: Some(res.user_id.into_bytes()),
-                value: r.encode_to_vec().into(),
+                value: value.into(),
                 timestamp_ms: rec.timestamp_ms,
             },
             links,
         ))
+    }
+
+    /// A routed record of `len` bytes fits the records log, or the input
+    /// is dead-lettered `too_large` (Kafka mode: a message the producer
+    /// refuses would stop the stage at it).
+    fn fits(&self, len: usize) -> Result<(), Rejection> {
+        if len > self.limits.max_routed_bytes {
+            return Err(Rejection::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the record routes to {len} bytes, more than the records topic takes \
+                     ({} bytes: the producer's message.max.bytes less room for the key \
+                     and headers)",
+                    self.limits.max_routed_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(topic: &str, offset: i64, value: &str) -> LogRecord {
+        LogRecord {
+            topic: topic.into(),
+            partition: 0,
+            offset,
+            timestamp_ms: 1_000,
+            key: None,
+            value: bytes::Bytes::copy_from_slice(value.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn a_record_that_routes_larger_than_the_records_topic_takes_is_dead_lettered() {
+        let topics = Topics::default();
+        let limits = Limits {
+            max_routed_bytes: 2_000,
+            ..Limits::default()
+        };
+        let router = Router::new(topics.clone(), 4, limits);
+        // 600 bytes of JSON numbers route to several times that as a Struct
+        // (a double and its framing each); an event of short strings fits.
+        let numbers = format!(
+            r#"{{"profile":{{"source":"shop","type":"c","identifiers":[{{"type":"email","value":"big@x"}}]}},"event":{{"source":"shop","type":"t","properties":{{"n":[{}]}}}}}}"#,
+            vec!["1"; 300].join(",")
+        );
+        assert!(numbers.len() < 1_000);
+        let small = r#"{"profile":{"source":"shop","type":"c","identifiers":[{"type":"email","value":"small@x"}]},"event":{"source":"shop","type":"t","properties":{"a":"b"}}}"#;
+        let batch = [
+            input(&topics.sunshine_events, 0, &numbers),
+            input(&topics.sunshine_events, 1, small),
+        ];
+        let routed = router.route(&HashMap::<String, String>::new(), &batch);
+        assert_eq!(routed.out.len(), 2);
+        let dead: serde_json::Value =
+            serde_json::from_slice(&routed.out[0].value.contiguous()).unwrap();
+        assert_eq!(routed.out[0].topic, topics.dlq);
+        assert_eq!(dead["error"]["code"], "too_large");
+        assert!(dead["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("2000 bytes"));
+        assert_eq!(dead["offset"], 0);
+        // The rest of the batch is routed; the dead letter linked nothing.
+        assert_eq!(routed.out[1].topic, topics.records);
+        let links: Vec<String> = routed
+            .links
+            .iter()
+            .filter_map(|l| l.identifier.as_ref().map(|i| i.key()))
+            .collect();
+        assert_eq!(links, ["email:small@x"]);
+        // Without the limit (embedded mode) both are routed.
+        let router = Router::new(topics.clone(), 4, Limits::default());
+        let routed = router.route(&HashMap::<String, String>::new(), &batch);
+        assert!(routed.out.iter().all(|r| r.topic == topics.records));
     }
 }

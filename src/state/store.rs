@@ -464,6 +464,7 @@ impl Store {
         p: u32,
         user_id: &str,
         max_events: usize,
+        max_bytes: usize,
     ) -> Result<Option<ContextSnapshotBytes>, StoreError> {
         let view = self.db.snapshot();
         // A held snapshot: the last one published is what consumers have.
@@ -491,6 +492,7 @@ impl Store {
             &state,
             &crate::snapshot::prepared(settings),
             max_events,
+            max_bytes,
             &bodies,
         );
         snap.version = state.snapshot_version;
