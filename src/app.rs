@@ -123,16 +123,20 @@ pub fn materializer_threads(c: &Config) -> u32 {
 }
 
 pub fn limits(c: &Config) -> Limits {
+    // Kafka mode: what a topic takes (the producer's message.max.bytes,
+    // less room for the key and headers), for input records too: the HTTP
+    // API answers `413 too_large` for one the producer would refuse. The
+    // embedded logs take entries of any size.
+    let message = if c.brokers.is_some() {
+        c.kafka
+            .max_message_bytes()
+            .saturating_sub(crate::config::KAFKA_MESSAGE_ROOM)
+    } else {
+        usize::MAX
+    };
     Limits {
-        max_record_bytes: c.max_record_bytes,
-        // The embedded records log takes entries of any size.
-        max_routed_bytes: if c.brokers.is_some() {
-            c.kafka
-                .max_message_bytes()
-                .saturating_sub(crate::config::KAFKA_MESSAGE_ROOM)
-        } else {
-            usize::MAX
-        },
+        max_record_bytes: c.max_record_bytes.min(message),
+        max_routed_bytes: message,
     }
 }
 

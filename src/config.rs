@@ -534,12 +534,24 @@ mod tests {
             jail.set_env("CONTEXTD_KAFKA__PRODUCER__MESSAGE_MAX_BYTES", "2065536");
             let c = load().unwrap();
             assert_eq!(c.kafka.max_message_bytes(), 2_065_536);
-            assert_eq!(crate::app::limits(&c).max_routed_bytes, 2_000_000);
+            let limits = crate::app::limits(&c);
+            assert_eq!(limits.max_routed_bytes, 2_000_000);
+            assert_eq!(
+                limits.max_record_bytes,
+                1 << 20,
+                "max_record_bytes is smaller"
+            );
             jail.set_env("CONTEXTD_SNAPSHOT__MAX_BYTES", "934465");
             jail.set_env("CONTEXTD_KAFKA__PRODUCER__MESSAGE_MAX_BYTES", "1000000");
             assert!(load().is_err());
             jail.set_env("CONTEXTD_SNAPSHOT__MAX_BYTES", "934464");
-            assert!(load().is_ok());
+            let c = load().unwrap();
+            // Inputs, too, are at most what the producer can append.
+            assert_eq!(crate::app::limits(&c).max_record_bytes, 934_464);
+            jail.set_env("CONTEXTD_BROKERS", "");
+            let c = load().unwrap();
+            assert_eq!(crate::app::limits(&c).max_record_bytes, 1 << 20);
+            assert_eq!(crate::app::limits(&c).max_routed_bytes, usize::MAX);
             Ok(())
         });
     }

@@ -884,6 +884,14 @@ fn oversized_snapshots_are_cut_and_oversized_records_dead_lettered_without_stopp
     // GET /context serves what was published.
     let (_, ctx) = s.get("/api/v2/users/big-u/context");
     assert_eq!(ctx, snap);
+    // An input the producer would refuse (under max_record_bytes, over
+    // message.max.bytes less room for the key) is refused as too large.
+    let huge = json!({"user_id": "big-u", "type": "article_viewed",
+        "properties": {"blob": "z".repeat(950_000)}})
+    .to_string();
+    let (st, body) = s.post_raw("/api/v2/zendesk/events", &huge).unwrap();
+    assert_eq!(st, 413, "{body}");
+    assert_eq!(body["errors"][0]["code"], "too_large");
     let (_, m) = s.get("/metrics");
     assert!(
         m.as_str()
