@@ -52,9 +52,10 @@ pub trait Bodies {
     /// The encoded Struct properties of a timeline event without inline ones.
     fn properties(&self, e: &StoredEvent) -> Vec<u8>;
 
-    /// The properties of many events (a store answers them in one lookup).
-    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
-        events.iter().map(|e| self.properties(e)).collect()
+    /// The properties of many events (a store answers them in one lookup;
+    /// ones held in memory are shared, not copied).
+    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Bytes> {
+        events.iter().map(|e| self.properties(e).into()).collect()
     }
 }
 
@@ -230,7 +231,7 @@ fn shown_events(
         .copied()
         .filter(|e| e.properties.is_empty())
         .collect();
-    let mut fetched = bodies.properties_many(&missing).into_iter();
+    let mut fetched = bodies.properties_many(&missing).into_iter().map(Vec::from);
     shown
         .into_iter()
         .map(|e| {
@@ -425,14 +426,18 @@ fn shown_parts<'a, 'b>(
             break;
         }
         let mut found = None;
-        if next < last.len() {
-            let want = (e.created_at_ns, e.id.as_bytes());
-            while next < last.len() && last[next].order(last_bytes) > want {
-                next += 1;
-            }
-            if next < last.len() && last[next].order(last_bytes) == want {
-                found = Some(next);
-                next += 1;
+        let want = (e.created_at_ns, e.id.as_bytes());
+        // One comparison per entry passed (an event the timeline kept
+        // compares its id once, not twice).
+        while let Some(entry) = last.get(next) {
+            match entry.order(last_bytes).cmp(&want) {
+                std::cmp::Ordering::Greater => next += 1,
+                std::cmp::Ordering::Equal => {
+                    found = Some(next);
+                    next += 1;
+                    break;
+                }
+                std::cmp::Ordering::Less => break,
             }
         }
         if (found.is_some() && last_settings) || event_shown(settings, &e.source, &e.r#type) {
@@ -740,7 +745,7 @@ pub fn next_snapshot(
         .map(|(e, _)| *e)
         .collect();
     let fetched = bodies.properties_many(&missing);
-    let mut fetched = fetched.iter().map(Vec::as_slice);
+    let mut fetched = fetched.iter().map(|b| &b[..]);
     // Each new event's properties and encoded length, so the buffer is
     // made at its exact size.
     let properties: Vec<(&[u8], usize)> = events

@@ -826,10 +826,13 @@ fn multi_get_bodies<'a>(
 
 impl crate::snapshot::Bodies for StoreBodies<'_> {
     fn properties(&self, e: &StoredEvent) -> Vec<u8> {
-        self.properties_many(&[e]).pop().unwrap_or_default()
+        self.properties_many(&[e])
+            .pop()
+            .map(Vec::from)
+            .unwrap_or_default()
     }
 
-    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
+    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<bytes::Bytes> {
         let pending = |e: &StoredEvent| self.pending.and_then(|m| m.get(&e.id));
         let stored: Vec<&StoredEvent> = events
             .iter()
@@ -841,8 +844,8 @@ impl crate::snapshot::Bodies for StoreBodies<'_> {
         events
             .iter()
             .map(|e| match pending(e) {
-                Some(b) => b.to_vec(),
-                None => fetched.next().unwrap_or_default(),
+                Some(b) => b.clone(),
+                None => fetched.next().unwrap_or_default().into(),
             })
             .collect()
     }
@@ -858,10 +861,13 @@ struct ViewBodies<'a, 'v> {
 
 impl crate::snapshot::Bodies for ViewBodies<'_, '_> {
     fn properties(&self, e: &StoredEvent) -> Vec<u8> {
-        self.properties_many(&[e]).pop().unwrap_or_default()
+        self.properties_many(&[e])
+            .pop()
+            .map(Vec::from)
+            .unwrap_or_default()
     }
 
-    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<Vec<u8>> {
+    fn properties_many(&self, events: &[&StoredEvent]) -> Vec<bytes::Bytes> {
         multi_get_bodies(
             self.store,
             Some(self.view),
@@ -869,6 +875,9 @@ impl crate::snapshot::Bodies for ViewBodies<'_, '_> {
             self.user_id,
             events,
         )
+        .into_iter()
+        .map(bytes::Bytes::from)
+        .collect()
     }
 }
 
@@ -1165,7 +1174,10 @@ mod tests {
             pending: None,
         };
         let events: Vec<&StoredEvent> = st.timeline.iter().collect();
-        assert_eq!(bodies.properties_many(&events), [props("b"), props("c")]);
+        assert_eq!(
+            bodies.properties_many(&events),
+            [bytes::Bytes::from(props("b")), props("c").into()]
+        );
         // The digest is the content's: the same as with "c" in the older layout.
         let other_dir = tempfile::tempdir().unwrap();
         let other = Store::open(other_dir.path(), &StoreOptions::default()).unwrap();
