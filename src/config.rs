@@ -355,7 +355,7 @@ impl Config {
         }
         if self.brokers.is_some() {
             let max_message = self.kafka.max_message_bytes();
-            if self.snapshot.max_bytes + KAFKA_MESSAGE_ROOM > max_message {
+            if self.snapshot.max_bytes.saturating_add(KAFKA_MESSAGE_ROOM) > max_message {
                 return Err(ConfigError(format!(
                     "snapshot.max_bytes ({}) must leave {KAFKA_MESSAGE_ROOM} bytes for a \
                      snapshot's key and headers under the producer's message.max.bytes \

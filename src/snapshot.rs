@@ -138,9 +138,10 @@ pub fn build(
     state: &UserState,
     settings: &Settings,
     max_events: usize,
-    max_bytes: usize,
+    limit: impl Into<SizeLimit>,
     bodies: &impl Bodies,
 ) -> ContextSnapshotBytes {
+    let limit = limit.into();
     let mut profiles: Vec<SnapshotProfile> = state
         .profiles
         .iter()
@@ -148,26 +149,99 @@ pub fn build(
         .map(snap_profile)
         .collect();
     let mut events = shown_events(state, settings, max_events, bodies);
+    let profile_sizes: Vec<usize> = profiles.iter().map(|p| framed(p.encoded_len())).collect();
+    let event_sizes: Vec<usize> = events.iter().map(|e| framed(e.encoded_len())).collect();
     let (np, ne) = within(
-        max_bytes,
+        limit.bytes,
         state.user_id.len(),
-        &profiles
-            .iter()
-            .map(|p| framed(p.encoded_len()))
-            .collect::<Vec<_>>(),
-        &events
-            .iter()
-            .map(|e| framed(e.encoded_len()))
-            .collect::<Vec<_>>(),
+        &profile_sizes,
+        &event_sizes,
     );
     profiles.truncate(np);
     events.truncate(ne);
-    ContextSnapshotBytes {
+    let mut snap = ContextSnapshotBytes {
         user_id: state.user_id.clone(),
         version: 0,
         updated_at: None,
         profiles,
         events,
+    };
+    let protobuf = framed(state.user_id.len())
+        + profile_sizes[..np].iter().sum::<usize>()
+        + event_sizes[..ne].iter().sum::<usize>();
+    if limit.json && json_may_exceed(protobuf, np + ne, limit.bytes) {
+        let (np, ne) = json_within(&decode(&snap), limit.bytes);
+        snap.profiles.truncate(np);
+        snap.events.truncate(ne);
+    }
+    snap
+}
+
+/// Whether the JSON form of a snapshot whose protobuf form takes
+/// `protobuf` bytes, with `elements` events and profiles, may take more
+/// than `max_bytes`: JSON takes at most six times the protobuf's bytes (a
+/// control character, escaped as `\u00XX`; a number's digits, at most 24,
+/// against a double's 11 bytes with its framing), plus the names of the
+/// fields and the timestamps as text, under 256 bytes an element. Below
+/// that it is not measured.
+fn json_may_exceed(protobuf: usize, elements: usize, max_bytes: usize) -> bool {
+    protobuf.saturating_mul(6) + 256 * (elements + 1) > max_bytes
+}
+
+/// How many of `s`'s profiles and events its JSON form keeps within
+/// `max_bytes` with its key (`within` for JSON: oldest events first, then
+/// last profiles). Its version and `updated_at` are counted at their longest,
+/// so the cut depends on the content only.
+fn json_within(s: &ContextSnapshot, max_bytes: usize) -> (usize, usize) {
+    let mut probe = s.clone();
+    probe.version = u64::MAX;
+    probe.updated_at = Some(prost_types::Timestamp {
+        seconds: 253_402_300_799,
+        nanos: 999_999_999,
+    });
+    // With its key, the user id.
+    let whole = serde_json::to_vec(&to_json(&probe)).expect("json").len() + s.user_id.len();
+    let (mut np, mut ne) = (s.profiles.len(), s.events.len());
+    if whole <= max_bytes {
+        return (np, ne);
+    }
+    // Leaving out the last element of an array shortens the text by the
+    // element's own text and, unless it was the only one, a comma.
+    let len = |v: Value| serde_json::to_vec(&v).expect("json").len();
+    let mut total = whole;
+    while total > max_bytes && ne > 0 {
+        total -= len(snapshot_event_json(&s.events[ne - 1])) + usize::from(ne > 1);
+        ne -= 1;
+    }
+    while total > max_bytes && np > 0 {
+        total -= len(snapshot_profile_json(&s.profiles[np - 1])) + usize::from(np > 1);
+        np -= 1;
+    }
+    (np, ne)
+}
+
+/// How large a snapshot may be: `bytes` (`snapshot.max_bytes`) of the
+/// form it is published in, JSON (`snapshot_format = "json"`) or protobuf.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimit {
+    pub bytes: usize,
+    pub json: bool,
+}
+
+impl SizeLimit {
+    /// The configuration's: `snapshot.max_bytes` of `snapshot_format`.
+    pub fn of(c: &crate::config::Config) -> SizeLimit {
+        SizeLimit {
+            bytes: c.snapshot.max_bytes,
+            json: c.snapshot_format == crate::pipeline::SnapshotFormat::Json,
+        }
+    }
+}
+
+/// A limit on the protobuf form.
+impl From<usize> for SizeLimit {
+    fn from(bytes: usize) -> SizeLimit {
+        SizeLimit { bytes, json: false }
     }
 }
 
@@ -184,8 +258,8 @@ fn framed(len: usize) -> usize {
 
 /// How many of a snapshot's shown profiles and events (`profiles`,
 /// `events`: their fields' sizes, in snapshot order, events newest first)
-/// it keeps so that its protobuf form takes at most `max_bytes`
-/// (`snapshot.max_bytes`): all of them if they fit; otherwise its oldest
+/// it keeps so that its protobuf form and its key (the user id) take at
+/// most `max_bytes` (`snapshot.max_bytes`): all of them if they fit; otherwise its oldest
 /// events are left out, then its last profiles, until it fits (a Kafka
 /// message has a maximum size, and one user's large events must not stop
 /// the snapshots of everyone else). `build` and `next_snapshot` cut alike.
@@ -195,7 +269,9 @@ fn within(
     profiles: &[usize],
     events: &[usize],
 ) -> (usize, usize) {
+    // The user id twice: in the snapshot and as its key.
     let mut total = framed(user_id_len)
+        + user_id_len
         + STAMP_ROOM
         + profiles.iter().sum::<usize>()
         + events.iter().sum::<usize>();
@@ -487,8 +563,8 @@ fn parts_hash<'a>(
     )
 }
 
-/// The same hash as `content_hash(&build(..))`, without building the
-/// snapshot.
+/// The same hash as `content_hash(&build(..))` with no `max_bytes`,
+/// without building the snapshot (the benchmarks' measure of hashing).
 pub fn visible_hash(state: &UserState, settings: &Settings, max_events: usize) -> Vec<u8> {
     let mut encoded = Vec::new();
     encode_shown_profiles(state, settings, &mut encoded);
@@ -716,11 +792,12 @@ pub fn next_snapshot(
     state: &mut UserState,
     settings: &Arc<Settings>,
     max_events: usize,
-    max_bytes: usize,
+    limit: impl Into<SizeLimit>,
     at_ns: i64,
     shown: &mut EncodedEvents,
     bodies: &impl Bodies,
 ) -> Option<Payload> {
+    let limit = limit.into();
     let same_settings = matches!(&shown.settings, Some(s) if Arc::ptr_eq(s, settings));
     encode_shown_profiles(state, settings, &mut shown.profiles);
     let (mut events, mut profiles) = shown_parts(
@@ -768,13 +845,9 @@ pub fn next_snapshot(
             None => field_len(*len),
         })
         .collect();
-    let (np, ne) = within(
-        max_bytes,
-        state.user_id.len(),
-        &profiles.iter().map(|p| framed(p.len())).collect::<Vec<_>>(),
-        &sizes,
-    );
-    let cut = (np, ne) != (profiles.len(), events.len());
+    let profile_sizes: Vec<usize> = profiles.iter().map(|p| framed(p.len())).collect();
+    let (np, ne) = within(limit.bytes, state.user_id.len(), &profile_sizes, &sizes);
+    let mut cut = (np, ne) != (profiles.len(), events.len());
     if cut {
         profiles.truncate(np);
         events.truncate(ne);
@@ -783,7 +856,6 @@ pub fn next_snapshot(
             return None;
         }
     }
-    shown.cut = cut;
     let size: usize = sizes[..ne].iter().sum();
     let mut buf = Vec::with_capacity(size);
     let mut entries = Vec::with_capacity(events.len());
@@ -806,6 +878,26 @@ pub fn next_snapshot(
         });
     }
     debug_assert_eq!(buf.len(), size);
+    let protobuf = framed(state.user_id.len()) + profile_sizes[..np].iter().sum::<usize>() + size;
+    if limit.json && json_may_exceed(protobuf, np + ne, limit.bytes) {
+        // Measured as JSON (as `build` does): the content hash is then the
+        // one consumers compute from what they receive.
+        let whole = encode_snapshot(&state.user_id, 0, 0, &profiles, Bytes::from(buf.clone()));
+        let decoded = ContextSnapshot::decode(&*whole.contiguous()).expect("own encoding");
+        let (jp, je) = json_within(&decoded, limit.bytes);
+        if (jp, je) != (profiles.len(), events.len()) {
+            profiles.truncate(jp);
+            events.truncate(je);
+            buf.truncate(entries.get(je).map_or(buf.len(), |e| e.start as usize));
+            entries.truncate(je);
+            hash = parts_hash(&state.user_id, events.iter().map(|(e, _)| *e), &profiles);
+            if hash == state.snapshot_hash {
+                return None;
+            }
+            cut = true;
+        }
+    }
+    shown.cut = cut;
     shown.bytes = Bytes::from(buf);
     shown.events = entries;
     shown.settings = Some(settings.clone());
@@ -892,41 +984,27 @@ fn snapshot_event_json(e: &crate::model::SnapshotEvent) -> Value {
     })
 }
 
-/// A snapshot's JSON form as published with `snapshot_format = "json"`:
-/// at most `max_bytes` (`snapshot.max_bytes`), its oldest events and then
-/// its last profiles left out until it fits, as `within` cuts the protobuf
-/// form (the JSON of the same content can be larger: a number's digits, a
-/// field's name, an escaped character). Also whether it was cut.
-pub fn json_bytes(s: &ContextSnapshot, max_bytes: usize) -> (Vec<u8>, bool) {
-    let whole = serde_json::to_vec(&to_json(s)).expect("json");
-    if whole.len() <= max_bytes {
-        return (whole, false);
+/// A snapshot's JSON form as published with `snapshot_format = "json"`.
+/// Its content was cut to `max_bytes` of JSON already (`build` and
+/// `next_snapshot` measure it when it may be larger); should it still be
+/// larger, it is cut here too, as they would, and the error logged: a
+/// message larger than Kafka takes would stop the stage.
+pub fn json_bytes(s: &ContextSnapshot, max_bytes: usize) -> Vec<u8> {
+    let json = serde_json::to_vec(&to_json(s)).expect("json");
+    if json.len() + s.user_id.len() <= max_bytes {
+        return json;
     }
-    // Leaving out the last element of an array shortens the text by the
-    // element's own text and, unless it was the only one, a comma.
-    let len = |v: Value| serde_json::to_vec(&v).expect("json").len();
-    let events: Vec<usize> = s
-        .events
-        .iter()
-        .map(|e| len(snapshot_event_json(e)))
-        .collect();
-    let profiles: Vec<usize> = s
-        .profiles
-        .iter()
-        .map(|p| len(snapshot_profile_json(p)))
-        .collect();
-    let (mut total, mut cut) = (whole.len(), s.clone());
-    while total > max_bytes && !cut.events.is_empty() {
-        total -= events[cut.events.len() - 1] + usize::from(cut.events.len() > 1);
-        cut.events.pop();
-    }
-    while total > max_bytes && !cut.profiles.is_empty() {
-        total -= profiles[cut.profiles.len() - 1] + usize::from(cut.profiles.len() > 1);
-        cut.profiles.pop();
-    }
-    let json = serde_json::to_vec(&to_json(&cut)).expect("json");
-    debug_assert_eq!(json.len(), total);
-    (json, true)
+    let (np, ne) = json_within(s, max_bytes);
+    tracing::error!(
+        user_id = %s.user_id,
+        bytes = json.len(),
+        max_bytes,
+        "a JSON snapshot was larger than its protobuf form let expect; cut to fit"
+    );
+    let mut cut = s.clone();
+    cut.profiles.truncate(np);
+    cut.events.truncate(ne);
+    serde_json::to_vec(&to_json(&cut)).expect("json")
 }
 
 #[cfg(test)]
@@ -1294,6 +1372,8 @@ mod tests {
                 source: "shop".into(),
                 r#type: ty.into(),
                 name: Some("n".repeat(300)),
+                // As the state holds them: `{}` in JSON reads back as one.
+                attributes: Some(Default::default()),
                 ..Default::default()
             });
         }
@@ -1314,7 +1394,7 @@ mod tests {
         let whole = body_len(&all);
         for max in [
             usize::MAX,
-            whole + STAMP_ROOM,
+            whole + 7 + STAMP_ROOM,
             whole,
             60_000,
             20_000,
@@ -1334,8 +1414,9 @@ mod tests {
             );
             assert_eq!(want.profiles[..], all.profiles[..want.profiles.len()]);
             let (body, kept) = (body_len(&want), want.events.len());
+            let key = s.user_id.len();
             if kept < 40 || want.profiles.len() < 2 {
-                assert!(body + STAMP_ROOM <= max || kept == 0 && want.profiles.is_empty());
+                assert!(body + key + STAMP_ROOM <= max || kept == 0 && want.profiles.is_empty());
                 // One more event (or profile) would not have fitted.
                 let mut more = want.clone();
                 if kept < 40 {
@@ -1345,17 +1426,17 @@ mod tests {
                         .push(all.profiles[more.profiles.len()].clone());
                 }
                 assert!(
-                    body_len(&more) + STAMP_ROOM > max,
+                    body_len(&more) + key + STAMP_ROOM > max,
                     "max {max}: cut more than needed"
                 );
             } else {
                 assert_eq!(kept, 40);
-                assert!(whole + STAMP_ROOM <= max, "max {max}: not cut");
+                assert!(whole + key + STAMP_ROOM <= max, "max {max}: not cut");
             }
             want.version = 1;
             want.updated_at = Some(time::to_timestamp(5));
             assert_eq!(got, want.encode_to_vec(), "max {max}");
-            assert!(got.len() <= max, "max {max}: {} bytes", got.len());
+            assert!(got.len() + key <= max, "max {max}: {} bytes", got.len());
             assert_eq!(shown.len(), kept);
             assert_eq!(
                 shown.cut(),
@@ -1391,48 +1472,101 @@ mod tests {
     }
 
     #[test]
-    fn a_json_snapshot_over_max_bytes_leaves_out_its_oldest_events() {
+    fn a_json_snapshot_over_max_bytes_is_measured_as_the_json_consumers_read() {
         let mut on = settings(true, true, true);
         on.shown_profile_types
             .push(TypeRef::new("shop2", "customer"));
-        let (s, bodies) = large_user();
-        let mut snap = build(&s, &prepared(on), 50, usize::MAX, &bodies);
-        snap.version = 12;
-        snap.updated_at = Some(time::to_timestamp(5));
-        let full = decode(&snap);
-        let (whole, cut) = json_bytes(&full, usize::MAX);
-        assert!(!cut);
-        assert_eq!(whole, serde_json::to_vec(&to_json(&full)).unwrap());
-        for max in [whole.len(), whole.len() - 1, 50_000, 9_000, 1_000, 10] {
-            let (got, cut) = json_bytes(&full, max);
-            assert_eq!(cut, max < whole.len());
-            let v: Value = serde_json::from_slice(&got).unwrap();
-            let events = v["events"].as_array().unwrap();
-            let profiles = v["profiles"].as_array().unwrap();
-            let mut want = full.clone();
-            want.events.truncate(events.len());
-            want.profiles.truncate(profiles.len());
+        let on = Arc::new(prepared(on));
+        let (mut base, bodies) = large_user();
+        // Text that JSON escapes (a control character takes six bytes) and
+        // long numbers: the JSON form is larger than the protobuf one, and
+        // cuts more.
+        for (i, e) in base
+            .timeline
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| i % 2 == 1)
+        {
+            let mut st = prost_types::Struct::default();
+            st.fields.insert(
+                "escaped".into(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(
+                        "\u{1}".repeat(500 + i),
+                    )),
+                },
+            );
+            st.fields.insert(
+                "n".into(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::NumberValue(1.0 / 3.0 + i as f64)),
+                },
+            );
+            e.properties = st.encode_to_vec().into();
+        }
+        let json_limit = |bytes| SizeLimit { bytes, json: true };
+        let all = decode(&build(&base, &on, 50, usize::MAX, &bodies));
+        let whole = serde_json::to_vec(&to_json(&all)).unwrap().len();
+        let mut json_cut_more = 0;
+        for max in [usize::MAX, whole + 200, whole, 60_000, 20_000, 4_100, 700] {
+            let mut s = base.clone();
+            let mut shown = EncodedEvents::new();
+            let got = next_snapshot(&mut s, &on, 50, json_limit(max), 5, &mut shown, &bodies)
+                .expect("new");
+            let got = ContextSnapshot::decode(&*got.contiguous()).unwrap();
+            let mut want = decode(&build(&s, &on, 50, json_limit(max), &bodies));
+            want.version = 1;
+            want.updated_at = Some(time::to_timestamp(5));
+            assert_eq!(got, want, "max {max}: publish and GET /context");
+            // What consumers receive fits, and its content hash (what a
+            // restart reads back from the topic) is the state's.
+            let text = json_bytes(&got, max);
+            assert_eq!(text, serde_json::to_vec(&to_json(&got)).unwrap());
+            let (kept, profiles) = (got.events.len(), got.profiles.len());
+            assert!(
+                text.len() + s.user_id.len() <= max || kept + profiles == 0,
+                "max {max}: {} bytes",
+                text.len()
+            );
             assert_eq!(
-                got,
-                serde_json::to_vec(&to_json(&want)).unwrap(),
+                published(&text, true).unwrap().hash.unwrap(),
+                s.snapshot_hash,
                 "max {max}"
             );
-            if !want.events.is_empty() || !want.profiles.is_empty() {
-                assert!(got.len() <= max, "max {max}: {} bytes", got.len());
-            }
-            // One more would not have fitted.
-            if events.len() < full.events.len() || profiles.len() < full.profiles.len() {
-                if events.len() < full.events.len() {
-                    want.events.push(full.events[events.len()].clone());
+            assert_eq!(got.events[..], all.events[..kept]);
+            assert_eq!(got.profiles[..], all.profiles[..profiles]);
+            assert_eq!(shown.cut(), kept < 40 || profiles < 2, "max {max}");
+            if kept < 40 || profiles < 2 {
+                // One more would not have fitted (version and time counted
+                // at their longest).
+                let mut more = got.clone();
+                if kept < 40 {
+                    more.events.push(all.events[kept].clone());
                 } else {
-                    want.profiles.push(full.profiles[profiles.len()].clone());
+                    more.profiles.push(all.profiles[profiles].clone());
                 }
+                more.version = u64::MAX;
+                more.updated_at = Some(prost_types::Timestamp {
+                    seconds: 253_402_300_799,
+                    nanos: 999_999_999,
+                });
                 assert!(
-                    serde_json::to_vec(&to_json(&want)).unwrap().len() > max,
+                    serde_json::to_vec(&to_json(&more)).unwrap().len() + s.user_id.len() > max,
                     "max {max}"
                 );
+                // The protobuf limit alone keeps more.
+                let proto = build(&s, &on, 50, max, &bodies);
+                json_cut_more += usize::from(proto.events.len() > kept);
             }
+            // Unchanged: nothing new.
+            assert!(
+                next_snapshot(&mut s, &on, 50, json_limit(max), 6, &mut shown, &bodies).is_none()
+            );
         }
+        assert!(
+            json_cut_more >= 3,
+            "the JSON form cut more than the protobuf one"
+        );
     }
 
     #[test]

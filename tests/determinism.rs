@@ -133,7 +133,12 @@ fn served_equals_published(log: &EmbeddedLog, c: &Config) -> BTreeMap<String, Co
         let (k, _) = item.unwrap();
         let (p, uid) = split_user(&k).unwrap();
         let Some(built) = store
-            .context(p, uid, c.snapshot.max_events, c.snapshot.max_bytes)
+            .context(
+                p,
+                uid,
+                c.snapshot.max_events,
+                contextd::snapshot::SizeLimit::of(c),
+            )
             .unwrap()
         else {
             assert!(!published.contains_key(uid), "{uid} was published");

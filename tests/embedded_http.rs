@@ -1038,7 +1038,7 @@ fn a_context_over_max_bytes_leaves_out_its_oldest_events() {
         s.set_visibility(&json!({"zendesk_events": true,
             "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}]}));
         let user = "big-user";
-        // 4 kB of properties each: five fit in 20,000 bytes, not six.
+        // 4 kB of properties each: four fit in 20,000 bytes, not five.
         let body: Vec<String> = (0..12)
             .map(|i| {
                 json!({"id": format!("e{i:02}"), "user_id": user, "type": "article_viewed",

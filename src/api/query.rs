@@ -40,15 +40,16 @@ pub async fn context(
     let app2 = app.clone();
     blocking(move || {
         let p = app2.partition_of(&user_id);
-        let c = &app2.config.snapshot;
+        let limit = snapshot::SizeLimit::of(&app2.config);
         match app2
             .store
-            .context(p, &user_id, c.max_events, c.max_bytes)
+            .context(p, &user_id, app2.config.snapshot.max_events, limit)
             .map_err(ApiError::internal)?
         {
-            // As published: in JSON, cut to `snapshot.max_bytes` of JSON.
-            Some(s) if app2.config.snapshot_format == crate::pipeline::SnapshotFormat::Json => {
-                let (json, _) = snapshot::json_bytes(&snapshot::decode(&s), c.max_bytes);
+            // The bytes published (its content cut to `snapshot.max_bytes`
+            // of JSON when that is the format).
+            Some(s) if limit.json => {
+                let json = snapshot::json_bytes(&snapshot::decode(&s), limit.bytes);
                 Ok((
                     [(axum::http::header::CONTENT_TYPE, "application/json")],
                     json,

@@ -103,7 +103,7 @@ pub fn demo(
             p,
             &user,
             config.snapshot.max_events,
-            config.snapshot.max_bytes,
+            contextd::snapshot::SizeLimit::of(&config),
         )?
         .map(|s| contextd::snapshot::decode(&s))
         .context("the demo user has no snapshot")?;

@@ -825,15 +825,14 @@ fn last_published(
     p: u32,
     user_id: &str,
 ) -> Result<Option<crate::log::Payload>, PipelineError> {
-    let Some(snap) = store.context(p, user_id, c.snapshot.max_events, c.snapshot.max_bytes)? else {
+    let limit = crate::snapshot::SizeLimit::of(c);
+    let Some(snap) = store.context(p, user_id, c.snapshot.max_events, limit)? else {
         return Ok(None);
     };
     Ok(Some(match c.snapshot_format {
         super::SnapshotFormat::Protobuf => snap.encode_to_vec().into(),
         super::SnapshotFormat::Json => {
-            crate::snapshot::json_bytes(&crate::snapshot::decode(&snap), c.snapshot.max_bytes)
-                .0
-                .into()
+            crate::snapshot::json_bytes(&crate::snapshot::decode(&snap), limit.bytes).into()
         }
     }))
 }

@@ -653,14 +653,17 @@ impl Materializer {
             state,
             settings,
             self.opts.max_events,
-            self.opts.max_bytes,
+            snapshot::SizeLimit {
+                bytes: self.opts.max_bytes,
+                json: self.opts.format == SnapshotFormat::Json,
+            },
             at_ns,
             shown,
             &bodies,
         ) {
             Some(snap) => {
-                let json_cut = self.publish(store, batch, out, p, state, snap);
-                if shown.cut() || json_cut {
+                self.publish(store, batch, out, p, state, snap);
+                if shown.cut() {
                     metrics::counter!("contextd_snapshots_cut_total").increment(1);
                 }
                 true
@@ -672,8 +675,7 @@ impl Materializer {
     /// Marks the user's latest snapshot (version, content hash) in the state
     /// and queues the snapshot (`encoded`: protobuf) for the snapshots topic.
     /// The snapshot itself is not stored twice: `Store::context` rebuilds it
-    /// from the state. True if its JSON form had to leave out more than
-    /// the protobuf form (`snapshot::json_bytes`).
+    /// from the state.
     pub fn publish(
         &mut self,
         store: &Store,
@@ -682,7 +684,7 @@ impl Materializer {
         p: u32,
         state: &crate::model::UserState,
         encoded: Payload,
-    ) -> bool {
+    ) {
         let updated_at = crate::model::time::to_timestamp(state.snapshot_updated_at_ns);
         store.put_mark(
             batch,
@@ -705,12 +707,11 @@ impl Materializer {
             // not be taken for the last snapshot.
             self.recent.remove(&(p, state.user_id.clone()));
         }
-        let (value, cut) = match self.opts.format {
-            SnapshotFormat::Protobuf => (encoded, false),
+        let value = match self.opts.format {
+            SnapshotFormat::Protobuf => encoded,
             SnapshotFormat::Json => {
                 let snap = ContextSnapshot::decode(&*encoded.contiguous()).expect("own encoding");
-                let (json, cut) = snapshot::json_bytes(&snap, self.opts.max_bytes);
-                (json.into(), cut)
+                snapshot::json_bytes(&snap, self.opts.max_bytes).into()
             }
         };
         self.published_uncounted.0 += 1;
@@ -722,7 +723,6 @@ impl Materializer {
             value,
             timestamp_ms: state.snapshot_updated_at_ns / 1_000_000,
         });
-        cut
     }
 
     /// The admin API shows the latest settings any partition applied.

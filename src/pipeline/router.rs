@@ -118,7 +118,7 @@ impl Router {
             ..Default::default()
         };
         let value = r.encode_to_vec();
-        self.fits(value.len())?;
+        self.fits(SETTINGS_KEY.len() + value.len())?;
         Ok((0..self.partitions as i32)
             .map(|p| OutRecord {
                 topic: self.topics.records.clone(),
@@ -198,7 +198,8 @@ impl Router {
             body: Some(body),
         };
         let value = r.encode_to_vec();
-        self.fits(value.len())?;
+        // Its key, the user id, counts too.
+        self.fits(res.user_id.len() + value.len())?;
         Ok((
             OutRecord {
                 topic: self.topics.records.clone(),
@@ -211,9 +212,9 @@ impl Router {
         ))
     }
 
-    /// A routed record of `len` bytes fits the records log, or the input
-    /// is dead-lettered `too_large` (Kafka mode: a message the producer
-    /// refuses would stop the stage at it).
+    /// A routed record of `len` bytes (key and value) fits the records
+    /// log, or the input is dead-lettered `too_large` (Kafka mode: a
+    /// message the producer refuses would stop the stage at it).
     fn fits(&self, len: usize) -> Result<(), Rejection> {
         if len > self.limits.max_routed_bytes {
             return Err(Rejection::new(

@@ -464,7 +464,7 @@ impl Store {
         p: u32,
         user_id: &str,
         max_events: usize,
-        max_bytes: usize,
+        limit: crate::snapshot::SizeLimit,
     ) -> Result<Option<ContextSnapshotBytes>, StoreError> {
         let view = self.db.snapshot();
         // A held snapshot: the last one published is what consumers have.
@@ -492,7 +492,7 @@ impl Store {
             &state,
             &crate::snapshot::prepared(settings),
             max_events,
-            max_bytes,
+            limit,
             &bodies,
         );
         snap.version = state.snapshot_version;
