@@ -130,6 +130,16 @@ impl Server {
     pub fn get(&self, path: &str) -> (u16, Value) {
         self.call("GET", path, None).unwrap()
     }
+    /// The sum of a metric's samples in `/metrics` (every label set).
+    pub fn metric(&self, name: &str) -> f64 {
+        let (_, m) = self.get("/metrics");
+        m.as_str()
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.split(['{', ' ']).next() == Some(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
     pub fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         self.call("POST", path, Some(&body.to_string())).unwrap()
     }
