@@ -10,6 +10,21 @@ fn ts(sec: u64) -> String {
     format!("2026-11-20T10:{:02}:{:02}Z", (sec / 60) % 60, sec % 60)
 }
 
+/// Appends Zendesk events (JSON lines) through the NDJSON endpoint.
+fn post_zendesk_events(s: &Server, lines: &[String]) {
+    let (st, resp) = s
+        .post_raw("/api/v1/topics/zendesk.events/records", &lines.join("\n"))
+        .unwrap();
+    assert_eq!(st, 202, "{resp}");
+}
+
+/// Waits until `user`'s timeline holds `n` events.
+fn wait_events(s: &Server, user: &str, n: usize) {
+    s.wait_for(20, &format!("{n} events"), |s| {
+        s.all_events(user).filter(|e| e.len() == n)
+    });
+}
+
 fn custom(source: &str, ty: &str, id: Option<&str>, at: u64, ids: Value) -> Value {
     let mut ev =
         json!({"source": source, "type": ty, "created_at": ts(at), "properties": {"n": at}});
@@ -202,13 +217,8 @@ fn pagination_filters_max_events_and_settings_republish() {
                 .to_string()
         })
         .collect();
-    let (st, resp) = s
-        .post_raw("/api/v1/topics/zendesk.events/records", &body.join("\n"))
-        .unwrap();
-    assert_eq!(st, 202, "{resp}");
-    s.wait_for(20, "130 events", |s| {
-        s.all_events(user).filter(|e| e.len() == 130)
-    });
+    post_zendesk_events(&s, &body);
+    wait_events(&s, user, 130);
     // pages of 50, newest first, cursor advances
     let (_, p1) = s.get(&format!("/api/v2/users/{user}/events?page[size]=50"));
     assert_eq!(p1["events"].as_array().unwrap().len(), 50);
@@ -960,10 +970,7 @@ fn snapshots_written_direct_by_a_stage_behind_are_what_is_served() {
             .to_string()
         })
         .collect();
-    let (status, _) = s
-        .post_raw("/api/v1/topics/zendesk.events/records", &body.join("\n"))
-        .unwrap();
-    assert_eq!(status, 202);
+    post_zendesk_events(&s, &body);
     let served = |s: &Server| -> HashMap<String, (u64, Vec<String>)> {
         (0..users)
             .map(|u| {
@@ -1046,13 +1053,8 @@ fn a_context_over_max_bytes_leaves_out_its_oldest_events() {
                 .to_string()
             })
             .collect();
-        let (st, resp) = s
-            .post_raw("/api/v1/topics/zendesk.events/records", &body.join("\n"))
-            .unwrap();
-        assert_eq!(st, 202, "{resp}");
-        s.wait_for(20, "12 events", |s| {
-            s.all_events(user).filter(|e| e.len() == 12)
-        });
+        post_zendesk_events(&s, &body);
+        wait_events(&s, user, 12);
         let (_, ctx) = s.get(&format!("/api/v2/users/{user}/context"));
         let ids: Vec<&str> = ctx["events"]
             .as_array()
