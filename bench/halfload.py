@@ -111,6 +111,9 @@ def main():
         wl = os.path.join(work, "workload")
         subprocess.run([args.contextd, "workload", "--out", wl, "--records", str(records), "--users",
                         str(args.users), "--seed", "43"], check=True, capture_output=True)
+        # The workload's files written back now, not by the kernel's flusher
+        # 30 s later (dirty_expire_centisecs) in the middle of the measurement.
+        os.sync()
         addr = f"127.0.0.1:{R.free_port()}"
         proc = subprocess.Popen([args.contextd, "run", "--data-dir", os.path.join(work, "data"), "--http-addr", addr,
                                  "--partitions", "8"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -553,12 +553,23 @@ def scenario_rebuild(args, data, logdir):
     return out
 
 
+def generate_workload(args, out, records, seed):
+    """`contextd workload` into `out`, its files then written back (`sync`):
+    left dirty, the kernel's flusher writes them back 30 s later
+    (`vm.dirty_expire_centisecs`), all at once and in the middle of a
+    measurement (1.6 GB for the latency scenario's workload: a stall of a
+    second or more in contextd's own writes)."""
+    r = subprocess.run([args.contextd, "workload", "--out", out, "--records", str(records), "--users", str(args.users),
+                        "--seed", str(seed)], capture_output=True)
+    os.sync()
+    return r
+
+
 def latency_workload(args, work, offered):
     """A fresh workload (seed + 1) long enough for the warm-up and the probe window."""
     n = int(offered * (args.latency_seconds + 5)) + 1000
     d = os.path.join(work, "workload-latency")
-    r = subprocess.run([args.contextd, "workload", "--out", d, "--records", str(n), "--users", str(args.users),
-                        "--seed", str(args.seed + 1)], capture_output=True)
+    r = generate_workload(args, d, n, args.seed + 1)
     if r.returncode != 0:
         return None
     return {"tsv": os.path.join(d, "all.tsv"), "settings": os.path.join(d, "settings.json"), "records": n}
@@ -1081,8 +1092,7 @@ def main():
     mach = machine()
 
     wdir = os.path.join(work, "workload")
-    r = subprocess.run([args.contextd, "workload", "--out", wdir, "--records", str(args.records), "--users", str(args.users),
-                        "--seed", str(args.seed)], capture_output=True)
+    r = generate_workload(args, wdir, args.records, args.seed)
     if r.returncode != 0:
         sys.exit(f"run.py: contextd workload failed: {r.stderr.decode()[-500:]}")
     wl = {"dir": wdir, "tsv": os.path.join(wdir, "all.tsv"), "settings": os.path.join(wdir, "settings.json"),
