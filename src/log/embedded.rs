@@ -743,7 +743,11 @@ fn recover(
                 )));
             }
             if len > end.len {
-                tracing::info!(path = %path.display(), dropped = len - end.len, "dropping uncommitted log bytes");
+                if seg.is_padding_past(end.len)? {
+                    tracing::debug!(path = %path.display(), padding = len - end.len, "cutting the padding of the last direct write");
+                } else {
+                    tracing::info!(path = %path.display(), dropped = len - end.len, "dropping uncommitted log bytes");
+                }
                 seg.truncate(end.len)?;
             }
         }
@@ -1039,6 +1043,9 @@ mod tests {
         assert!(!log.topics[1].partitions[0].segments.read().unwrap()[0].is_direct());
         let committed = log.topics[0].partitions[0].tail.lock().unwrap().len;
         assert!(active(&log, 0).file_len().unwrap() > committed, "padded");
+        // What a reopen cuts is told apart from an uncommitted batch's bytes.
+        assert!(active(&log, 0).is_padding_past(committed).unwrap());
+        assert!(!active(&log, 0).is_padding_past(committed - 1).unwrap());
         drop(log);
         let log = open_d(dir.path());
         let reopened: Vec<Vec<(i64, String)>> = [("d", 0), ("d", 1), ("b", 0)]

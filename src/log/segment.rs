@@ -368,6 +368,24 @@ impl Segment {
         b.started > b.dropped
     }
 
+    /// Whether the file's bytes past `len` (its committed end) are only the
+    /// zeros that pad a direct write's last block: what a log written
+    /// with direct I/O holds after it stopped, not an uncommitted batch.
+    pub fn is_padding_past(&self, len: u64) -> Result<bool, LogError> {
+        let file_len = self.file_len()?;
+        let Some(extra) = file_len.checked_sub(len) else {
+            return Ok(false);
+        };
+        if extra == 0 || extra >= BLOCK as u64 || file_len % BLOCK as u64 != 0 {
+            return Ok(false);
+        }
+        let mut tail = vec![0u8; extra as usize];
+        self.file
+            .read_exact_at(&mut tail, len)
+            .map_err(|e| LogError::io("read", &self.path, e))?;
+        Ok(tail.iter().all(|b| *b == 0))
+    }
+
     /// Cuts the file to `len` bytes (drops what an uncommitted batch wrote).
     pub fn truncate(&self, len: u64) -> Result<(), LogError> {
         if let Some(d) = self.direct.lock().expect("direct lock").as_mut() {
