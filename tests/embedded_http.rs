@@ -252,14 +252,23 @@ fn pagination_filters_max_events_and_settings_republish() {
     assert_eq!(ids, ["e019", "e017", "e015", "e013", "e011"]);
     let (st, err) = s.get(&format!("/api/v2/users/{user}/events?page[size]=abc"));
     assert_eq!(st, 422, "{err}");
-    assert_eq!(
-        s.get(&format!("/api/v2/users/{user}/events?page[size]=5000"))
-            .1["events"]
-            .as_array()
-            .unwrap()
-            .len(),
-        130
-    );
+    // Above 1000 is 1000, also past what an i64 holds; 0 and -1 are refused.
+    for size in [
+        "5000",
+        "9223372036854775808",
+        "123456789012345678901234567890",
+    ] {
+        let (st, page) = s.get(&format!("/api/v2/users/{user}/events?page[size]={size}"));
+        assert_eq!(
+            (st, page["events"].as_array().unwrap().len()),
+            (200, 130),
+            "{size}"
+        );
+    }
+    for size in ["0", "000", "-1"] {
+        let (st, err) = s.get(&format!("/api/v2/users/{user}/events?page[size]={size}"));
+        assert_eq!(st, 422, "{size}: {err}");
+    }
 
     // Secure default: nothing shown, version 1.
     let (_, ctx) = s.get(&format!("/api/v2/users/{user}/context"));
@@ -733,6 +742,32 @@ fn identifier_values_keep_a_plus() {
         (b["profiles"][0]["attributes"]["tier"] == "silver").then_some(())
     });
     assert!(s.dead_letters().is_empty(), "{:?}", s.dead_letters());
+}
+
+/// A user named after an identifier whose value has surrounding whitespace
+/// (kept in the value: only emails and twitter handles are trimmed) gets a
+/// trimmed id, as an explicit `user_id` does, so the API can name it.
+#[test]
+fn a_user_named_after_an_identifier_with_whitespace_can_be_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(&dir.path().join("d"), &[]);
+    let body = json!({
+        "profile": {"source": "shop", "type": "customer",
+                    "identifiers": [{"type": "external_id", "value": " C-77 "}]},
+        "event": {"id": "e1", "source": "shop", "type": "order_completed",
+                  "created_at": "2026-11-20T10:00:00Z"}});
+    let (st, b) = s.post("/api/v2/user_profiles/events", &body);
+    assert_eq!(st, 202, "{b}");
+    let found = s.wait_for(20, "lookup", |s| {
+        let (st, b) = s.get("/api/v2/users/lookup?identifier=external_id:%20C-77%20");
+        (st == 200).then_some(b)
+    });
+    assert_eq!(found["user_id"], "external_id: C-77");
+    let (st, events) = s.get("/api/v2/users/external_id:%20C-77/events");
+    assert_eq!(st, 200, "{events}");
+    assert_eq!(events["events"][0]["id"], "e1");
+    let (st, ctx) = s.get("/api/v2/users/external_id:%20C-77%20/context");
+    assert_eq!((st, &ctx["user_id"]), (200, &json!("external_id: C-77")));
 }
 
 #[test]

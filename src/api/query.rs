@@ -87,6 +87,11 @@ fn bad(msg: impl Into<String>) -> ApiError {
     Rejection::new(ErrorCode::InvalidField, msg).into()
 }
 
+/// Digits only, not all zeros (`+` and `-` are left to `i64::from_str`).
+fn is_positive_integer(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && s.bytes().any(|b| b != b'0')
+}
+
 fn time_param(q: &HashMap<String, String>, key: &str) -> Result<Option<i64>, ApiError> {
     q.get(key)
         .map(|v| {
@@ -131,6 +136,8 @@ pub async fn events(
         None => 100,
         Some(s) => match s.parse::<i64>() {
             Ok(n) if n >= 1 => n.min(1000) as usize,
+            // A positive integer too large for an i64 is above 1000 too.
+            Err(_) if is_positive_integer(s) => 1000,
             _ => {
                 return Err(bad(format!(
                     "page[size] must be a positive integer, got {s:?}"

@@ -82,7 +82,7 @@ pub fn zendesk_event(o: &Obj, log_time_ns: i64) -> Result<Normalized, Rejection>
     let user_id = fields::user_id(o, "user_id", "user_id", true)?.expect("required");
     let kind = fields::type_name(o, "type", "type")?;
     if let Some(source) = fields::opt_str(o, "source", "source")? {
-        if !source.eq_ignore_ascii_case(ZENDESK) {
+        if !source.trim().eq_ignore_ascii_case(ZENDESK) {
             return Err(invalid(
                 "source",
                 format_args!("of a Zendesk event must be \"zendesk\", got {source:?}"),
@@ -244,6 +244,14 @@ mod tests {
         );
         assert!(zd(json!({"user_id": "1", "type": "x", "source": "zendesk"})).is_ok());
         assert!(zd(json!({"user_id": "1", "type": "x", "source": "Zendesk"})).is_ok());
+        // As `reserved_source` reads it: in any case, surrounding whitespace aside.
+        assert!(zd(json!({"user_id": "1", "type": "x", "source": " ZENDESK\t"})).is_ok());
+        assert_eq!(
+            code(zd(
+                json!({"user_id": "1", "type": "x", "source": "zen desk"})
+            )),
+            "invalid_field"
+        );
         assert_eq!(
             code(zd(
                 json!({"user_id": "1", "type": "x", "created_at": "yesterday"})
