@@ -307,10 +307,14 @@ pub struct KafkaRuntime {
 impl KafkaRuntime {
     pub fn start(config: Config) -> Result<KafkaRuntime, PipelineError> {
         let store = Store::open(&config.data_dir, &config.store_options())?;
-        store.check_partitions(config.partitions)?;
-        store.check_mode(true)?;
+        // The data dir records its mode and partitions once the broker has
+        // the topics: a start that fails before (a broker out of reach,
+        // topics of another partition count) leaves a new one to any mode.
+        store.refuse_other(config.partitions, true)?;
         crate::log::kafka::ensure_topics(&config)?;
         let producer = KafkaProducer::new(&config)?;
+        store.check_partitions(config.partitions)?;
+        store.check_mode(true)?;
         let ready = Arc::new(Readiness::new(1));
         let stop = Arc::new(AtomicBool::new(false));
         let followed = Arc::new(AtomicBool::new(false));

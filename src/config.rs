@@ -303,11 +303,27 @@ impl Config {
     pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
         if let Some(f) = file {
-            if !f.exists() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    f.display()
-                )));
+            match std::fs::metadata(f) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(ConfigError(format!(
+                        "config file {} does not exist",
+                        f.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(ConfigError(format!(
+                        "cannot read config file {}: {e}",
+                        f.display()
+                    )))
+                }
+                // Figment reads a directory as an empty file: say so instead.
+                Ok(m) if !m.is_file() => {
+                    return Err(ConfigError(format!(
+                        "config file {} is not a file",
+                        f.display()
+                    )))
+                }
+                Ok(_) => {}
             }
             check_file_keys(f)?;
             fig = fig.merge(Toml::file(f));

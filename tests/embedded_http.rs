@@ -476,6 +476,19 @@ fn rebuild_and_checkpoint_keep_the_digest() {
         "{out}"
     );
     assert_eq!(digest("rebuilt"), d0);
+    // Without --partitions a rebuild takes the data dir's own count, also
+    // where the config file says another one (for new data dirs).
+    let cfg = dir.path().join("three.toml");
+    std::fs::write(&cfg, "partitions = 3\n").unwrap();
+    let (ok, out, err) = run_cli(&[
+        "rebuild",
+        "--data-dir",
+        d,
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(ok, "rebuild with another count configured: {out} {err}");
+    assert_eq!(digest("rebuilt with the recorded count"), d0);
 
     // Checkpoint, wipe, restore.
     let cp = dir.path().join("cp");
@@ -784,6 +797,38 @@ fn bad_flags_and_config_fail_clearly() {
     assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
     let (ok, _, err) = run_cli(&["run", "--config", "/nonexistent.toml"]);
     assert!(!ok && err.contains("does not exist"), "{err}");
+    // A directory is not read as an empty config.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().display().to_string();
+    let (ok, _, err) = run_cli(&["digest", "--config", &d, "--data-dir", &d]);
+    assert!(!ok && err.contains("is not a file"), "{err}");
+    // An address in use fails the start before the data dir is made.
+    let s = Server::start(&dir.path().join("running"), &[]);
+    let other = dir.path().join("other");
+    let (ok, _, err) = run_cli(&[
+        "run",
+        "--data-dir",
+        other.to_str().unwrap(),
+        "--http-addr",
+        &s.addr,
+    ]);
+    assert!(!ok && err.contains("cannot listen"), "{err}");
+    assert!(!other.exists(), "a failed start made {}", other.display());
+    // `produce` takes input topics only, and says so at once (no broker here).
+    for topic in ["no.such.topic", "", "context.snapshots"] {
+        let (ok, _, err) = run_cli(&[
+            "produce",
+            "--brokers",
+            "127.0.0.1:1",
+            "--topic",
+            topic,
+            "/dev/null",
+        ]);
+        assert!(
+            !ok && err.contains("is not an input topic"),
+            "{topic}: {err}"
+        );
+    }
     // Usage errors are one line too, not clap's block with the usage.
     for args in [
         &["run", "--bogus"][..],

@@ -115,7 +115,8 @@ pub fn demo(
             config.http_addr
         );
         let rtm = super::runtime()?;
-        rtm.block_on(super::serve(rt.app.clone()))?;
+        let listener = super::listen(&config.http_addr)?;
+        rtm.block_on(super::serve(rt.app.clone(), listener))?;
     }
     rt.shutdown()?;
     if temp && !serve {

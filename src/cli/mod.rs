@@ -173,7 +173,10 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             d.records,
             d.seed,
         ),
-        Cmd::Rebuild(r) => rebuild(r.common.load()?, r.from_inputs),
+        Cmd::Rebuild(r) => rebuild(
+            with_recorded_partitions(r.common.load()?, r.common.partitions.is_some())?,
+            r.from_inputs,
+        ),
         Cmd::Digest(c) => digest(c.load()?),
         Cmd::Produce(p) => produce::produce(
             p.common.load()?,
@@ -183,7 +186,8 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         ),
         Cmd::Workload(w) => write_workload(&w),
         Cmd::Checkpoint(CheckpointCmd::Create { common, dir }) => {
-            checkpoint_create(common.load()?, &dir)
+            let given = common.partitions.is_some();
+            checkpoint_create(with_recorded_partitions(common.load()?, given)?, &dir)
         }
         Cmd::Checkpoint(CheckpointCmd::Restore { common, dir }) => {
             checkpoint_restore(common.load()?, &dir)
@@ -214,11 +218,22 @@ async fn shutdown_signal(failed: Arc<contextd::pipeline::embedded::Readiness>) {
 }
 
 /// Serves the API for `app` until SIGTERM/SIGINT or a stage failure.
-pub async fn serve(app: Arc<contextd::app::App>) -> Result<()> {
+/// Binds the HTTP address, before anything else starts: an address in
+/// use then fails a start before it touches the data dir.
+pub fn listen(addr: &str) -> Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(addr).with_context(|| {
+        format!("cannot listen on {addr}; choose another address (--http-addr)")
+    })?;
+    listener
+        .set_nonblocking(true)
+        .context("cannot set up the listening socket")?;
+    Ok(listener)
+}
+
+pub async fn serve(app: Arc<contextd::app::App>, listener: std::net::TcpListener) -> Result<()> {
     let addr = app.config.http_addr.clone();
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}; choose another --http-addr"))?;
+    let listener = tokio::net::TcpListener::from_std(listener)
+        .with_context(|| format!("cannot listen on {addr}"))?;
     tracing::info!(addr = %addr, mode = if app.config.brokers.is_some() { "kafka" } else { "embedded" }, "contextd listening");
     let ready = app.ready.clone();
     axum::serve(listener, api::router(app))
@@ -230,11 +245,12 @@ pub async fn serve(app: Arc<contextd::app::App>) -> Result<()> {
 fn run(config: Config) -> Result<()> {
     telemetry::metrics();
     let rt = runtime()?;
+    let listener = listen(&config.http_addr)?;
     if config.brokers.is_some() {
         let kafka =
             contextd::app::KafkaRuntime::start(config).context("cannot start Kafka mode")?;
         let app = kafka.app.clone();
-        let served = rt.block_on(serve(app.clone()));
+        let served = rt.block_on(serve(app.clone(), listener));
         let failed = app.ready.failed.load(Ordering::Acquire);
         kafka.shutdown()?;
         served?;
@@ -245,7 +261,7 @@ fn run(config: Config) -> Result<()> {
     }
     let embedded = EmbeddedRuntime::start(config)?;
     let app = embedded.app.clone();
-    let served = rt.block_on(serve(app.clone()));
+    let served = rt.block_on(serve(app.clone(), listener));
     let failed = app.ready.failed.load(Ordering::Acquire);
     embedded.shutdown()?;
     served?;
@@ -313,6 +329,30 @@ fn rebuild(config: Config, from_inputs: bool) -> Result<()> {
         r.republished
     );
     Ok(())
+}
+
+/// A data dir's own partition count (recorded when it was created) for a
+/// command that works on it, unless `--partitions` was given: its state
+/// and logs are partitioned so whatever the config file or the environment
+/// say for new data dirs (a flag that differs is refused by the store).
+fn with_recorded_partitions(mut config: Config, flag_given: bool) -> Result<Config> {
+    if flag_given {
+        return Ok(config);
+    }
+    let recorded = state::Store::recorded_partitions_in(&config.data_dir).map_err(|e| {
+        failed(
+            e.into(),
+            format!("cannot read {}", config.data_dir.display()),
+        )
+    })?;
+    if let Some(n) = recorded.filter(|n| *n != config.partitions) {
+        tracing::info!(
+            partitions = n,
+            "the data dir was created with {n} partitions; using them"
+        );
+        config.partitions = n;
+    }
+    Ok(config)
 }
 
 fn open_store(config: &Config) -> Result<state::Store> {

@@ -112,21 +112,34 @@ fn to_kafka(
     topic: &str,
     lines: impl Iterator<Item = Result<Vec<u8>>>,
 ) -> Result<()> {
+    // Only contextd's inputs, as `POST /api/v1/topics/{topic}/records`
+    // takes them: an unknown name would wait for a topic that never comes,
+    // and an output topic's readers trust what contextd writes there.
+    let Some(kind) = config.topics.kind(topic) else {
+        bail!(
+            "{topic:?} is not an input topic; use one of {:?}",
+            config.topics.inputs()
+        );
+    };
     // contextd's topics exist before anything is written to them, as `run`
     // creates them: partitioned and compacted as configured, not as the
-    // broker would auto-create them.
-    contextd::log::kafka::ensure_topics(config)
-        .with_context(|| format!("cannot create contextd's topics on {brokers}"))?;
+    // broker would auto-create them. A deployment's existing topic is
+    // appended to as it is, whatever `--partitions` says.
+    let exists = contextd::log::kafka::topic_exists(config, topic)
+        .with_context(|| format!("cannot read the topics of {brokers}"))?;
+    if !exists {
+        contextd::log::kafka::ensure_topics(config)
+            .with_context(|| format!("cannot create contextd's topics on {brokers}"))?;
+    }
     let producer = contextd::log::kafka::KafkaProducer::new(config)
         .with_context(|| format!("cannot connect to {brokers}"))?;
-    let kind = config.topics.kind(topic);
     let limits = contextd::app::limits(config);
     let records = lines.map(|line| {
         let value = line?;
         Ok(OutRecord {
             topic: topic.to_string(),
             partition: None,
-            key: kind.and_then(|k| ingest::input_key(k, &value, limits)),
+            key: ingest::input_key(kind, &value, limits),
             value: value.into(),
             timestamp_ms: contextd::model::time::now_ms(),
         })

@@ -59,6 +59,24 @@ pub fn producer_config(c: &Config) -> ClientConfig {
 
 /// Creates missing topics; refuses to start when an internal or output topic
 /// has a partition count that breaks co-partitioning with the state.
+/// Whether the broker has `topic` (with partitions).
+pub fn topic_exists(c: &Config, topic: &str) -> Result<bool, LogError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set(
+            "bootstrap.servers",
+            c.brokers.as_deref().unwrap_or_default(),
+        )
+        .create()
+        .map_err(kerr)?;
+    let md = consumer
+        .fetch_metadata(None, Duration::from_secs(15))
+        .map_err(kerr)?;
+    Ok(md
+        .topics()
+        .iter()
+        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
+}
+
 pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
     let t = &c.topics;
     let n = c.partitions as i32;

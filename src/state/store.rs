@@ -224,23 +224,60 @@ impl Store {
     /// Records the partition count on first start; refuses a different one later
     /// (state is partitioned by it).
     pub fn check_partitions(&self, partitions: u32) -> Result<(), StoreError> {
-        match self.get_raw(CF_META, META_PARTITIONS)? {
-            None => {
-                self.db
-                    .put_cf(self.cf(CF_META), META_PARTITIONS, partitions.to_be_bytes())?;
-                Ok(())
-            }
-            Some(v) => {
-                let had = u32::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 4]));
-                if had == partitions {
-                    Ok(())
-                } else {
-                    Err(StoreError::Incompatible(format!(
-                        "the data dir was created with {had} partitions, not {partitions}; start with --partitions {had} or use a new data dir"
-                    )))
-                }
-            }
+        if !self.has_partitions(partitions)? {
+            self.db
+                .put_cf(self.cf(CF_META), META_PARTITIONS, partitions.to_be_bytes())?;
         }
+        Ok(())
+    }
+
+    /// Whether the data dir has recorded its partition count, refusing
+    /// another one than `partitions`.
+    fn has_partitions(&self, partitions: u32) -> Result<bool, StoreError> {
+        match self.recorded_partitions()? {
+            None => Ok(false),
+            Some(had) if had == partitions => Ok(true),
+            Some(had) => Err(StoreError::Incompatible(format!(
+                "the data dir was created with {had} partitions, not {partitions}; start with --partitions {had} or use a new data dir"
+            ))),
+        }
+    }
+
+    /// The partition count the data dir in `dir` was created with, if it
+    /// has a store that recorded one; read without opening the store for
+    /// writing (another process may have it open).
+    pub fn recorded_partitions_in(dir: &Path) -> Result<Option<u32>, StoreError> {
+        let path = dir.join("state");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let db = DB::open_cf_for_read_only(&Options::default(), &path, [CF_META], false).map_err(
+            |source| StoreError::Open {
+                path: path.clone(),
+                source,
+            },
+        )?;
+        let cf = db.cf_handle(CF_META).expect("opened with it");
+        Ok(db
+            .get_cf(cf, META_PARTITIONS)?
+            .map(|v| u32::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 4]))))
+    }
+
+    /// The partition count the data dir was created with, if recorded.
+    pub fn recorded_partitions(&self) -> Result<Option<u32>, StoreError> {
+        Ok(self
+            .get_raw(CF_META, META_PARTITIONS)?
+            .map(|v| u32::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 4]))))
+    }
+
+    /// `check_partitions` and `check_mode` without recording anything: a
+    /// start that can still fail (a broker out of reach) refuses a data
+    /// dir of another shape first and records its own only once it runs,
+    /// so that a failed first start leaves the data dir to any other.
+    pub fn refuse_other(&self, partitions: u32, kafka: bool) -> Result<(), StoreError> {
+        self.has_partitions(partitions)?;
+        self.has_mode(kafka)?;
+        Ok(())
     }
 
     /// Whether the data dir was created in Kafka mode (`check_mode`).
@@ -254,13 +291,18 @@ impl Store {
     /// replay an empty records log and drop its state). Data dirs of
     /// versions that did not record it take the mode they are opened in.
     pub fn check_mode(&self, kafka: bool) -> Result<(), StoreError> {
+        if !self.has_mode(kafka)? {
+            self.db
+                .put_cf(self.cf(CF_META), META_MODE, mode_name(kafka))?;
+        }
+        Ok(())
+    }
+
+    /// Whether the data dir has recorded its mode, refusing the other one.
+    fn has_mode(&self, kafka: bool) -> Result<bool, StoreError> {
         match self.get_raw(CF_META, META_MODE)? {
-            None => {
-                self.db
-                    .put_cf(self.cf(CF_META), META_MODE, mode_name(kafka))?;
-                Ok(())
-            }
-            Some(v) if v == mode_name(kafka) => Ok(()),
+            None => Ok(false),
+            Some(v) if v == mode_name(kafka) => Ok(true),
             Some(_) if kafka => Err(StoreError::Incompatible(
                 "the data dir holds embedded mode's state and topics; run without --brokers, or give Kafka mode another data dir".into(),
             )),
@@ -894,6 +936,31 @@ mod tests {
             created_at_ns: at,
             ..Default::default()
         }
+    }
+
+    /// `refuse_other` records nothing (a start that fails after it leaves a
+    /// new data dir to either mode) and refuses what `check_*` recorded;
+    /// the count is read back without opening the store for writing.
+    #[test]
+    fn a_data_dir_records_its_shape_only_when_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        store.refuse_other(3, true).unwrap();
+        assert_eq!(store.recorded_partitions().unwrap(), None);
+        assert!(!store.is_kafka_mode().unwrap());
+        store.check_partitions(5).unwrap();
+        store.check_mode(false).unwrap();
+        store.refuse_other(5, false).unwrap();
+        assert!(store.refuse_other(3, false).is_err(), "another count");
+        assert!(store.refuse_other(5, true).is_err(), "the other mode");
+        assert_eq!(
+            Store::recorded_partitions_in(dir.path()).unwrap(),
+            Some(5),
+            "read beside the open store"
+        );
+        drop(store);
+        let none = tempfile::tempdir().unwrap();
+        assert_eq!(Store::recorded_partitions_in(none.path()).unwrap(), None);
     }
 
     /// A compaction thread lowers its CPU priority to nice 19 when it runs
