@@ -142,20 +142,21 @@ pub fn limits(c: &Config) -> Limits {
 
 /// Opens the data dir's store and embedded log.
 pub fn open_embedded(c: &Config) -> Result<Arc<EmbeddedLog>, PipelineError> {
-    open_embedded_with(c, &c.store_options(), &[])
+    open_embedded_with(c, &c.store_options(), |_| Ok(()))
 }
 
 /// `open_embedded` with other store options than the configuration's, and
-/// the column families `drop` emptied (`Store::drop_column_families`).
+/// `prepare` run on the store once it is checked, before the log opens (a
+/// rebuild reads what it needs and drops column families there).
 pub fn open_embedded_with(
     c: &Config,
     store_options: &crate::state::StoreOptions,
-    drop: &[&str],
+    prepare: impl FnOnce(&mut Store) -> Result<(), PipelineError>,
 ) -> Result<Arc<EmbeddedLog>, PipelineError> {
     let mut store = Store::open(&c.data_dir, store_options)?;
     store.check_partitions(c.partitions)?;
     store.check_mode(false)?;
-    store.drop_column_families(drop)?;
+    prepare(&mut store)?;
     Ok(Arc::new(EmbeddedLog::open_with(
         store,
         &embedded_topics(c),

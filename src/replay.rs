@@ -145,7 +145,20 @@ pub fn rebuild_embedded(
     // kept so versions continue where consumers saw them. (With
     // `--from-inputs` the routing below rebuilds the identities too: it
     // writes none of the other column families dropped.)
-    let log = app::open_embedded_with(config, &store_options, &keys::REBUILT_CFS)?;
+    // How far the live materializing stage got, per partition: it sent the
+    // dead letters of those records, so the replay does not send them
+    // again (with `--from-inputs` the dead-letter log starts over).
+    let mut processed = vec![0i64; config.partitions as usize];
+    let log = app::open_embedded_with(config, &store_options, |store| {
+        if !from_inputs {
+            for (p, done) in processed.iter_mut().enumerate() {
+                *done = store
+                    .get_i64(CF_PART, &keys::part_offset(p as u32))?
+                    .unwrap_or(0);
+            }
+        }
+        Ok(store.drop_column_families(&keys::REBUILT_CFS)?)
+    })?;
     let store = log.store().clone();
     tracing::debug!(elapsed = ?started.elapsed(), "rebuild: store opened");
     let mut routed = 0u64;
@@ -198,6 +211,9 @@ pub fn rebuild_embedded(
         .collect();
     let replayed = on_partition_workers(&sizes, |next, workers| {
         let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
+        for (p, done) in processed.iter().enumerate() {
+            mat.quiet_dead_letters_below(p as u32, *done);
+        }
         let mut replayed = 0u64;
         let mut parts = Vec::new();
         while let Some(p) = next() {

@@ -524,6 +524,48 @@ fn rebuild_and_checkpoint_keep_the_digest() {
     assert!(!ok, "digest of a missing data dir must fail");
 }
 
+/// A rebuild replays records whose dead letters the live run sent: it does
+/// not send them again. `--from-inputs` starts the dead-letter log over and
+/// sends each once more. Here a patch of a profile type the user lacks
+/// (`not_found`, decided by the materializing stage).
+#[test]
+fn a_rebuild_sends_no_dead_letter_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d");
+    let d = data.to_str().unwrap();
+    let codes = |s: &Server| -> Vec<String> {
+        s.dead_letters()
+            .iter()
+            .map(|x| x["error"]["code"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let mut s = Server::start(&data, &[]);
+    let event = json!({
+        "profile": {"source": "shop", "type": "customer",
+                    "identifiers": [{"type": "email", "value": "a@x.com"}]},
+        "event": {"id": "e1", "source": "shop", "type": "order_completed"}});
+    assert_eq!(s.post("/api/v2/users/u1/events", &event).0, 202);
+    let patch = json!({"profile": {"attributes": {"tier": "gold"}}});
+    let (st, _) = s.patch(
+        "/api/v2/user_profiles?identifier=shop:other:email:a@x.com",
+        &patch,
+    );
+    assert_eq!(st, 202);
+    s.wait_for(20, "the dead letter", |s| {
+        (codes(s) == ["not_found"]).then_some(())
+    });
+    s.stop();
+    for args in [
+        &["rebuild", "--data-dir", d][..],
+        &["rebuild", "--data-dir", d, "--from-inputs"],
+    ] {
+        let (ok, out, err) = run_cli(args);
+        assert!(ok, "{args:?}: {out} {err}");
+        let s = Server::start(&data, &[]);
+        assert_eq!(codes(&s), ["not_found"], "after {args:?}");
+    }
+}
+
 /// A rebuild settles every user against the last snapshot published: with
 /// fewer events per snapshot, each context that showed more is re-published
 /// once, with the next version; a second rebuild re-publishes nothing. The

@@ -461,6 +461,25 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
         kcat_produce(&broker.addr, topic, lines);
     }
     wait_contexts(&s, &want, 120);
+    // A patch of a profile type the user lacks: dead-lettered `not_found` by
+    // the materializing stage (a rebuild below does not send it again).
+    let patch = serde_json::json!({"op": "patch", "user_id": w.users[0],
+        "profile": {"source": "shop", "type": "absent", "attributes": {"a": "1"}}});
+    let (st, _) = s
+        .post_raw(
+            "/api/v1/topics/sunshine.profiles/records",
+            &patch.to_string(),
+        )
+        .unwrap();
+    assert_eq!(st, 202);
+    s.wait_for(60, "the not_found dead letter", |s| {
+        let (_, api) = s.get("/api/admin/dead_letters");
+        api["dead_letters"]
+            .as_array()?
+            .iter()
+            .any(|d| d["error"]["code"] == "not_found")
+            .then_some(())
+    });
     // What a downstream consumer sees: the last snapshot per key equals the API's context.
     let snaps = kcat_consume(&broker.addr, "context.snapshots");
     let mut last: HashMap<String, Value> = HashMap::new();
@@ -485,11 +504,18 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
         dlq.len(),
         w.bad
     );
+    let mut not_found = 0;
     for (_, _, _, v) in &dlq {
         let d: Value = serde_json::from_str(v).unwrap();
+        if d["error"]["code"] == "not_found" {
+            not_found += 1;
+            assert_eq!(d["topic"], "sunshine.profiles");
+            continue;
+        }
         assert_eq!(d["error"]["code"], "invalid_json");
         assert_eq!(d["topic"], "sunshine.events");
     }
+    assert_eq!(not_found, 1);
     // The admin API reads the same topic (every one: fewer than its limit).
     let (st, api) = s.get("/api/admin/dead_letters");
     assert_eq!(st, 200);
@@ -522,6 +548,11 @@ fn kafka_mode_matches_embedded_mode_end_to_end_with_kcat() {
     ]);
     assert!(ok, "kafka rebuild: {out} {err}");
     assert!(out.contains("0 snapshots re-published"), "{out}");
+    assert_eq!(
+        kcat_consume(&broker.addr, "context.dlq").len(),
+        dlq.len(),
+        "the rebuild sent a dead letter again"
+    );
     let (ok, after, err) = common::run_cli(&["digest", "--data-dir", d]);
     assert!(ok, "{err}");
     assert_eq!(before, after, "digest after a Kafka-mode rebuild");

@@ -74,6 +74,10 @@ pub struct Materializer {
     /// that much at once instead of growing by doubling (every step a
     /// copy of what it holds, into fresh memory).
     batch_bytes: usize,
+    /// Per partition, the records-log offset below which this stage sends
+    /// no dead letters: a replay of records processed before (a rebuild, a
+    /// restore of a partition another instance had) sent them then.
+    quiet_below: HashMap<u32, i64>,
 }
 
 /// Identifier keys `Materializer::linked` holds at most (a few MiB).
@@ -138,7 +142,22 @@ impl Materializer {
             linked: HashSet::new(),
             published_uncounted: (0, 0),
             batch_bytes: 0,
+            quiet_below: HashMap::new(),
         }
+    }
+
+    /// Sends no dead letters for records of partition `p` below `offset`
+    /// (their first processing sent them).
+    pub fn quiet_dead_letters_below(&mut self, p: u32, offset: i64) {
+        self.quiet_below.insert(p, offset);
+    }
+
+    /// Whether a dead letter for the records-log entry `offset` of `p` was
+    /// sent when it was first processed.
+    fn sent_before(&self, p: u32, offset: i64) -> bool {
+        self.quiet_below
+            .get(&p)
+            .is_some_and(|below| offset < *below)
     }
 
     /// Adds the snapshots published since the last call to the metrics.
@@ -226,7 +245,9 @@ impl Materializer {
                         format!("records-log entry cannot be decoded: {e}"),
                     );
                     tracing::error!(partition = p, offset = rec.offset, error = %e, "undecodable records-log entry");
-                    out.push(dead_letter(&self.topics.dlq, &err, rec));
+                    if !self.sent_before(p, rec.offset) {
+                        out.push(dead_letter(&self.topics.dlq, &err, rec));
+                    }
                 }
             }
         }
@@ -323,6 +344,7 @@ impl Materializer {
                     t.applied = true;
                     count_topic(&mut applied_by_topic, &rec.topic);
                 }
+                Outcome::Rejected(_) if self.sent_before(p, rec.offset) => {}
                 Outcome::Rejected(err) => {
                     let inp = r.input.clone().unwrap_or_default();
                     let src = LogRecord {
