@@ -236,6 +236,28 @@ fn produce_keys_settings_and_each_customers_records() {
             > 1,
         "keys spread over partitions: {partition_of:?}"
     );
+    // A line the topic cannot take is left out and named; the others go.
+    let small = json!({"user_id": "z1", "type": "article_viewed"}).to_string();
+    let big = format!(
+        r#"{{"user_id": "z1", "type": "{}"}}"#,
+        "x".repeat(1_000_000)
+    );
+    let mixed = write("mixed.ndjson", &[small.clone(), big, small]);
+    let (ok, out, err) = common::run_cli(&[
+        "produce",
+        "--brokers",
+        b,
+        "--topic",
+        "zendesk.events",
+        mixed.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("not appended") && err.contains("lines 2 of"),
+        "{err}"
+    );
+    assert!(out.contains("appended 2 records"), "{out}");
+    assert_eq!(kcat_consume(b, "zendesk.events").len(), 2);
 }
 
 /// At a first start on a backlog, the settings already on their topic are

@@ -23,6 +23,9 @@ pub fn demo(
     seed: u64,
 ) -> Result<()> {
     telemetry::metrics();
+    if let Some(brokers) = config.brokers.take() {
+        tracing::warn!(%brokers, "the demo runs embedded mode; the brokers are not used");
+    }
     let temp = !dir_given;
     if temp {
         config.data_dir =

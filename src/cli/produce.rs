@@ -134,7 +134,26 @@ fn to_kafka(
     let producer = contextd::log::kafka::KafkaProducer::new(config)
         .with_context(|| format!("cannot connect to {brokers}"))?;
     let limits = contextd::app::limits(config);
-    let records = lines.map(|line| {
+    // A line the topic cannot take (over the producer's message size, less
+    // room for key and headers) would fail the whole file: it is left out,
+    // the others are appended, and the lines left out are named at the end.
+    let fits = config
+        .kafka
+        .max_message_bytes()
+        .saturating_sub(contextd::config::KAFKA_MESSAGE_ROOM);
+    let mut too_large: Vec<usize> = Vec::new();
+    let mut number = 0usize;
+    let records = lines.filter_map(|line| {
+        number += 1;
+        match line {
+            Ok(value) if value.len() > fits => {
+                too_large.push(number);
+                None
+            }
+            other => Some(other),
+        }
+    });
+    let records = records.map(|line| {
         let value = line?;
         Ok(OutRecord {
             topic: topic.to_string(),
@@ -150,5 +169,14 @@ fn to_kafka(
             .with_context(|| format!("producing to {topic} on {brokers} failed"))
     })?;
     println!("appended {total} records to {topic} on {brokers}");
+    if !too_large.is_empty() {
+        let shown: Vec<String> = too_large.iter().take(20).map(|n| n.to_string()).collect();
+        bail!(
+            "{} record(s) over the {fits}-byte message limit were not appended (non-blank lines {}{} of the input)",
+            too_large.len(),
+            shown.join(", "),
+            if too_large.len() > shown.len() { ", ..." } else { "" }
+        );
+    }
     Ok(())
 }
