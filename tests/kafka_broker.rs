@@ -303,6 +303,31 @@ fn the_settings_on_the_topic_are_routed_before_the_inputs() {
             "{k}: a snapshot under the default settings: {snap}"
         );
     }
+    // A tombstone deletes the settings: nothing is shown again, every
+    // context re-published empty, the admin API shows the defaults.
+    let mut kcat = Command::new("kcat")
+        .args(["-P", "-b", b, "-t", "context.settings", "-K", "\t", "-Z"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("kcat");
+    writeln!(kcat.stdin.as_mut().unwrap(), "visibility\t").unwrap();
+    assert!(kcat.wait().unwrap().success());
+    s.wait_for(60, "every context empty", |s| {
+        (0..users)
+            .all(|i| {
+                let (_, ctx) = s.get(&format!("/api/v2/users/{}/context", 7000 + i));
+                ctx["events"].as_array().is_some_and(|e| e.is_empty())
+            })
+            .then_some(())
+    });
+    let (_, v) = s.get("/api/admin/visibility");
+    assert_eq!(v["zendesk_events"], false, "{v}");
+    let (_, api) = s.get("/api/admin/dead_letters");
+    assert_eq!(
+        api["dead_letters"],
+        json!([]),
+        "the tombstone is no dead letter"
+    );
 }
 
 /// Records whose outcome does not depend on the order across topics and

@@ -177,6 +177,16 @@ pub fn normalize_settings(
     settings_from_json(&obj)
 }
 
+/// A record of the settings topic: its settings, or for a tombstone (no
+/// value: Kafka's delete on a compacted topic) the settings deleted, so
+/// nothing is shown, as before any settings existed (CONTRACT §5).
+pub fn settings_record(bytes: &[u8], limits: Limits) -> Result<crate::model::Settings, Rejection> {
+    if bytes.is_empty() {
+        return Ok(crate::model::Settings::default());
+    }
+    normalize_settings(bytes, limits)
+}
+
 pub use fields::{normalize_identifier, parse_object, sort_by_priority};
 
 #[cfg(test)]

@@ -553,7 +553,7 @@ pub fn run_follower(
                 // As the routing stage takes them: key `visibility` (or none).
                 let keyed = r.key.as_deref().is_none_or(|k| k == SETTINGS_KEY);
                 if let Some(s) = keyed
-                    .then(|| ingest::normalize_settings(&r.value, limits).ok())
+                    .then(|| ingest::settings_record(&r.value, limits).ok())
                     .flatten()
                 {
                     let rec = Record {

@@ -108,7 +108,7 @@ impl Router {
                 ));
             }
         }
-        let settings = ingest::normalize_settings(&rec.value, self.limits)?;
+        let settings = ingest::settings_record(&rec.value, self.limits)?;
         let r = Record {
             format_version: FORMAT_VERSION,
             user_id: String::new(),
@@ -289,5 +289,29 @@ mod tests {
         let router = Router::new(topics.clone(), 4, Limits::default());
         let routed = router.route(&HashMap::<String, String>::new(), &batch);
         assert!(routed.out.iter().all(|r| r.topic == topics.records));
+    }
+
+    /// A tombstone on the settings topic deletes the settings: every
+    /// partition gets settings that show nothing, as before any existed.
+    #[test]
+    fn a_settings_tombstone_shows_nothing_again() {
+        let topics = Topics::default();
+        let router = Router::new(topics.clone(), 3, Limits::default());
+        let shown = r#"{"zendesk_events": true, "shown_event_types": [{"source": "zendesk", "type": "article_viewed"}]}"#;
+        let mut tombstone = input(&topics.settings, 1, "");
+        tombstone.key = Some(SETTINGS_KEY.to_vec());
+        let batch = [input(&topics.settings, 0, shown), tombstone];
+        let routed = router.route(&HashMap::<String, String>::new(), &batch);
+        assert_eq!(routed.out.len(), 6, "each broadcast to 3 partitions");
+        let settings =
+            |r: &OutRecord| match Record::decode(r.value.contiguous().as_ref()).unwrap().body {
+                Some(record::Body::Settings(s)) => s,
+                other => panic!("not settings: {other:?}"),
+            };
+        assert!(settings(&routed.out[0]).zendesk_events);
+        for r in &routed.out[3..] {
+            assert_eq!(r.topic, topics.records);
+            assert_eq!(settings(r), crate::model::Settings::default());
+        }
     }
 }
