@@ -299,6 +299,40 @@ fn librdkafka_names_from_env(k: &mut KafkaConfig) {
     }
 }
 
+/// A configuration error in one line: the setting, where its value came
+/// from (the config file's path as given, or the environment variable),
+/// and what is wrong, without figment's profile prefix or doubled quotes.
+fn describe(e: figment::Error) -> ConfigError {
+    let one = |e: &figment::Error| {
+        let key = e.path.join(".");
+        let from = match e.metadata.as_ref() {
+            Some(md) => match &md.source {
+                Some(figment::Source::File(p)) => format!(" in {}", p.display()),
+                _ if md.name.contains("environment") => {
+                    format!(
+                        " (environment variable CONTEXTD_{})",
+                        key.to_uppercase().replace('.', "__")
+                    )
+                }
+                _ => String::new(),
+            },
+            None => String::new(),
+        };
+        let what = e.kind.to_string().replace("``", "`");
+        if key.is_empty() {
+            format!("{what}{from}")
+        } else {
+            format!("{key}{from}: {what}")
+        }
+    };
+    ConfigError(
+        e.into_iter()
+            .map(|e| one(&e))
+            .collect::<Vec<_>>()
+            .join("; "),
+    )
+}
+
 impl Config {
     pub fn load(file: Option<&Path>, flags: &Overrides) -> Result<Config, ConfigError> {
         let mut fig = Figment::from(Serialized::defaults(Config::default()));
@@ -331,7 +365,7 @@ impl Config {
         fig = fig
             .merge(Env::prefixed("CONTEXTD_").split("__").ignore(&["config"]))
             .merge(Serialized::defaults(flags));
-        let mut c: Config = fig.extract().map_err(|e| ConfigError(e.to_string()))?;
+        let mut c: Config = fig.extract().map_err(describe)?;
         librdkafka_names_from_env(&mut c.kafka);
         if c.brokers.as_deref().is_some_and(|b| b.trim().is_empty()) {
             c.brokers = None;
@@ -485,6 +519,28 @@ mod tests {
 
     #[test]
     #[allow(clippy::result_large_err)]
+    fn a_bad_value_names_its_key_and_where_it_came_from() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "snapshot_format = \"xml\"\n")?;
+            let e = Config::load(Some(Path::new("c.toml")), &Overrides::default())
+                .unwrap_err()
+                .0;
+            assert!(e.starts_with("snapshot_format in "), "{e}");
+            assert!(e.contains("c.toml: unknown variant"), "{e}");
+            assert!(e.ends_with("expected `protobuf` or `json`"), "{e}");
+            jail.set_env("CONTEXTD_SNAPSHOT__MAX_EVENTS", "abc");
+            let e = Config::load(None, &Overrides::default()).unwrap_err().0;
+            assert!(
+                e.starts_with(
+                    "snapshot.max_events (environment variable CONTEXTD_SNAPSHOT__MAX_EVENTS): "
+                ),
+                "{e}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
     fn an_unknown_key_in_the_file_is_an_error() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
