@@ -541,6 +541,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)]
     fn an_unknown_key_in_the_file_is_an_error() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(
