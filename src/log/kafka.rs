@@ -57,10 +57,9 @@ pub fn producer_config(c: &Config) -> ClientConfig {
     pc
 }
 
-/// Creates missing topics; refuses to start when an internal or output topic
-/// has a partition count that breaks co-partitioning with the state.
-/// Whether the broker has `topic` (with partitions).
-pub fn topic_exists(c: &Config, topic: &str) -> Result<bool, LogError> {
+/// A client for the cluster's metadata, and every topic's (with its
+/// partitions).
+fn cluster_metadata(c: &Config) -> Result<(BaseConsumer, rdkafka::metadata::Metadata), LogError> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set(
             "bootstrap.servers",
@@ -71,12 +70,20 @@ pub fn topic_exists(c: &Config, topic: &str) -> Result<bool, LogError> {
     let md = consumer
         .fetch_metadata(None, Duration::from_secs(15))
         .map_err(kerr)?;
-    Ok(md
+    Ok((consumer, md))
+}
+
+/// Whether the broker has `topic` (with partitions).
+pub fn topic_exists(c: &Config, topic: &str) -> Result<bool, LogError> {
+    Ok(cluster_metadata(c)?
+        .1
         .topics()
         .iter()
         .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()))
 }
 
+/// Creates missing topics; refuses to start when an internal or output topic
+/// has a partition count that breaks co-partitioning with the state.
 pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
     let t = &c.topics;
     let n = c.partitions as i32;
@@ -100,16 +107,7 @@ pub fn ensure_topics(c: &Config) -> Result<(), LogError> {
         (&t.identities, n, &compact),
         (MEMBERS_TOPIC, n, &compact),
     ];
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set(
-            "bootstrap.servers",
-            c.brokers.as_deref().unwrap_or_default(),
-        )
-        .create()
-        .map_err(kerr)?;
-    let md = consumer
-        .fetch_metadata(None, Duration::from_secs(15))
-        .map_err(kerr)?;
+    let (consumer, md) = cluster_metadata(c)?;
     let existing: std::collections::HashSet<String> = md
         .topics()
         .iter()
