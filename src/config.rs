@@ -300,7 +300,7 @@ fn librdkafka_names_from_env(k: &mut KafkaConfig) {
 }
 
 /// A configuration error in one line: the setting, where its value came
-/// from (the config file's path as given, or the environment variable),
+/// from (the config file's path, or the environment variable),
 /// and what is wrong, without figment's profile prefix or doubled quotes.
 fn describe(e: figment::Error) -> ConfigError {
     let one = |e: &figment::Error| {

@@ -217,7 +217,6 @@ async fn shutdown_signal(failed: Arc<contextd::pipeline::embedded::Readiness>) {
     tracing::info!("shutting down");
 }
 
-/// Serves the API for `app` until SIGTERM/SIGINT or a stage failure.
 /// Binds the HTTP address, before anything else starts: an address in
 /// use then fails a start before it touches the data dir.
 pub fn listen(addr: &str) -> Result<std::net::TcpListener> {
@@ -230,6 +229,8 @@ pub fn listen(addr: &str) -> Result<std::net::TcpListener> {
     Ok(listener)
 }
 
+/// Serves the API for `app` on `listener` (from `listen`) until
+/// SIGTERM/SIGINT or a stage failure.
 pub async fn serve(app: Arc<contextd::app::App>, listener: std::net::TcpListener) -> Result<()> {
     let addr = app.config.http_addr.clone();
     let listener = tokio::net::TcpListener::from_std(listener)

@@ -1786,10 +1786,6 @@ fn go_live(
     Ok(count)
 }
 
-/// `contextd rebuild --brokers`: drops this instance's materialized state and
-/// replays every partition of the records topic from the beginning (the same
-/// restore path as a partition assignment), then settles snapshot versions
-/// against the snapshots topic. Returns (records replayed, snapshots published).
 /// The offset of `topic`'s partition `p` the consumer's group has committed
 /// (0 if none).
 fn committed_offset<C: ConsumerContext>(
@@ -1812,6 +1808,10 @@ fn committed_offset<C: ConsumerContext>(
         .unwrap_or(0))
 }
 
+/// `contextd rebuild --brokers`: drops this instance's materialized state and
+/// replays every partition of the records topic from the beginning (the same
+/// restore path as a partition assignment), then settles snapshot versions
+/// against the snapshots topic. Returns (records replayed, snapshots published).
 pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), PipelineError> {
     let mut store = Store::open(&c.data_dir, &c.store_options())?;
     store.check_partitions(c.partitions)?;

@@ -258,16 +258,14 @@ impl Store {
             },
         )?;
         let cf = db.cf_handle(CF_META).expect("opened with it");
-        Ok(db
-            .get_cf(cf, META_PARTITIONS)?
-            .map(|v| u32::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 4]))))
+        Ok(db.get_cf(cf, META_PARTITIONS)?.map(|v| partition_count(&v)))
     }
 
     /// The partition count the data dir was created with, if recorded.
     pub fn recorded_partitions(&self) -> Result<Option<u32>, StoreError> {
         Ok(self
             .get_raw(CF_META, META_PARTITIONS)?
-            .map(|v| u32::from_be_bytes(v.as_slice().try_into().unwrap_or([0; 4]))))
+            .map(|v| partition_count(&v)))
     }
 
     /// `check_partitions` and `check_mode` without recording anything: a
@@ -735,6 +733,11 @@ impl Store {
 }
 
 /// The value of `META_MODE` for a data dir of Kafka mode or embedded mode.
+/// The partition count a data dir recorded (`META_PARTITIONS`).
+fn partition_count(v: &[u8]) -> u32 {
+    u32::from_be_bytes(v.try_into().unwrap_or([0; 4]))
+}
+
 fn mode_name(kafka: bool) -> &'static [u8] {
     if kafka {
         b"kafka"
