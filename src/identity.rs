@@ -59,11 +59,7 @@ pub fn resolve(
         Some(u) => u.to_string(),
         None => match existing.iter().flatten().next() {
             Some(u) => u.clone(),
-            // Trimmed as an explicit `user_id` is (an identifier value
-            // other than an email or twitter handle keeps its whitespace):
-            // else `GET /api/v2/users/{id}/...`, which trims the id, could
-            // never name the user.
-            None if create => ids.first()?.key().trim().to_string(),
+            None if create => ids.first()?.key(),
             None => return None,
         },
     };
@@ -144,10 +140,10 @@ mod tests {
         let r = resolve(None, &[id("email", "a@x"), id("twitter", "@a")], &l, true).unwrap();
         assert_eq!(r.user_id, "email:a@x");
         assert_eq!(r.new_links.len(), 2);
-        // The id is trimmed as an explicit user_id is; the value linked is not.
-        let r = resolve(None, &[id("external_id", " C-77 ")], &l, true).unwrap();
-        assert_eq!(r.user_id, "external_id: C-77");
-        assert_eq!(r.new_links[0].identifier, Some(id("external_id", " C-77 ")));
+        // Values other than emails and twitter handles keep their spaces,
+        // so `C-77` and `C-77 ` are two customers with two ids.
+        let r = resolve(None, &[id("external_id", "C-77 ")], &l, true).unwrap();
+        assert_eq!(r.user_id, "external_id:C-77 ");
         assert!(resolve(None, &[], &l, true).is_none());
         assert!(
             resolve(None, &[id("email", "a@x")], &l, false).is_none(),

@@ -14,6 +14,26 @@ use base64::Engine;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
+/// The user a path names. Ingest trims a `user_id`, so the id is trimmed,
+/// unless a user has it as given: one named after an identifier keeps the
+/// spaces of the identifier's value (only emails and twitter handles are
+/// trimmed), and `C-77` and `C-77 ` are two customers.
+async fn path_user(app: &AppState, raw: String) -> Result<String, ApiError> {
+    if raw.trim().len() == raw.len() {
+        return Ok(raw);
+    }
+    let app2 = app.clone();
+    blocking(move || {
+        let exists = app2
+            .store
+            .get_user(app2.partition_of(&raw), &raw)
+            .map_err(ApiError::internal)?
+            .is_some();
+        Ok(if exists { raw } else { raw.trim().to_string() })
+    })
+    .await
+}
+
 async fn load_user(app: &AppState, user_id: String) -> Result<UserState, ApiError> {
     let app2 = app.clone();
     blocking(move || {
@@ -32,8 +52,7 @@ pub async fn context(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Ingest trims user ids; a lookup by id does as well.
-    let user_id = user_id.trim().to_string();
+    let user_id = path_user(&app, user_id).await?;
     if let Some(r) = forward(&app, &user_id, &uri, &headers).await {
         return Ok(r);
     }
@@ -69,8 +88,7 @@ pub async fn profiles(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Ingest trims user ids; a lookup by id does as well.
-    let user_id = user_id.trim().to_string();
+    let user_id = path_user(&app, user_id).await?;
     if let Some(r) = forward(&app, &user_id, &uri, &headers).await {
         return Ok(r);
     }
@@ -123,8 +141,7 @@ pub async fn events(
     OriginalUri(uri): OriginalUri,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Ingest trims user ids; a lookup by id does as well.
-    let user_id = user_id.trim().to_string();
+    let user_id = path_user(&app, user_id).await?;
     if let Some(r) = forward(&app, &user_id, &uri, &headers).await {
         return Ok(r);
     }

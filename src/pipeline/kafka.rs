@@ -1011,13 +1011,6 @@ impl Worker {
         self.restore.forget(p);
     }
 
-    /// No dead letters for records of `p` below `offset` (`Materializer::
-    /// quiet_dead_letters_below`).
-    fn quiet_dead_letters_below(&mut self, p: u32, offset: i64) {
-        self.live.quiet_dead_letters_below(p, offset);
-        self.restore.quiet_dead_letters_below(p, offset);
-    }
-
     /// Writes the state batch with the outgoing records as outbox entries
     /// (and the deletion of entries acknowledged since the last commit),
     /// then sends the records without waiting for their acks.
@@ -1509,14 +1502,6 @@ fn materialize_loop(
                         })?
                         .1;
                         pool.worker(worker(p)).forget(p as u32);
-                        // What the group processed before (this instance or
-                        // another) sent its dead letters then: the restore
-                        // replays those records without sending them again.
-                        let done = retry(stop, "committed offsets", || {
-                            committed_offset(consumer, topic, p)
-                        })?;
-                        pool.worker(worker(p))
-                            .quiet_dead_letters_below(p as u32, done);
                         parts.insert(
                             p,
                             PartState {
@@ -1786,40 +1771,25 @@ fn go_live(
     Ok(count)
 }
 
-/// The offset of `topic`'s partition `p` the consumer's group has committed
-/// (0 if none).
-fn committed_offset<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    topic: &str,
-    p: i32,
-) -> Result<i64, PipelineError> {
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(topic, p);
-    let got = consumer
-        .committed_offsets(tpl, Duration::from_secs(5))
-        .map_err(kerr)?;
-    Ok(got
-        .elements()
-        .first()
-        .and_then(|e| match e.offset() {
-            Offset::Offset(o) => Some(o),
-            _ => None,
-        })
-        .unwrap_or(0))
-}
-
 /// `contextd rebuild --brokers`: drops this instance's materialized state and
 /// replays every partition of the records topic from the beginning (the same
 /// restore path as a partition assignment), then settles snapshot versions
 /// against the snapshots topic. Returns (records replayed, snapshots published).
 pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), PipelineError> {
     let mut store = Store::open(&c.data_dir, &c.store_options())?;
+    store.refuse_other(c.partitions, true)?;
+    crate::log::kafka::ensure_topics(c)?;
     store.check_partitions(c.partitions)?;
     store.check_mode(true)?;
-    crate::log::kafka::ensure_topics(c)?;
-    // How far this data dir's materializing stage got (its dead letters
-    // sent), read before its state is dropped.
-    let mut processed: Vec<i64> = (0..c.partitions)
+    let producer = KafkaProducer::new(c)?;
+    let stop = AtomicBool::new(false);
+    // What the last run committed and had not yet sent goes out first (the
+    // outbox is dropped with the state); then everything below this data
+    // dir's position has been sent, dead letters included, and the replay
+    // sends none of those again. (Past it, and in a new data dir, they are
+    // sent again: at least once.)
+    drain_outbox(c, &store, &producer, &stop)?;
+    let processed: Vec<i64> = (0..c.partitions)
         .map(|p| Ok(store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0)))
         .collect::<Result<_, PipelineError>>()?;
     store.drop_column_families(&keys::REBUILT_CFS)?;
@@ -1830,24 +1800,11 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     let mut wb = WriteBatch::default();
     store.delete_prefix(&mut wb, CF_META, b"pos/follower/");
     store.write(wb)?;
-    let producer = KafkaProducer::new(c)?;
-    let stop = AtomicBool::new(false);
     let mut restore =
         Materializer::new(c.topics.clone(), crate::app::materializer_options(c, false));
-    // Records this data dir or the materializing group (any instance)
-    // processed sent their dead letters then; ones past both are processed
-    // here first.
-    let group: BaseConsumer = consumer_config(c, &format!("{}-materializer", c.group_id))
-        .create()
-        .map_err(kerr)?;
-    for (p, done) in processed.iter_mut().enumerate() {
-        let committed = retry(&stop, "committed offsets", || {
-            committed_offset(&group, &c.topics.records, p as i32)
-        })?;
-        *done = (*done).max(committed);
+    for (p, done) in processed.iter().enumerate() {
         restore.quiet_dead_letters_below(p as u32, *done);
     }
-    drop(group);
     let mut live = Materializer::new(c.topics.clone(), crate::app::materializer_options(c, true));
     let mut replayed = 0u64;
     let mut published = 0;

@@ -732,12 +732,12 @@ impl Store {
     }
 }
 
-/// The value of `META_MODE` for a data dir of Kafka mode or embedded mode.
 /// The partition count a data dir recorded (`META_PARTITIONS`).
 fn partition_count(v: &[u8]) -> u32 {
     u32::from_be_bytes(v.try_into().unwrap_or([0; 4]))
 }
 
+/// The value of `META_MODE` for a data dir of Kafka mode or embedded mode.
 fn mode_name(kafka: bool) -> &'static [u8] {
     if kafka {
         b"kafka"
