@@ -75,8 +75,8 @@ pub struct Materializer {
     /// copy of what it holds, into fresh memory).
     batch_bytes: usize,
     /// Per partition, the records-log offset below which this stage sends
-    /// no dead letters: a replay of records processed before (a rebuild, a
-    /// restore of a partition another instance had) sent them then.
+    /// no dead letters: a rebuild replays records its data dir processed
+    /// before, and their dead letters were sent then.
     quiet_below: HashMap<u32, i64>,
 }
 
