@@ -151,11 +151,7 @@ pub fn rebuild_embedded(
     let mut processed = vec![0i64; config.partitions as usize];
     let log = app::open_embedded_with(config, &store_options, |store| {
         if !from_inputs {
-            for (p, done) in processed.iter_mut().enumerate() {
-                *done = store
-                    .get_i64(CF_PART, &keys::part_offset(p as u32))?
-                    .unwrap_or(0);
-            }
+            processed = store.materialized_ends(config.partitions)?;
         }
         Ok(store.drop_column_families(&keys::REBUILT_CFS)?)
     })?;

@@ -205,12 +205,10 @@ pub async fn post_records(
     Path(topic): Path<String>,
     body: Bytes,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let Some(kind) = app.topics().kind(&topic) else {
-        return Err(ApiError::not_found(format!(
-            "{topic:?} is not an input topic; use one of {:?}",
-            app.topics().inputs()
-        )));
-    };
+    let kind = app
+        .topics()
+        .input_kind(&topic)
+        .map_err(ApiError::not_found)?;
     let now = time::now_ms();
     let keyed = kind == InputKind::Settings || matches!(app.appender, Appender::Kafka(_));
     let limits = app.limits;

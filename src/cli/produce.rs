@@ -115,12 +115,10 @@ fn to_kafka(
     // Only contextd's inputs, as `POST /api/v1/topics/{topic}/records`
     // takes them: an unknown name would wait for a topic that never comes,
     // and an output topic's readers trust what contextd writes there.
-    let Some(kind) = config.topics.kind(topic) else {
-        bail!(
-            "{topic:?} is not an input topic; use one of {:?}",
-            config.topics.inputs()
-        );
-    };
+    let kind = config
+        .topics
+        .input_kind(topic)
+        .map_err(anyhow::Error::msg)?;
     // contextd's topics exist before anything is written to them, as `run`
     // creates them: partitioned and compacted as configured, not as the
     // broker would auto-create them. A deployment's existing topic is

@@ -1789,9 +1789,7 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     // sends none of those again. (Past it, and in a new data dir, they are
     // sent again: at least once.)
     drain_outbox(c, &store, &producer, &stop)?;
-    let processed: Vec<i64> = (0..c.partitions)
-        .map(|p| Ok(store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0)))
-        .collect::<Result<_, PipelineError>>()?;
+    let processed = store.materialized_ends(c.partitions)?;
     store.drop_column_families(&keys::REBUILT_CFS)?;
     store
         .db()

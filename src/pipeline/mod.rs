@@ -80,6 +80,17 @@ impl Topics {
         }
     }
 
+    /// The kind of an input topic, or why `topic` is not one (the answer to
+    /// a write to any other topic).
+    pub fn input_kind(&self, topic: &str) -> Result<InputKind, String> {
+        self.kind(topic).ok_or_else(|| {
+            format!(
+                "{topic:?} is not an input topic; use one of {:?}",
+                self.inputs()
+            )
+        })
+    }
+
     /// Topics the routing stage consumes.
     pub fn inputs(&self) -> [&str; 4] {
         [

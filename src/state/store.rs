@@ -261,6 +261,14 @@ impl Store {
         Ok(db.get_cf(cf, META_PARTITIONS)?.map(|v| partition_count(&v)))
     }
 
+    /// Per partition, the next records-log offset the materializing stage
+    /// would apply (0: none applied yet).
+    pub fn materialized_ends(&self, partitions: u32) -> Result<Vec<i64>, StoreError> {
+        (0..partitions)
+            .map(|p| Ok(self.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0)))
+            .collect()
+    }
+
     /// The partition count the data dir was created with, if recorded.
     pub fn recorded_partitions(&self) -> Result<Option<u32>, StoreError> {
         Ok(self
