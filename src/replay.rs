@@ -20,7 +20,7 @@ use crate::state::apply::Working;
 use crate::state::keys::{self, CF_META, CF_PART};
 use crate::state::{Store, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy)]
@@ -199,9 +199,10 @@ pub fn rebuild_embedded(
     let total: i64 = ends.iter().sum();
     let pb = bar(total as u64, "replay", progress);
     // Partitions replay in parallel, each with the live stage's own code;
-    // then each worker settles the snapshots of the partitions it replayed,
-    // from the users its replay left in its cache where it can.
+    // the worker that replayed one settles its snapshots right after, from
+    // the users its replay left in its cache.
     let republished = AtomicU64::new(0);
+    let flush_started = AtomicBool::new(false);
     let sizes: Vec<i64> = (0..config.partitions)
         .map(|p| ends.get(p as usize).copied().unwrap_or(0))
         .collect();
@@ -211,9 +212,7 @@ pub fn rebuild_embedded(
             mat.quiet_dead_letters_below(p as u32, *done);
         }
         let mut replayed = 0u64;
-        let mut parts = Vec::new();
         while let Some(p) = next() {
-            parts.push(p);
             for_each_chunk(
                 &log,
                 &topic,
@@ -227,10 +226,23 @@ pub fn rebuild_embedded(
                     Ok(())
                 },
             )?;
+            tracing::debug!(elapsed = ?started.elapsed(), p, "rebuild: partition replayed");
+            // Settled at once, while its users are the ones in the cache;
+            // the partitions left are shared out meanwhile, so the two
+            // threads finish closer together than when each replayed all
+            // its partitions before settling any.
+            republished.fetch_add(settle_snapshots(&log, &mut mat, p)?, Ordering::Relaxed);
+            // Its users are not touched again: their memory goes to the
+            // next partition's (a smaller peak, fewer pages first touched).
+            mat.forget(p);
+            tracing::debug!(elapsed = ?started.elapsed(), p, "rebuild: partition settled");
         }
-        tracing::debug!(elapsed = ?started.elapsed(), ?parts, "rebuild: partitions replayed");
-        republished.fetch_add(settle_snapshots(&log, &mut mat, &parts)?, Ordering::Relaxed);
-        tracing::debug!(elapsed = ?started.elapsed(), ?parts, "rebuild: partitions settled");
+        // The first thread out of partitions starts flushing what the
+        // memtables hold so far, on the core it leaves idle while the
+        // other finishes; the final flush below then writes only the rest.
+        if !flush_started.swap(true, Ordering::Relaxed) {
+            store.start_flush()?;
+        }
         Ok(replayed)
     })?;
     pb.finish();
@@ -320,24 +332,19 @@ pub fn settle_partition(
     Ok(count)
 }
 
-/// After a rebuild of an embedded data dir (the partitions `parts`, which
-/// `mat` replayed): versions continue from the marks of the last snapshots
+/// After a rebuild of an embedded data dir (partition `p`, which `mat` has
+/// just replayed): versions continue from the marks of the last snapshots
 /// published (the rebuild does not drop them).
 fn settle_snapshots(
     log: &EmbeddedLog,
     mat: &mut Materializer,
-    parts: &[u32],
+    p: u32,
 ) -> Result<u64, PipelineError> {
-    let store = log.store();
-    let mut republished = 0;
-    for p in parts.iter().copied() {
-        // A bulk write nothing reads right away: past the page cache.
-        let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
-            log.commit_direct(batch, &out)
-                .map(|_| ())
-                .map_err(PipelineError::from)
-        };
-        republished += settle_partition(store, mat, p, &|_| None, &mut commit)? as u64;
-    }
-    Ok(republished)
+    // A bulk write nothing reads right away: past the page cache.
+    let mut commit = |batch, out: Vec<crate::log::OutRecord>| {
+        log.commit_direct(batch, &out)
+            .map(|_| ())
+            .map_err(PipelineError::from)
+    };
+    Ok(settle_partition(log.store(), mat, p, &|_| None, &mut commit)? as u64)
 }

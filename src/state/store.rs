@@ -685,13 +685,20 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         // Every column family's flush is scheduled first, so they run in
         // parallel (`flush_cf` waits for each in turn); then each is waited for.
+        self.start_flush()?;
+        for name in ALL_CFS {
+            self.db.flush_cf(self.cf(name))?;
+        }
+        Ok(())
+    }
+
+    /// Schedules a flush of every column family's memtable and returns
+    /// without waiting for it (writes go on into new memtables meanwhile).
+    pub fn start_flush(&self) -> Result<(), StoreError> {
         let mut start = rocksdb::FlushOptions::default();
         start.set_wait(false);
         for name in ALL_CFS {
             self.db.flush_cf_opt(self.cf(name), &start)?;
-        }
-        for name in ALL_CFS {
-            self.db.flush_cf(self.cf(name))?;
         }
         Ok(())
     }
