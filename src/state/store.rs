@@ -700,10 +700,25 @@ impl Store {
 
     /// Schedules a flush of every column family's memtable and returns
     /// without waiting for it (writes go on into new memtables meanwhile).
+    /// The fullest go first: flushes run two at a time, and the largest
+    /// one (most often the timelines') is the one that ends last.
     pub fn start_flush(&self) -> Result<(), StoreError> {
         let mut start = rocksdb::FlushOptions::default();
         start.set_wait(false);
-        for name in ALL_CFS {
+        let mut order: Vec<(u64, &str)> = ALL_CFS
+            .iter()
+            .map(|name| {
+                let held = self
+                    .db
+                    .property_int_value_cf(self.cf(name), "rocksdb.cur-size-active-mem-table")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0);
+                (held, *name)
+            })
+            .collect();
+        order.sort_by_key(|(held, _)| std::cmp::Reverse(*held));
+        for (_, name) in order {
             self.db.flush_cf_opt(self.cf(name), &start)?;
         }
         Ok(())
