@@ -1816,32 +1816,39 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
             &stop,
         )
     };
-    for p in 0..c.partitions as i32 {
-        let mut chunk = Vec::new();
-        let mut result = Ok(());
-        read_until_idle(
-            c,
-            &[(c.topics.records.clone(), p, 0)],
-            Duration::from_millis(500),
-            |r| {
-                chunk.push(r);
-                if chunk.len() >= c.pipeline.batch_records && result.is_ok() {
-                    result = restore
-                        .process(&store, &std::mem::take(&mut chunk))
-                        .and_then(commit);
-                }
-            },
-        )?;
-        result?;
-        if !chunk.is_empty() {
-            commit(restore.process(&store, &chunk)?)?;
+    // Every partition in one read (each partition's records in order, as
+    // a live batch mixes them): the end of the topic is known by a pause
+    // after its high watermarks (tansu's lags its last batch), and one
+    // pause for all costs half a second where one per partition cost four.
+    let parts: Vec<(String, i32, i64)> = (0..c.partitions as i32)
+        .map(|p| (c.topics.records.clone(), p, 0))
+        .collect();
+    let mut chunk = Vec::new();
+    let mut result = Ok(());
+    let mut read = 0u64;
+    read_until_idle(c, &parts, Duration::from_millis(500), |r| {
+        if result.is_err() {
+            // Failed: the rest is read to the end, not kept.
+            return;
         }
-        replayed += store
-            .get_i64(CF_PART, &keys::part_offset(p as u32))?
-            .unwrap_or(0) as u64;
-        progress(replayed);
+        chunk.push(r);
+        if chunk.len() >= c.pipeline.batch_records {
+            read += chunk.len() as u64;
+            result = restore
+                .process(&store, &std::mem::take(&mut chunk))
+                .and_then(commit);
+            progress(read);
+        }
+    })?;
+    result?;
+    if !chunk.is_empty() {
+        commit(restore.process(&store, &chunk)?)?;
     }
     let ps: Vec<u32> = (0..c.partitions).collect();
+    for p in &ps {
+        replayed += store.get_i64(CF_PART, &keys::part_offset(*p))?.unwrap_or(0) as u64;
+    }
+    progress(replayed);
     let mut seen = seen_versions(c, &store, &ps, &stop)?;
     for p in ps {
         let s = seen.remove(&p).unwrap_or_default();
