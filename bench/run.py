@@ -512,45 +512,50 @@ def scenario_embedded(args, wl, work, logdir, rep):
         res["exit_status"] = proc.stop(60)
 
 
+def digest_of(args, data):
+    """`contextd digest` of a data dir (offline), or None."""
+    r = subprocess.run([args.contextd, "digest", "--data-dir", data, "--partitions", str(args.partitions)],
+                       capture_output=True, timeout=600)
+    return r.stdout.decode().strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None
+
+
+def measure_rebuild(args, name, label, cmd, logdir, data, before):
+    """Runs a `contextd rebuild` command line; its records-log entries, seconds
+    and rate as contextd prints them (embedded and Kafka mode alike), CPU, peak
+    RSS, and whether the digest afterwards equals `before`."""
+    res = {"scenario": name}
+    p = Proc(label, cmd, logdir, capture=True)
+    try:
+        text = p.communicate(timeout=args.timeout).decode(errors="replace")
+    except subprocess.TimeoutExpired:
+        p.stop()
+        return dict(res, error="timed out")
+    m = re.search(r"(\d+) records replayed(?: \((\d+) input records re-routed\))?.*?in ([\d.]+)s "
+                  r"\(([\d.]+) records(?:-log entries)?/s\)", text)
+    if p.p.returncode != 0 or not m:
+        return dict(res, error=f"exit {p.p.returncode}: {(text + p.tail()).strip()[-300:]}")
+    after = digest_of(args, data)
+    # With --from-inputs, each input record is routed and then replayed: the rate
+    # here is records-log entries per second in every case (as contextd prints it).
+    secs = float(m.group(3))
+    res.update(records=int(m.group(1)), seconds=secs, records_per_s=int(m.group(1)) / max(secs, 1e-9),
+               printed_records_per_s=float(m.group(4)), rerouted=int(m.group(2)) if m.group(2) else None,
+               cpu_s=p.cpu_until(float("inf")), peak_rss_mb=p.hwm, output=text.strip().splitlines()[-1],
+               digest_before=before, digest_after=after, digest_match=(before is not None and before == after))
+    if not res["digest_match"]:
+        res["note"] = "digest after rebuild differs from the live run's" if before and after else "digest not available"
+    return res
+
+
 def scenario_rebuild(args, data, logdir):
     """(f) `contextd rebuild` (and --from-inputs) of the data dir of (a), digests compared."""
-    out = []
-
-    def digest():
-        r = subprocess.run([args.contextd, "digest", "--data-dir", data, "--partitions", str(args.partitions)],
-                           capture_output=True, timeout=600)
-        return r.stdout.decode().strip().splitlines()[-1] if r.returncode == 0 and r.stdout.strip() else None
-
-    before = digest()
-    for variant in ([], ["--from-inputs"]):
-        name = "contextd rebuild" + (" --from-inputs" if variant else "")
-        res = {"scenario": name}
-        p = Proc("rebuild" + ("-from-inputs" if variant else ""),
-                 [args.contextd, "rebuild", "--data-dir", data, "--partitions", str(args.partitions),
-                  "--snapshot-format", args.snapshot_format, *variant],
-                 logdir, capture=True)
-        try:
-            text = p.communicate(timeout=args.timeout).decode(errors="replace")
-        except subprocess.TimeoutExpired:
-            p.stop()
-            out.append(dict(res, error="timed out"))
-            continue
-        m = re.search(r"(\d+) records replayed(?: \((\d+) input records re-routed\))?.*?in ([\d.]+)s \(([\d.]+) records-log entries/s\)", text)
-        if p.p.returncode != 0 or not m:
-            out.append(dict(res, error=f"exit {p.p.returncode}: {(text + p.tail()).strip()[-300:]}"))
-            continue
-        after = digest()
-        # With --from-inputs, each input record is routed and then replayed: the rate
-        # here is records-log entries per second in both cases (as contextd prints it).
-        secs = float(m.group(3))
-        res.update(records=int(m.group(1)), seconds=secs, records_per_s=int(m.group(1)) / max(secs, 1e-9),
-                   printed_records_per_s=float(m.group(4)), rerouted=int(m.group(2)) if m.group(2) else None,
-                   cpu_s=p.cpu_until(float("inf")), peak_rss_mb=p.hwm, output=text.strip().splitlines()[-1],
-                   digest_before=before, digest_after=after, digest_match=(before is not None and before == after))
-        if not res["digest_match"]:
-            res["note"] = "digest after rebuild differs from the live run's" if before and after else "digest not available"
-        out.append(res)
-    return out
+    before = digest_of(args, data)
+    return [measure_rebuild(args, "contextd rebuild" + (" --from-inputs" if variant else ""),
+                            "rebuild" + ("-from-inputs" if variant else ""),
+                            [args.contextd, "rebuild", "--data-dir", data, "--partitions", str(args.partitions),
+                             "--snapshot-format", args.snapshot_format, *variant],
+                            logdir, data, before)
+            for variant in ([], ["--from-inputs"])]
 
 
 def generate_workload(args, out, records, seed):
@@ -909,6 +914,16 @@ def scenario_contextd_kafka(args, wl, logdir, work, rep):
                            identity_conflicts=m["conflicts"], batches=batch_summary(m))
             if note:
                 res["error"] = note
+                return [res]
+            # (e) then rebuilds its data dir from the records topic while the
+            # broker is up: the restore path a partition assignment takes.
+            proc.stop(60)
+            before = digest_of(args, data)
+            res["rebuild"] = measure_rebuild(
+                args, "contextd rebuild --brokers", f"rebuild-kafka-{rep}",
+                [args.contextd, "rebuild", "--data-dir", data, "--partitions", str(args.partitions),
+                 "--snapshot-format", args.snapshot_format, "--config", cfg, "--brokers", broker.addr],
+                logdir, data, before)
             return [res]
         finally:
             proc.stop(60)
@@ -1036,7 +1051,11 @@ def report(args, mach, wl, rows, latency, rebuilds, load_rows, started, path):
     L.append("- contextd publishes a snapshot only when the visible context changes, and one per user per batch; the Quix "
              "peer one per record that changes it; the pass-through one per input record.")
     L.append("- Inputs are loaded into a fresh broker with `passthrough produce` before each Kafka scenario starts, so "
-             "each scenario consumes a backlog (catch-up throughput, not a steady-state rate).\n")
+             "each scenario consumes a backlog (catch-up throughput, not a steady-state rate).")
+    L.append("- Rebuilds: records-log entries replayed / seconds, as contextd prints them (from opening the state to its "
+             "final flush). `contextd rebuild` rebuilds the data dir of (a); `contextd rebuild --brokers` that of (e), "
+             "from `context.records` on (e)'s broker right after (e) stops, its end known by half a second with nothing "
+             "more after the high watermarks, then snapshot versions settled against `context.snapshots`.\n")
     L.append("## Raw results\n")
     L.append("```json")
     for r in rows + load_rows + ([latency] if latency else []) + rebuilds:
@@ -1177,6 +1196,10 @@ def main():
             rows += [median_row(x) for x in (co, pt) if x]
         if "e" in kafka:
             rows.append(repeated("(e) contextd Kafka mode", scenario_contextd_kafka))
+            kr = rows[-1].pop("rebuild", None)
+            if kr:
+                rebuilds.append(kr)
+                log(f"    {kr['scenario']}: {kr.get('records_per_s') or 0:,.0f} records/s {kr.get('error') or ''}")
         if load_rows:
             load_rows = [median_row(load_rows)]
     finally:
