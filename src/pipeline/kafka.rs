@@ -1583,6 +1583,7 @@ fn materialize_loop(
                 p as u32,
                 s,
                 stop,
+                false,
             )?;
             tracing::info!(
                 partition = p,
@@ -1741,6 +1742,8 @@ fn seen_versions(
 /// After a restore: with the highest snapshot version published for each
 /// user of partition `p` (by any instance: `seen_versions`), publish only
 /// where the visible context differs from the last published one.
+/// `from_cache`: `mat` itself restored `p`, so the users it holds are the
+/// store's and are settled from its cache (else from the store's pages).
 fn go_live(
     store: &Store,
     producer: &KafkaProducer,
@@ -1748,6 +1751,7 @@ fn go_live(
     p: u32,
     seen: SeenVersions,
     stop: &AtomicBool,
+    from_cache: bool,
 ) -> Result<usize, PipelineError> {
     let SeenVersions {
         versions: published_versions,
@@ -1762,8 +1766,9 @@ fn go_live(
     let mut commit = |batch, out: Vec<OutRecord>| {
         commit_with_outbox(store, producer, batch, &out, &snapshots, stop)
     };
-    // Settled from the store's pages, not from what the cache holds.
-    mat.forget(p);
+    if !from_cache {
+        mat.forget(p);
+    }
     let count = settle_partition(store, mat, p, &published, &mut commit)?;
     let mut wb = WriteBatch::default();
     store.put_i64(&mut wb, CF_PART, &snapshot_sync_key(p), next);
@@ -1775,7 +1780,8 @@ fn go_live(
 /// replays every partition of the records topic from the beginning (the same
 /// restore path as a partition assignment), then settles snapshot versions
 /// against the snapshots topic. Returns (records replayed, snapshots published).
-pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), PipelineError> {
+pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usize), PipelineError> {
+    let started = Instant::now();
     let mut store = Store::open(&c.data_dir, &c.store_options())?;
     store.refuse_other(c.partitions, true)?;
     crate::log::kafka::ensure_topics(c)?;
@@ -1798,64 +1804,108 @@ pub fn rebuild(c: &Config, progress: &dyn Fn(u64)) -> Result<(u64, usize), Pipel
     let mut wb = WriteBatch::default();
     store.delete_prefix(&mut wb, CF_META, b"pos/follower/");
     store.write(wb)?;
-    let mut restore =
-        Materializer::new(c.topics.clone(), crate::app::materializer_options(c, false));
-    for (p, done) in processed.iter().enumerate() {
-        restore.quiet_dead_letters_below(p as u32, *done);
-    }
-    let mut live = Materializer::new(c.topics.clone(), crate::app::materializer_options(c, true));
-    let mut replayed = 0u64;
-    let mut published = 0;
-    let commit = |m: crate::pipeline::materializer::Materialized| {
-        commit_with_outbox(
-            &store,
-            &producer,
-            m.batch,
-            &m.out,
-            &c.topics.snapshots,
-            &stop,
-        )
+    tracing::debug!(elapsed = ?started.elapsed(), "rebuild: outbox sent, state dropped");
+    // One thread per core, each over a fixed share of the partitions
+    // (partition p to thread p % threads; state is partitioned, so threads
+    // never touch the same users) with a share of the user cache, as the
+    // embedded rebuild's threads. A thread reads its partitions' records in
+    // one consumer (each partition's records in order, mixed in a batch as
+    // the live workers mix them; the end of the topic known by one pause
+    // after its high watermarks, tansu's lagging its last batch), then the
+    // versions published for their users, then settles each partition from
+    // the users its replay left in its cache.
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, c.partitions.max(1) as usize);
+    let read = AtomicU64::new(0);
+    let rebuild_share = |share: usize| -> Result<usize, PipelineError> {
+        let mut mat = Materializer::new(
+            c.topics.clone(),
+            crate::app::materializer_share(c, false, threads),
+        );
+        for (p, done) in processed.iter().enumerate() {
+            mat.quiet_dead_letters_below(p as u32, *done);
+        }
+        let commit = |m: crate::pipeline::materializer::Materialized| {
+            commit_with_outbox(
+                &store,
+                &producer,
+                m.batch,
+                &m.out,
+                &c.topics.snapshots,
+                &stop,
+            )
+        };
+        let ps: Vec<u32> = (0..c.partitions)
+            .filter(|p| *p as usize % threads == share)
+            .collect();
+        let parts: Vec<(String, i32, i64)> = ps
+            .iter()
+            .map(|p| (c.topics.records.clone(), *p as i32, 0))
+            .collect();
+        let mut chunk = Vec::new();
+        let mut result = Ok(());
+        read_until_idle(c, &parts, Duration::from_millis(500), |r| {
+            if result.is_err() {
+                // Failed: the rest is read to the end, not kept.
+                return;
+            }
+            chunk.push(r);
+            if chunk.len() >= c.pipeline.batch_records {
+                let n = chunk.len() as u64;
+                result = mat
+                    .process(&store, &std::mem::take(&mut chunk))
+                    .and_then(commit);
+                progress(read.fetch_add(n, Ordering::Relaxed) + n);
+            }
+        })?;
+        result?;
+        if !chunk.is_empty() {
+            commit(mat.process(&store, &chunk)?)?;
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), ?ps, "rebuild: records replayed");
+        let mut seen = seen_versions(c, &store, &ps, &stop)?;
+        tracing::debug!(elapsed = ?started.elapsed(), ?ps, "rebuild: published versions read");
+        let mut published = 0;
+        for p in ps {
+            let s = seen.remove(&p).unwrap_or_default();
+            published += go_live(&store, &producer, &mut mat, p, s, &stop, true)?;
+            // Not touched again: its users' memory goes to the next one's.
+            mat.forget(p);
+        }
+        tracing::debug!(elapsed = ?started.elapsed(), share, "rebuild: partitions settled");
+        Ok(published)
     };
-    // Every partition in one read (each partition's records in order, as
-    // a live batch mixes them): the end of the topic is known by a pause
-    // after its high watermarks (tansu's lags its last batch), and one
-    // pause for all costs half a second where one per partition cost four.
-    let parts: Vec<(String, i32, i64)> = (0..c.partitions as i32)
-        .map(|p| (c.topics.records.clone(), p, 0))
-        .collect();
-    let mut chunk = Vec::new();
-    let mut result = Ok(());
-    let mut read = 0u64;
-    read_until_idle(c, &parts, Duration::from_millis(500), |r| {
-        if result.is_err() {
-            // Failed: the rest is read to the end, not kept.
-            return;
+    let published = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|share| s.spawn(move || rebuild_share(share)))
+            .collect();
+        let mut published = 0;
+        let mut first_err = None;
+        for h in handles {
+            match h.join() {
+                Ok(Ok(n)) => published += n,
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(PipelineError::Store(
+                        crate::state::StoreError::Incompatible("a rebuild thread panicked".into()),
+                    ));
+                }
+            }
         }
-        chunk.push(r);
-        if chunk.len() >= c.pipeline.batch_records {
-            read += chunk.len() as u64;
-            result = restore
-                .process(&store, &std::mem::take(&mut chunk))
-                .and_then(commit);
-            progress(read);
-        }
+        first_err.map_or(Ok(published), Err)
     })?;
-    result?;
-    if !chunk.is_empty() {
-        commit(restore.process(&store, &chunk)?)?;
-    }
-    let ps: Vec<u32> = (0..c.partitions).collect();
-    for p in &ps {
-        replayed += store.get_i64(CF_PART, &keys::part_offset(*p))?.unwrap_or(0) as u64;
+    let mut replayed = 0u64;
+    for p in 0..c.partitions {
+        replayed += store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0) as u64;
     }
     progress(replayed);
-    let mut seen = seen_versions(c, &store, &ps, &stop)?;
-    for p in ps {
-        let s = seen.remove(&p).unwrap_or_default();
-        published += go_live(&store, &producer, &mut live, p, s, &stop)?;
-    }
     producer.flush();
     store.flush()?;
+    tracing::debug!(elapsed = ?started.elapsed(), "rebuild: store flushed");
     Ok((replayed, published))
 }
 
