@@ -79,31 +79,24 @@ fn replay_options(
     app::materializer_share(config, false, workers)
 }
 
-/// Runs `work` on up to one thread per core; each thread takes partitions
-/// one at a time, the largest first (`sizes`: entries per partition), while
-/// any are left (state is partitioned, so threads never touch the same
-/// users; taking them as they finish keeps a thread with a busy partition
-/// from holding up the others). `work` gets the function that hands out
-/// the next partition and the number of threads; returns the sum of what
-/// they return, or the first error.
-fn on_partition_workers(
-    sizes: &[i64],
-    work: impl Fn(&dyn Fn() -> Option<u32>, usize) -> Result<u64, PipelineError> + Sync,
-) -> Result<u64, PipelineError> {
-    let workers = std::thread::available_parallelism()
+/// A rebuild's threads: one per core, at most one per partition.
+pub(crate) fn rebuild_threads(partitions: usize) -> usize {
+    std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
-        .clamp(1, sizes.len().max(1));
-    let mut order: Vec<u32> = (0..sizes.len() as u32).collect();
-    order.sort_by_key(|p| std::cmp::Reverse(sizes[*p as usize]));
-    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(order));
-    let next = || queue.lock().expect("partition queue").pop_front();
-    let work = &work;
-    let next = &next;
+        .clamp(1, partitions.max(1))
+}
+
+/// Runs `f(i)` for each `i` in `0..threads`, each on a thread of its own;
+/// returns the sum of what they return, or the first error (a thread that
+/// panicked is one).
+pub(crate) fn on_threads(
+    threads: usize,
+    f: impl Fn(usize) -> Result<u64, PipelineError> + Sync,
+) -> Result<u64, PipelineError> {
+    let f = &f;
     std::thread::scope(|s| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| s.spawn(move || work(next, workers)))
-            .collect();
+        let handles: Vec<_> = (0..threads).map(|i| s.spawn(move || f(i))).collect();
         let mut total = 0;
         let mut first_err = None;
         for h in handles {
@@ -119,11 +112,27 @@ fn on_partition_workers(
                 }
             }
         }
-        match first_err {
-            Some(e) => Err(e),
-            None => Ok(total),
-        }
+        first_err.map_or(Ok(total), Err)
     })
+}
+
+/// Runs `work` on up to one thread per core; each thread takes partitions
+/// one at a time, the largest first (`sizes`: entries per partition), while
+/// any are left (state is partitioned, so threads never touch the same
+/// users; taking them as they finish keeps a thread with a busy partition
+/// from holding up the others). `work` gets the function that hands out
+/// the next partition and the number of threads; returns the sum of what
+/// they return, or the first error.
+fn on_partition_workers(
+    sizes: &[i64],
+    work: impl Fn(&dyn Fn() -> Option<u32>, usize) -> Result<u64, PipelineError> + Sync,
+) -> Result<u64, PipelineError> {
+    let workers = rebuild_threads(sizes.len());
+    let mut order: Vec<u32> = (0..sizes.len() as u32).collect();
+    order.sort_by_key(|p| std::cmp::Reverse(sizes[*p as usize]));
+    let queue = std::sync::Mutex::new(std::collections::VecDeque::from(order));
+    let next = || queue.lock().expect("partition queue").pop_front();
+    on_threads(workers, |_| work(&next, workers))
 }
 
 /// Rebuilds the state of an embedded data dir (contextd must not be running on it).

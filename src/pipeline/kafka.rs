@@ -1814,10 +1814,7 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
     // after its high watermarks, tansu's lagging its last batch), then the
     // versions published for their users, then settles each partition from
     // the users its replay left in its cache.
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, c.partitions.max(1) as usize);
+    let threads = crate::replay::rebuild_threads(c.partitions as usize);
     let read = AtomicU64::new(0);
     let rebuild_share = |share: usize| -> Result<usize, PipelineError> {
         let mut mat = Materializer::new(
@@ -1877,27 +1874,9 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
         tracing::debug!(elapsed = ?started.elapsed(), share, "rebuild: partitions settled");
         Ok(published)
     };
-    let published = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|share| s.spawn(move || rebuild_share(share)))
-            .collect();
-        let mut published = 0;
-        let mut first_err = None;
-        for h in handles {
-            match h.join() {
-                Ok(Ok(n)) => published += n,
-                Ok(Err(e)) => {
-                    first_err.get_or_insert(e);
-                }
-                Err(_) => {
-                    first_err.get_or_insert(PipelineError::Store(
-                        crate::state::StoreError::Incompatible("a rebuild thread panicked".into()),
-                    ));
-                }
-            }
-        }
-        first_err.map_or(Ok(published), Err)
-    })?;
+    let published =
+        crate::replay::on_threads(threads, |share| rebuild_share(share).map(|n| n as u64))?
+            as usize;
     let mut replayed = 0u64;
     for p in 0..c.partitions {
         replayed += store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0) as u64;
