@@ -357,3 +357,54 @@ fn settle_snapshots(
     };
     Ok(settle_partition(log.store(), mat, p, &|_| None, &mut commit)? as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::StoreError;
+
+    fn failed(what: &str) -> PipelineError {
+        PipelineError::Store(StoreError::Incompatible(what.into()))
+    }
+
+    #[test]
+    fn rebuild_threads_sum_what_they_return_and_report_the_first_error() {
+        assert_eq!(on_threads(3, |i| Ok(i as u64 + 1)).unwrap(), 6);
+        let err = on_threads(3, |i| {
+            if i == 0 {
+                Ok(1)
+            } else {
+                Err(failed(&format!("thread {i}")))
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err.to_string(), failed("thread 1").to_string());
+        // A thread that panics is an error, not a panic of the caller.
+        let err = on_threads(2, |i| if i == 1 { panic!("boom") } else { Ok(1) }).unwrap_err();
+        assert!(
+            err.to_string().contains("a rebuild thread panicked"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn partitions_go_out_largest_first_each_to_one_thread() {
+        let taken = std::sync::Mutex::new(Vec::new());
+        let n = on_partition_workers(&[5, 40, 0, 17], |next, threads| {
+            assert_eq!(threads, rebuild_threads(4));
+            let mut mine = 0;
+            loop {
+                // Taken and noted under one lock: the order noted is the
+                // order handed out, whichever thread takes each.
+                let mut noted = taken.lock().unwrap();
+                let Some(p) = next() else { break };
+                noted.push(p);
+                mine += 1;
+            }
+            Ok(mine)
+        })
+        .unwrap();
+        assert_eq!(n, 4, "each partition once");
+        assert_eq!(taken.into_inner().unwrap(), [1, 3, 0, 2]);
+    }
+}
