@@ -249,7 +249,8 @@ pub fn rebuild_embedded(
         // The first thread out of partitions starts flushing what the
         // memtables hold so far, on the core it leaves idle while the
         // other finishes; the final flush below then writes only the rest.
-        if !flush_started.swap(true, Ordering::Relaxed) {
+        // (Not one that only drew empty partitions: it is out at once.)
+        if replayed > 0 && !flush_started.swap(true, Ordering::Relaxed) {
             store.start_flush()?;
         }
         Ok(replayed)

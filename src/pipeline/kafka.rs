@@ -1805,17 +1805,24 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
     store.delete_prefix(&mut wb, CF_META, b"pos/follower/");
     store.write(wb)?;
     tracing::debug!(elapsed = ?started.elapsed(), "rebuild: outbox sent, state dropped");
-    // One thread per core, each over a fixed share of the partitions
+    // `pipeline.materializer_threads` threads (one per core by default, at
+    // most one per partition), each over a fixed share of the partitions
     // (partition p to thread p % threads; state is partitioned, so threads
     // never touch the same users) with a share of the user cache, as the
-    // embedded rebuild's threads. A thread reads its partitions' records in
+    // embedded rebuild's threads. Each thread's consumer buffers what
+    // librdkafka prefetches (`queued.max.messages.kbytes`, settable under
+    // `[kafka.consumer]`), so fewer threads also bound that memory. A thread reads its partitions' records in
     // one consumer (each partition's records in order, mixed in a batch as
     // the live workers mix them; the end of the topic known by one pause
     // after its high watermarks, tansu's lagging its last batch), then the
     // versions published for their users, then settles each partition from
     // the users its replay left in its cache.
-    let threads = crate::replay::rebuild_threads(c.partitions as usize);
+    let threads = crate::app::materializer_threads(c) as usize;
     let read = AtomicU64::new(0);
+    // Set by a thread that failed: the others stop applying and settling
+    // (their readers still drain what they asked for), so the error comes
+    // out without the rest of a rebuild's work first.
+    let failed = AtomicBool::new(false);
     let rebuild_share = |share: usize| -> Result<usize, PipelineError> {
         let mut mat = Materializer::new(
             c.topics.clone(),
@@ -1844,8 +1851,9 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
         let mut chunk = Vec::new();
         let mut result = Ok(());
         read_until_idle(c, &parts, Duration::from_millis(500), |r| {
-            if result.is_err() {
-                // Failed: the rest is read to the end, not kept.
+            if result.is_err() || failed.load(Ordering::Relaxed) {
+                // Failed (here or in another thread): the rest is read to
+                // the end, not kept.
                 return;
             }
             chunk.push(r);
@@ -1858,6 +1866,10 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
             }
         })?;
         result?;
+        if failed.load(Ordering::Relaxed) {
+            // The failing thread reports the error.
+            return Ok(0);
+        }
         if !chunk.is_empty() {
             commit(mat.process(&store, &chunk)?)?;
         }
@@ -1866,6 +1878,9 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
         tracing::debug!(elapsed = ?started.elapsed(), ?ps, "rebuild: published versions read");
         let mut published = 0;
         for p in ps {
+            if failed.load(Ordering::Relaxed) {
+                return Ok(published);
+            }
             let s = seen.remove(&p).unwrap_or_default();
             published += go_live(&store, &producer, &mut mat, p, s, &stop, true)?;
             // Not touched again: its users' memory goes to the next one's.
@@ -1874,9 +1889,13 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
         tracing::debug!(elapsed = ?started.elapsed(), share, "rebuild: partitions settled");
         Ok(published)
     };
-    let published =
-        crate::replay::on_threads(threads, |share| rebuild_share(share).map(|n| n as u64))?
-            as usize;
+    let published = crate::replay::on_threads(threads, |share| {
+        let r = rebuild_share(share);
+        if r.is_err() {
+            failed.store(true, Ordering::Relaxed);
+        }
+        r.map(|n| n as u64)
+    })? as usize;
     let mut replayed = 0u64;
     for p in 0..c.partitions {
         replayed += store.get_i64(CF_PART, &keys::part_offset(p))?.unwrap_or(0) as u64;
