@@ -1809,14 +1809,15 @@ pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usiz
     // most one per partition), each over a fixed share of the partitions
     // (partition p to thread p % threads; state is partitioned, so threads
     // never touch the same users) with a share of the user cache, as the
-    // embedded rebuild's threads. Each thread's consumer buffers what
-    // librdkafka prefetches (`queued.max.messages.kbytes`, settable under
-    // `[kafka.consumer]`), so fewer threads also bound that memory. A thread reads its partitions' records in
+    // embedded rebuild's threads. A thread reads its partitions' records in
     // one consumer (each partition's records in order, mixed in a batch as
     // the live workers mix them; the end of the topic known by one pause
     // after its high watermarks, tansu's lagging its last batch), then the
     // versions published for their users, then settles each partition from
-    // the users its replay left in its cache.
+    // the users its replay left in its cache. Each thread's consumer
+    // buffers what librdkafka prefetches (`queued.max.messages.kbytes`,
+    // settable under `[kafka.consumer]`), so fewer threads also bound that
+    // memory.
     let threads = crate::app::materializer_threads(c) as usize;
     let read = AtomicU64::new(0);
     // Set by a thread that failed: the others stop applying and settling
