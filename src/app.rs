@@ -140,9 +140,12 @@ pub fn limits(c: &Config) -> Limits {
     }
 }
 
-/// Opens the data dir's store and embedded log.
+/// Opens the data dir's store and embedded log (not one whose rebuild was
+/// interrupted: `Store::begin_rebuild`).
 pub fn open_embedded(c: &Config) -> Result<Arc<EmbeddedLog>, PipelineError> {
-    open_embedded_with(c, &c.store_options(), |_| Ok(()))
+    open_embedded_with(c, &c.store_options(), |store| {
+        Ok(store.refuse_interrupted_rebuild()?)
+    })
 }
 
 /// `open_embedded` with other store options than the configuration's, and

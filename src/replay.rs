@@ -147,6 +147,9 @@ pub fn rebuild_embedded(
     // two at a time.
     let store_options = StoreOptions {
         background_jobs: 8,
+        // No write-ahead log: everything is flushed at the end, and every
+        // flush covers all column families at once (BENCHMARKS.md item 83).
+        bulk: true,
         ..config.store_options()
     };
     // The materialized state and the identities are dropped; the marks of
@@ -162,6 +165,13 @@ pub fn rebuild_embedded(
         if !from_inputs {
             processed = store.materialized_ends(config.partitions)?;
         }
+        // Until the end the state is incomplete: should the rebuild be
+        // interrupted, starts refuse the data dir until it is run again.
+        store.begin_rebuild(&format!(
+            "contextd rebuild --data-dir {}{}",
+            config.data_dir.display(),
+            if from_inputs { " --from-inputs" } else { "" }
+        ))?;
         Ok(store.drop_column_families(&keys::REBUILT_CFS)?)
     })?;
     let store = log.store().clone();
@@ -258,6 +268,7 @@ pub fn rebuild_embedded(
     pb.finish();
     let republished = republished.into_inner();
     store.flush()?;
+    store.end_rebuild()?;
     tracing::debug!(elapsed = ?started.elapsed(), "rebuild: store flushed");
     Ok(RebuildReport {
         routed,

@@ -524,6 +524,56 @@ fn rebuild_and_checkpoint_keep_the_digest() {
     assert!(!ok, "digest of a missing data dir must fail");
 }
 
+/// A rebuild killed half way (kill -9 while it replays; it writes no
+/// RocksDB log) leaves a data dir that `digest` and `run` refuse, naming
+/// the command to run again; run again, it gives the live run's digest.
+#[test]
+fn an_interrupted_rebuild_is_refused_until_it_is_run_again() {
+    use std::io::BufRead;
+    let (_dir, data, _) = demo_data_dir("60000", "3000");
+    let d = data.to_str().unwrap();
+    let digest = || run_cli(&["digest", "--data-dir", d]);
+    let (ok, d0, err) = digest();
+    assert!(ok, "{err}");
+    // Killed when its first partition is replayed (about a quarter of the
+    // way). Should one finish first on a slow machine, another is killed.
+    let mut interrupted = false;
+    for _ in 0..5 {
+        let mut child = common::command(&["rebuild", "--data-dir", d])
+            .env("CONTEXTD_LOG", "contextd::replay=debug")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        for line in stderr.lines() {
+            if line.unwrap().contains("partition replayed") {
+                child.kill().unwrap();
+                break;
+            }
+        }
+        if !child.wait().unwrap().success() {
+            interrupted = true;
+            break;
+        }
+    }
+    assert!(interrupted, "every rebuild finished before it was killed");
+    let (ok, _, err) = digest();
+    assert!(
+        !ok && err.contains("interrupted")
+            && err.contains(&format!("contextd rebuild --data-dir {d}` again")),
+        "{err}"
+    );
+    let addr = format!("127.0.0.1:{}", common::free_port());
+    let (ok, _, err) = run_cli(&["run", "--data-dir", d, "--http-addr", &addr]);
+    assert!(!ok && err.contains("interrupted"), "{err}");
+    let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
+    assert!(ok, "{out} {err}");
+    let (ok, d1, err) = digest();
+    assert!(ok, "{err}");
+    assert_eq!(d1, d0);
+}
+
 /// A rebuild replays records whose dead letters the live run sent: it does
 /// not send them again. `--from-inputs` starts the dead-letter log over and
 /// sends each once more. Here a patch of a profile type the user lacks

@@ -385,6 +385,7 @@ fn failed(e: anyhow::Error, what: String) -> anyhow::Error {
 
 fn digest(config: Config) -> Result<()> {
     let store = open_store(&config)?;
+    store.refuse_interrupted_rebuild()?;
     println!("{}", state::digest::digest(&store)?);
     Ok(())
 }

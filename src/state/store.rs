@@ -45,6 +45,12 @@ pub struct StoreOptions {
     pub sync_writes: bool,
     /// RocksDB's background threads (flushes: a quarter of them, at least one).
     pub background_jobs: i32,
+    /// Written by a rebuild, which flushes everything at its end: no
+    /// write-ahead log, and every flush atomic across the column families,
+    /// so that an interrupted rebuild leaves them all at one point of the
+    /// replay, as the log would (an earlier one). `Store::begin_rebuild`
+    /// marks the data dir until then.
+    pub bulk: bool,
 }
 
 impl Default for StoreOptions {
@@ -55,6 +61,7 @@ impl Default for StoreOptions {
             max_write_buffers: 3,
             sync_writes: false,
             background_jobs: 2,
+            bulk: false,
         }
     }
 }
@@ -66,6 +73,8 @@ pub type StoredUser = (String, Box<[u8]>);
 pub struct Store {
     db: Arc<DB>,
     sync_writes: bool,
+    /// `StoreOptions::bulk`.
+    bulk: bool,
     /// The data dir (the store lives in its `state` folder).
     dir: PathBuf,
     /// What it was opened with (column families created later use them).
@@ -114,6 +123,10 @@ fn cf_options(o: &StoreOptions, cache: &Cache, name: &str) -> Options {
     c
 }
 
+/// A column family with at most this many keys is emptied key by key
+/// (`Store::drop_column_families`).
+const DELETE_KEYS_UP_TO: usize = 4096;
+
 fn decode<M: Message + Default>(bytes: &[u8], what: &'static str) -> Result<M, StoreError> {
     M::decode(bytes).map_err(|source| StoreError::Decode { what, source })
 }
@@ -154,6 +167,12 @@ impl Store {
         })?;
         env.lower_thread_pool_cpu_priority();
         db_opts.set_env(&env);
+        if o.bulk {
+            // A flush is then one job over every column family with data,
+            // run on one thread (not two at a time): the final flush takes
+            // longer, but the replay writes no log (BENCHMARKS.md item 83).
+            db_opts.set_atomic_flush(true);
+        }
         let cfs = ALL_CFS
             .iter()
             .map(|n| ColumnFamilyDescriptor::new(*n, cf_opts(n)));
@@ -165,33 +184,64 @@ impl Store {
         Ok(Store {
             db: Arc::new(db),
             sync_writes: o.sync_writes,
+            bulk: o.bulk,
             dir: dir.to_path_buf(),
             options: o.clone(),
             cache,
         })
     }
 
-    /// Empties the column families `names` by dropping each and creating
-    /// it again: their files are deleted at once. (A range deletion keeps
+    /// Empties the column families `names`. A large one is dropped and
+    /// created again: its files are deleted at once. (A range deletion keeps
     /// them until compactions have merged every old key with the
     /// tombstone; during a rebuild those compactions were 14% of the CPU
-    /// samples, beside the replay.) A column family that holds no key is
-    /// left as it is: each drop and create writes and syncs the manifest
-    /// (about 4 ms each here). Only for a store not yet shared (right
-    /// after `open`).
+    /// samples, beside the replay.) A small one (at most
+    /// `DELETE_KEYS_UP_TO` keys: the catalog, the partitions' positions)
+    /// has its keys deleted instead, in one write: each drop and each
+    /// create writes the manifest and writes and parses back an OPTIONS
+    /// file of every column family (4–5 ms each here), where a few
+    /// hundred tombstones cost nothing. One that holds no key is left as
+    /// it is. Only for a store not yet shared (right after `open`).
     pub fn drop_column_families(&mut self, names: &[&str]) -> Result<(), StoreError> {
         let db = Arc::get_mut(&mut self.db).ok_or_else(|| {
             StoreError::Incompatible(
                 "column families are dropped before the store is shared".into(),
             )
         })?;
+        let mut small: Vec<(&str, Vec<Box<[u8]>>)> = Vec::new();
         for name in names {
             let cf = db.cf_handle(name).expect("column family created at open");
-            if db.iterator_cf(cf, IteratorMode::Start).next().is_none() {
+            let mut it = db.raw_iterator_cf(cf);
+            it.seek_to_first();
+            let mut keys = Vec::new();
+            while let Some(k) = it.key() {
+                if keys.len() == DELETE_KEYS_UP_TO {
+                    break;
+                }
+                keys.push(Box::from(k));
+                it.next();
+            }
+            let more = it.valid();
+            it.status()?;
+            drop(it);
+            if !more {
+                if !keys.is_empty() {
+                    small.push((name, keys));
+                }
                 continue;
             }
             db.drop_cf(name)?;
             db.create_cf(name, &cf_options(&self.options, &self.cache, name))?;
+        }
+        if !small.is_empty() {
+            let mut batch = WriteBatch::default();
+            for (name, keys) in &small {
+                let cf = db.cf_handle(name).expect("column family created at open");
+                for k in keys {
+                    batch.delete_cf(cf, k);
+                }
+            }
+            db.write(batch)?;
         }
         Ok(())
     }
@@ -218,7 +268,10 @@ impl Store {
 
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
-        wo.set_sync(self.sync_writes);
+        // A bulk store's writes are made durable by its flushes (the log's
+        // segments are still synced before them, `EmbeddedLog::commit`).
+        wo.set_sync(self.sync_writes && !self.bulk);
+        wo.disable_wal(self.bulk);
         self.db.write_opt(batch, &wo)?;
         Ok(())
     }
@@ -308,6 +361,41 @@ impl Store {
                 .put_cf(self.cf(CF_META), META_MODE, mode_name(kafka))?;
         }
         Ok(())
+    }
+
+    /// Marks the data dir as being rebuilt by `command` (durably, before
+    /// anything is dropped); `end_rebuild` clears it once the rebuilt
+    /// state is flushed. In between the state is incomplete, and starts
+    /// refuse it (`refuse_interrupted_rebuild`): a partition's users are
+    /// settled against the snapshots published only once it is replayed,
+    /// so the live stage could publish versions consumers have already
+    /// seen.
+    pub fn begin_rebuild(&self, command: &str) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.cf(CF_META), META_REBUILD, command, &wo)?;
+        Ok(())
+    }
+
+    /// Clears `begin_rebuild`'s mark: the rebuilt state is complete (and
+    /// flushed, see `StoreOptions::bulk`).
+    pub fn end_rebuild(&self) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.delete_cf_opt(self.cf(CF_META), META_REBUILD, &wo)?;
+        Ok(())
+    }
+
+    /// Refuses a data dir whose last rebuild did not finish.
+    pub fn refuse_interrupted_rebuild(&self) -> Result<(), StoreError> {
+        match self.get_raw(CF_META, META_REBUILD)? {
+            None => Ok(()),
+            Some(command) => Err(StoreError::Incompatible(format!(
+                "a rebuild of this data dir was interrupted and its state is incomplete; run `{}` again",
+                String::from_utf8_lossy(&command)
+            ))),
+        }
     }
 
     /// Whether the data dir has recorded its mode, refusing the other one.
@@ -689,6 +777,9 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
+        if self.bulk {
+            return self.flush_atomically(true);
+        }
         // Every column family's flush is scheduled first, so they run in
         // parallel (`flush_cf` waits for each in turn); then each is waited for.
         self.start_flush()?;
@@ -703,6 +794,9 @@ impl Store {
     /// The fullest go first: flushes run two at a time, and the largest
     /// one (most often the timelines') is the one that ends last.
     pub fn start_flush(&self) -> Result<(), StoreError> {
+        if self.bulk {
+            return self.flush_atomically(false);
+        }
         let mut start = rocksdb::FlushOptions::default();
         start.set_wait(false);
         let mut order: Vec<(u64, &str)> = ALL_CFS
@@ -721,6 +815,17 @@ impl Store {
         for (_, name) in order {
             self.db.flush_cf_opt(self.cf(name), &start)?;
         }
+        Ok(())
+    }
+
+    /// A `bulk` store's flush: one request for every column family, which
+    /// RocksDB's atomic flush carries out as one (a flush of one column
+    /// family alone would leave the others behind it).
+    fn flush_atomically(&self, wait: bool) -> Result<(), StoreError> {
+        let mut o = rocksdb::FlushOptions::default();
+        o.set_wait(wait);
+        let all: Vec<_> = ALL_CFS.iter().map(|n| self.cf(n)).collect();
+        self.db.flush_cfs_opt(&all, &o)?;
         Ok(())
     }
 
@@ -1441,5 +1546,140 @@ mod tests {
         let shared = store.clone();
         assert!(store.drop_column_families(&[CF_USERS]).is_err());
         assert!(shared.get_user(3, "v").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_rebuild_mark_refuses_the_data_dir_until_the_rebuild_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+            store.refuse_interrupted_rebuild().unwrap();
+            store
+                .begin_rebuild("contextd rebuild --data-dir X")
+                .unwrap();
+        }
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let err = store.refuse_interrupted_rebuild().unwrap_err().to_string();
+        assert!(
+            err.contains("interrupted")
+                && err.contains("run `contextd rebuild --data-dir X` again"),
+            "{err}"
+        );
+        store.end_rebuild().unwrap();
+        drop(store);
+        let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        store.refuse_interrupted_rebuild().unwrap();
+    }
+
+    /// A bulk store writes no write-ahead log, and each flush takes every
+    /// column family to one point, also the flush RocksDB starts itself
+    /// when one memtable is full: a copy of its files taken while it is
+    /// open (as after a crash, what the memtables held is gone) holds each
+    /// batch in every column family it wrote or in none.
+    #[test]
+    fn a_bulk_store_writes_no_log_and_flushes_its_column_families_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let bulk = StoreOptions {
+            bulk: true,
+            sync_writes: true,
+            write_buffer_bytes: 256 << 10,
+            ..StoreOptions::default()
+        };
+        let store = Store::open(dir.path(), &bulk).unwrap();
+        let wal_bytes = || -> u64 {
+            std::fs::read_dir(dir.path().join("state"))
+                .unwrap()
+                .map(|e| e.unwrap())
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum()
+        };
+        let before = wal_bytes();
+        let write = |round: &str, catalog_bytes: usize| {
+            let mut b = WriteBatch::default();
+            let mut user = new_user(round);
+            store.put_user(&mut b, 1, &mut user);
+            let e = event(round, 1);
+            store.put_timeline_ops(&mut b, 1, round, &[TimelineOp::put(&e)]);
+            store.put_i64(&mut b, CF_SNAP, round.as_bytes(), 1);
+            store.put_i64(&mut b, CF_META, round.as_bytes(), 1);
+            b.put_cf(store.cf(CF_CATALOG), round, vec![7u8; catalog_bytes]);
+            store.write(b).unwrap();
+        };
+        write("a", 64 << 10);
+        assert!(
+            wal_bytes() - before < 1024,
+            "{} bytes logged",
+            wal_bytes() - before
+        );
+        store.start_flush().unwrap();
+        store.flush().unwrap();
+        // "b" fills the catalog's memtable: the next write has RocksDB
+        // flush it, and with it every other column family's.
+        write("b", 1 << 20);
+        write("c", 16);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let busy = |p: &str| store.db.property_int_value(p).unwrap().unwrap_or(0);
+        while busy("rocksdb.num-running-flushes") > 0
+            || ALL_CFS.iter().any(|n| {
+                store
+                    .db
+                    .property_int_value_cf(store.cf(n), "rocksdb.num-immutable-mem-table")
+                    .unwrap()
+                    .unwrap_or(0)
+                    > 0
+            })
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the flush never ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let copy = tempfile::tempdir().unwrap();
+        std::fs::create_dir(copy.path().join("state")).unwrap();
+        for e in std::fs::read_dir(dir.path().join("state")).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != "LOCK" {
+                std::fs::copy(e.path(), copy.path().join("state").join(e.file_name())).unwrap();
+            }
+        }
+        let crashed = Store::open(copy.path(), &StoreOptions::default()).unwrap();
+        for (round, there) in [("a", true), ("b", true), ("c", false)] {
+            assert_eq!(
+                crashed.get_user(1, round).unwrap().is_some(),
+                there,
+                "{round}"
+            );
+            assert_eq!(
+                crashed
+                    .get_i64(CF_SNAP, round.as_bytes())
+                    .unwrap()
+                    .is_some(),
+                there
+            );
+            assert_eq!(
+                crashed
+                    .get_i64(CF_META, round.as_bytes())
+                    .unwrap()
+                    .is_some(),
+                there
+            );
+            assert_eq!(
+                crashed
+                    .get_raw(CF_CATALOG, round.as_bytes())
+                    .unwrap()
+                    .is_some(),
+                there
+            );
+        }
+        // Closed normally, it has everything.
+        drop(store);
+        let reopened = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        let c = reopened
+            .get_user(1, "c")
+            .unwrap()
+            .expect("flushed at close");
+        assert_eq!(c.timeline.len(), 1);
     }
 }
