@@ -79,14 +79,6 @@ fn replay_options(
     app::materializer_share(config, false, workers)
 }
 
-/// A rebuild's threads: one per core, at most one per partition.
-pub(crate) fn rebuild_threads(partitions: usize) -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, partitions.max(1))
-}
-
 /// Runs `f(i)` for each `i` in `0..threads`, each on a thread of its own;
 /// returns the sum of what they return, or the first error (a thread that
 /// panicked is one).
@@ -116,18 +108,20 @@ pub(crate) fn on_threads(
     })
 }
 
-/// Runs `work` on up to one thread per core; each thread takes partitions
-/// one at a time, the largest first (`sizes`: entries per partition), while
-/// any are left (state is partitioned, so threads never touch the same
-/// users; taking them as they finish keeps a thread with a busy partition
-/// from holding up the others). `work` gets the function that hands out
-/// the next partition and the number of threads; returns the sum of what
-/// they return, or the first error.
+/// Runs `work` on `workers` threads (at least one, at most one per
+/// partition); each thread takes partitions one at a time, the largest
+/// first (`sizes`: entries per partition), while any are left (state is
+/// partitioned, so threads never touch the same users; taking them as they
+/// finish keeps a thread with a busy partition from holding up the
+/// others). `work` gets the function that hands out the next partition and
+/// the number of threads; returns the sum of what they return, or the
+/// first error.
 fn on_partition_workers(
     sizes: &[i64],
+    workers: usize,
     work: impl Fn(&dyn Fn() -> Option<u32>, usize) -> Result<u64, PipelineError> + Sync,
 ) -> Result<u64, PipelineError> {
-    let workers = rebuild_threads(sizes.len());
+    let workers = workers.clamp(1, sizes.len().max(1));
     let mut order: Vec<u32> = (0..sizes.len() as u32).collect();
     order.sort_by_key(|p| std::cmp::Reverse(sizes[*p as usize]));
     let queue = std::sync::Mutex::new(std::collections::VecDeque::from(order));
@@ -225,7 +219,10 @@ pub fn rebuild_embedded(
     let sizes: Vec<i64> = (0..config.partitions)
         .map(|p| ends.get(p as usize).copied().unwrap_or(0))
         .collect();
-    let replayed = on_partition_workers(&sizes, |next, workers| {
+    // `pipeline.materializer_threads` threads, as the live stage (one per
+    // core by default).
+    let threads = app::materializer_threads(config) as usize;
+    let replayed = on_partition_workers(&sizes, threads, |next, workers| {
         let mut mat = Materializer::new(config.topics.clone(), replay_options(config, workers));
         for (p, done) in processed.iter().enumerate() {
             mat.quiet_dead_letters_below(p as u32, *done);
@@ -402,8 +399,8 @@ mod tests {
     #[test]
     fn partitions_go_out_largest_first_each_to_one_thread() {
         let taken = std::sync::Mutex::new(Vec::new());
-        let n = on_partition_workers(&[5, 40, 0, 17], |next, threads| {
-            assert_eq!(threads, rebuild_threads(4));
+        let n = on_partition_workers(&[5, 40, 0, 17], 8, |next, threads| {
+            assert_eq!(threads, 4, "at most one per partition");
             let mut mine = 0;
             loop {
                 // Taken and noted under one lock: the order noted is the
@@ -418,5 +415,16 @@ mod tests {
         .unwrap();
         assert_eq!(n, 4, "each partition once");
         assert_eq!(taken.into_inner().unwrap(), [1, 3, 0, 2]);
+        // One thread (`pipeline.materializer_threads = 1`) takes them all.
+        let n = on_partition_workers(&[5, 40, 0], 1, |next, threads| {
+            assert_eq!(threads, 1);
+            let mut mine = 0;
+            while next().is_some() {
+                mine += 1;
+            }
+            Ok(mine)
+        })
+        .unwrap();
+        assert_eq!(n, 3);
     }
 }
