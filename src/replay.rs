@@ -18,7 +18,7 @@ use crate::pipeline::PipelineError;
 use crate::snapshot::Published;
 use crate::state::apply::Working;
 use crate::state::keys::{self, CF_META, CF_PART};
-use crate::state::{Store, StoreOptions};
+use crate::state::{RebuildMark, Store, StoreError, StoreOptions};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -137,8 +137,8 @@ pub fn rebuild_embedded(
 ) -> Result<RebuildReport, PipelineError> {
     let started = Instant::now();
     // More background jobs than a live run's: RocksDB gives flushes one
-    // thread per four jobs, so the final flush of the column families runs
-    // two at a time.
+    // thread per four jobs (an atomic flush, below, is one job over every
+    // column family; several may run while the replay writes).
     let store_options = StoreOptions {
         background_jobs: 8,
         // No write-ahead log: everything is flushed at the end, and every
@@ -156,16 +156,27 @@ pub fn rebuild_embedded(
     // again (with `--from-inputs` the dead-letter log starts over).
     let mut processed = vec![0i64; config.partitions as usize];
     let log = app::open_embedded_with(config, &store_options, |store| {
+        let interrupted = store.interrupted_rebuild()?;
+        if interrupted.as_ref().is_some_and(|m| m.from_inputs) && !from_inputs {
+            return Err(StoreError::Incompatible(
+                "a `contextd rebuild --from-inputs` of this data dir was interrupted, so its records log is only partly re-routed; run that again".into(),
+            )
+            .into());
+        }
         if !from_inputs {
-            processed = store.materialized_ends(config.partitions)?;
+            processed = match interrupted {
+                // The interrupted rebuild emptied the positions: the live
+                // stage's are in its mark.
+                Some(mark) if mark.processed.len() == processed.len() => mark.processed,
+                _ => store.materialized_ends(config.partitions)?,
+            };
         }
         // Until the end the state is incomplete: should the rebuild be
         // interrupted, starts refuse the data dir until it is run again.
-        store.begin_rebuild(&format!(
-            "contextd rebuild --data-dir {}{}",
-            config.data_dir.display(),
-            if from_inputs { " --from-inputs" } else { "" }
-        ))?;
+        store.begin_rebuild(&RebuildMark {
+            from_inputs,
+            processed: processed.clone(),
+        })?;
         Ok(store.drop_column_families(&keys::REBUILT_CFS)?)
     })?;
     let store = log.store().clone();
@@ -177,7 +188,8 @@ pub fn rebuild_embedded(
         log.clear_topic(&t.dlq)?;
         let mut batch = rocksdb::WriteBatch::default();
         store.delete_prefix(&mut batch, CF_META, b"pos/router/");
-        store.write(batch)?;
+        // Durably, as the topics' ends: the routing starts over from here.
+        store.write_durable(batch)?;
         let router = Router::new(
             config.topics.clone(),
             config.partitions,
@@ -255,10 +267,14 @@ pub fn rebuild_embedded(
         }
         // The first thread out of partitions starts flushing what the
         // memtables hold so far, on the core it leaves idle while the
-        // other finishes; the final flush below then writes only the rest.
+        // others finish; the final flush below then writes only the rest.
         // (Not one that only drew empty partitions: it is out at once.)
+        // Only an early start: should RocksDB refuse it (writes stalled),
+        // the final flush does it all.
         if replayed > 0 && !flush_started.swap(true, Ordering::Relaxed) {
-            store.start_flush()?;
+            if let Err(e) = store.start_flush() {
+                tracing::debug!(error = %e, "rebuild: early flush not started");
+            }
         }
         Ok(replayed)
     })?;

@@ -524,54 +524,112 @@ fn rebuild_and_checkpoint_keep_the_digest() {
     assert!(!ok, "digest of a missing data dir must fail");
 }
 
-/// A rebuild killed half way (kill -9 while it replays; it writes no
-/// RocksDB log) leaves a data dir that `digest` and `run` refuse, naming
-/// the command to run again; run again, it gives the live run's digest.
-#[test]
-fn an_interrupted_rebuild_is_refused_until_it_is_run_again() {
+/// Starts `contextd rebuild ARGS` on `d` and kills it (SIGKILL) once it
+/// logs a line containing `at`; true if that left the data dir marked as
+/// interrupted (`digest` refuses it), false if the rebuild got to its end
+/// first.
+fn kill_rebuild(d: &str, args: &[&str], at: &str) -> bool {
     use std::io::BufRead;
-    let (_dir, data, _) = demo_data_dir("60000", "3000");
-    let d = data.to_str().unwrap();
-    let digest = || run_cli(&["digest", "--data-dir", d]);
-    let (ok, d0, err) = digest();
-    assert!(ok, "{err}");
-    // Killed when its first partition is replayed (about a quarter of the
-    // way). Should one finish first on a slow machine, another is killed.
-    let mut interrupted = false;
-    for _ in 0..5 {
-        let mut child = common::command(&["rebuild", "--data-dir", d])
-            .env("CONTEXTD_LOG", "contextd::replay=debug")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
-        for line in stderr.lines() {
-            if line.unwrap().contains("partition replayed") {
-                child.kill().unwrap();
-                break;
-            }
-        }
-        if !child.wait().unwrap().success() {
-            interrupted = true;
+    let mut all = vec!["rebuild", "--data-dir", d];
+    all.extend_from_slice(args);
+    let mut child = common::command(&all)
+        .env("CONTEXTD_LOG", "contextd::replay=debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    for line in stderr.lines() {
+        if line.unwrap().contains(at) {
+            let _ = child.kill();
             break;
         }
     }
-    assert!(interrupted, "every rebuild finished before it was killed");
-    let (ok, _, err) = digest();
+    child.wait().unwrap();
+    let (ok, _, err) = run_cli(&["digest", "--data-dir", d]);
+    assert!(ok || err.contains("interrupted"), "{err}");
+    !ok
+}
+
+/// `contextd ARGS`, which must fail within a minute; its stderr.
+fn fails_at_once(args: &[&str]) -> String {
+    let mut child = common::command(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("{args:?} still running after a minute");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// A rebuild killed half way (kill -9; it writes no RocksDB log) leaves a
+/// data dir that `digest` and `run` refuse, naming the command to run
+/// again; run again, it gives the live run's digest and sends no dead
+/// letter the live run sent. A `--from-inputs` one killed while it
+/// re-routes is refused to a plain rebuild and finishes when run again.
+#[test]
+fn an_interrupted_rebuild_is_refused_until_it_is_run_again() {
+    let (_dir, data, _) = demo_data_dir("60000", "3000");
+    let d = data.to_str().unwrap();
+    let canonical = std::fs::canonicalize(&data).unwrap();
+    let digest = || {
+        let (ok, out, err) = run_cli(&["digest", "--data-dir", d]);
+        assert!(ok, "{err}");
+        out
+    };
+    let dead_letters = || {
+        let mut s = Server::start(&data, &[]);
+        let n = s.dead_letters().len();
+        s.stop();
+        n
+    };
+    let d0 = digest();
+    let dlq0 = dead_letters();
+    assert!(dlq0 > 0, "the demo's workload has bad records");
+    // Killed when its first partition is replayed (about a quarter of the
+    // way). Should one finish first on a slow machine, another is killed.
     assert!(
-        !ok && err.contains("interrupted")
-            && err.contains(&format!("contextd rebuild --data-dir {d}` again")),
+        (0..5).any(|_| kill_rebuild(d, &[], "partition replayed")),
+        "every rebuild finished before it was killed"
+    );
+    let (_, _, err) = run_cli(&["digest", "--data-dir", d]);
+    assert!(
+        err.contains(&format!(
+            "run `contextd rebuild --data-dir {}` again",
+            canonical.display()
+        )),
         "{err}"
     );
     let addr = format!("127.0.0.1:{}", common::free_port());
-    let (ok, _, err) = run_cli(&["run", "--data-dir", d, "--http-addr", &addr]);
-    assert!(!ok && err.contains("interrupted"), "{err}");
+    let err = fails_at_once(&["run", "--data-dir", d, "--http-addr", &addr]);
+    assert!(err.contains("interrupted"), "{err}");
     let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
     assert!(ok, "{out} {err}");
-    let (ok, d1, err) = digest();
-    assert!(ok, "{err}");
-    assert_eq!(d1, d0);
+    assert_eq!(digest(), d0);
+    assert_eq!(dead_letters(), dlq0, "no dead letter sent twice");
+
+    // --from-inputs, killed as it starts re-routing the inputs.
+    assert!(
+        (0..5).any(|_| kill_rebuild(d, &["--from-inputs"], "rebuild: store opened")),
+        "every rebuild finished before it was killed"
+    );
+    let (_, _, err) = run_cli(&["digest", "--data-dir", d]);
+    assert!(err.contains(" --from-inputs` again"), "{err}");
+    let (ok, _, err) = run_cli(&["rebuild", "--data-dir", d]);
+    assert!(!ok && err.contains("--from-inputs"), "{err}");
+    let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d, "--from-inputs"]);
+    assert!(ok, "{out} {err}");
+    assert_eq!(digest(), d0);
+    assert_eq!(dead_letters(), dlq0);
 }
 
 /// A rebuild replays records whose dead letters the live run sent: it does

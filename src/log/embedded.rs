@@ -548,9 +548,10 @@ impl EmbeddedLog {
         for p in 0..t.partitions.len() as i32 {
             batch.delete_cf(self.store.cf(CF_META), end_key(topic, p));
         }
-        // Ends first: a crash before the files are gone leaves files without
-        // an end, which the next open deletes.
-        self.store.write(batch)?;
+        // Ends first, durably (also in a rebuild's store, which writes no
+        // log): a crash before the files are gone leaves files without an
+        // end, which the next open deletes.
+        self.store.write_durable(batch)?;
         for (p, part) in t.partitions.iter().enumerate() {
             let mut segs = part.segments.write().expect("segments lock");
             for s in segs.drain(..) {

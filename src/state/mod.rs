@@ -7,7 +7,7 @@ pub mod digest;
 pub mod keys;
 pub mod store;
 
-pub use store::{Store, StoreError, StoreOptions};
+pub use store::{RebuildMark, Store, StoreError, StoreOptions};
 
 /// The maps of the hot path (a batch's users, the user cache, a batch's
 /// event properties): std's map with foldhash instead of SipHash, which

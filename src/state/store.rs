@@ -69,6 +69,19 @@ impl Default for StoreOptions {
 /// A user's id and stored value (`Store::user_values_page`).
 pub type StoredUser = (String, Box<[u8]>);
 
+/// What a rebuild records before it starts (`Store::begin_rebuild`), for
+/// one that is run again after it was interrupted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RebuildMark {
+    /// A `--from-inputs` rebuild (the records log is then partly re-routed
+    /// until one finishes).
+    pub from_inputs: bool,
+    /// Per partition, how far the live materializing stage had got (its
+    /// dead letters below were sent): the interrupted rebuild emptied the
+    /// positions this was read from.
+    pub processed: Vec<i64>,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
@@ -199,18 +212,31 @@ impl Store {
     /// `DELETE_KEYS_UP_TO` keys: the catalog, the partitions' positions)
     /// has its keys deleted instead, in one write: each drop and each
     /// create writes the manifest and writes and parses back an OPTIONS
-    /// file of every column family (4–5 ms each here), where a few
+    /// file of every column family (4–6 ms each here), where a few
     /// hundred tombstones cost nothing. One that holds no key is left as
-    /// it is. Only for a store not yet shared (right after `open`).
+    /// it is. The small ones go first, synced, and the drops after: a
+    /// crash in between leaves positions gone beside state still there
+    /// (replayed again), never the reverse. Only for a store not yet
+    /// shared (right after `open`).
     pub fn drop_column_families(&mut self, names: &[&str]) -> Result<(), StoreError> {
         let db = Arc::get_mut(&mut self.db).ok_or_else(|| {
             StoreError::Incompatible(
                 "column families are dropped before the store is shared".into(),
             )
         })?;
-        let mut small: Vec<(&str, Vec<Box<[u8]>>)> = Vec::new();
+        let mut small = WriteBatch::default();
+        let mut large = Vec::new();
         for name in names {
             let cf = db.cf_handle(name).expect("column family created at open");
+            // Far more keys by RocksDB's estimate: large, without reading
+            // them (the users' values may be in blob files).
+            let estimate = db
+                .property_int_value_cf(cf, "rocksdb.estimate-num-keys")?
+                .unwrap_or(0);
+            if estimate > 4 * DELETE_KEYS_UP_TO as u64 {
+                large.push(*name);
+                continue;
+            }
             let mut it = db.raw_iterator_cf(cf);
             it.seek_to_first();
             let mut keys = Vec::new();
@@ -218,30 +244,28 @@ impl Store {
                 if keys.len() == DELETE_KEYS_UP_TO {
                     break;
                 }
-                keys.push(Box::from(k));
+                keys.push(Box::<[u8]>::from(k));
                 it.next();
             }
             let more = it.valid();
             it.status()?;
             drop(it);
-            if !more {
-                if !keys.is_empty() {
-                    small.push((name, keys));
+            if more {
+                large.push(*name);
+            } else {
+                for k in keys {
+                    small.delete_cf(cf, k);
                 }
-                continue;
             }
-            db.drop_cf(name)?;
-            db.create_cf(name, &cf_options(&self.options, &self.cache, name))?;
         }
         if !small.is_empty() {
-            let mut batch = WriteBatch::default();
-            for (name, keys) in &small {
-                let cf = db.cf_handle(name).expect("column family created at open");
-                for k in keys {
-                    batch.delete_cf(cf, k);
-                }
-            }
-            db.write(batch)?;
+            let mut wo = WriteOptions::default();
+            wo.set_sync(true);
+            db.write_opt(small, &wo)?;
+        }
+        for name in large {
+            db.drop_cf(name)?;
+            db.create_cf(name, &cf_options(&self.options, &self.cache, name))?;
         }
         Ok(())
     }
@@ -268,10 +292,21 @@ impl Store {
 
     pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut wo = WriteOptions::default();
-        // A bulk store's writes are made durable by its flushes (the log's
-        // segments are still synced before them, `EmbeddedLog::commit`).
+        // A bulk store's writes are made durable by its flushes (with
+        // `sync_writes` the log's segments are still synced before each
+        // write, `EmbeddedLog::commit`).
         wo.set_sync(self.sync_writes && !self.bulk);
         wo.disable_wal(self.bulk);
+        self.db.write_opt(batch, &wo)?;
+        Ok(())
+    }
+
+    /// `write` through the write-ahead log and synced, also in a bulk
+    /// store: for a change that must hold before what follows it outside
+    /// the store (`EmbeddedLog::clear_topic` deletes files next).
+    pub fn write_durable(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
         self.db.write_opt(batch, &wo)?;
         Ok(())
     }
@@ -363,18 +398,20 @@ impl Store {
         Ok(())
     }
 
-    /// Marks the data dir as being rebuilt by `command` (durably, before
-    /// anything is dropped); `end_rebuild` clears it once the rebuilt
-    /// state is flushed. In between the state is incomplete, and starts
-    /// refuse it (`refuse_interrupted_rebuild`): a partition's users are
-    /// settled against the snapshots published only once it is replayed,
-    /// so the live stage could publish versions consumers have already
-    /// seen.
-    pub fn begin_rebuild(&self, command: &str) -> Result<(), StoreError> {
+    /// Marks the data dir as being rebuilt (durably, before anything is
+    /// dropped); `end_rebuild` clears it once the rebuilt state is flushed.
+    /// In between the state is incomplete, and starts refuse it
+    /// (`refuse_interrupted_rebuild`): a partition's users are settled
+    /// against the snapshots published only once it is replayed, so the
+    /// live stage could publish versions consumers have already seen.
+    pub fn begin_rebuild(&self, mark: &RebuildMark) -> Result<(), StoreError> {
+        let mut v = vec![if mark.from_inputs { b'i' } else { b'r' }];
+        for end in &mark.processed {
+            v.extend_from_slice(&end.to_be_bytes());
+        }
         let mut wo = WriteOptions::default();
         wo.set_sync(true);
-        self.db
-            .put_cf_opt(self.cf(CF_META), META_REBUILD, command, &wo)?;
+        self.db.put_cf_opt(self.cf(CF_META), META_REBUILD, v, &wo)?;
         Ok(())
     }
 
@@ -387,15 +424,38 @@ impl Store {
         Ok(())
     }
 
-    /// Refuses a data dir whose last rebuild did not finish.
-    pub fn refuse_interrupted_rebuild(&self) -> Result<(), StoreError> {
-        match self.get_raw(CF_META, META_REBUILD)? {
-            None => Ok(()),
-            Some(command) => Err(StoreError::Incompatible(format!(
-                "a rebuild of this data dir was interrupted and its state is incomplete; run `{}` again",
-                String::from_utf8_lossy(&command)
-            ))),
+    /// The mark of a rebuild that did not finish, if any.
+    pub fn interrupted_rebuild(&self) -> Result<Option<RebuildMark>, StoreError> {
+        let Some(v) = self.get_raw(CF_META, META_REBUILD)? else {
+            return Ok(None);
+        };
+        let unreadable =
+            || StoreError::Incompatible("the data dir's rebuild mark is unreadable".into());
+        let (kind, ends) = v.split_first().ok_or_else(unreadable)?;
+        if ends.len() % 8 != 0 || !matches!(kind, b'i' | b'r') {
+            return Err(unreadable());
         }
+        Ok(Some(RebuildMark {
+            from_inputs: *kind == b'i',
+            processed: ends
+                .chunks_exact(8)
+                .map(|c| i64::from_be_bytes(c.try_into().expect("eight bytes")))
+                .collect(),
+        }))
+    }
+
+    /// Refuses a data dir whose last rebuild did not finish, naming the
+    /// command to run again.
+    pub fn refuse_interrupted_rebuild(&self) -> Result<(), StoreError> {
+        let Some(mark) = self.interrupted_rebuild()? else {
+            return Ok(());
+        };
+        let dir = std::fs::canonicalize(&self.dir).unwrap_or_else(|_| self.dir.clone());
+        Err(StoreError::Incompatible(format!(
+            "a rebuild of this data dir was interrupted and its state is incomplete; run `contextd rebuild --data-dir {}{}` again (with the same --config, if it had one)",
+            dir.display(),
+            if mark.from_inputs { " --from-inputs" } else { "" }
+        )))
     }
 
     /// Whether the data dir has recorded its mode, refusing the other one.
@@ -791,8 +851,10 @@ impl Store {
 
     /// Schedules a flush of every column family's memtable and returns
     /// without waiting for it (writes go on into new memtables meanwhile).
-    /// The fullest go first: flushes run two at a time, and the largest
-    /// one (most often the timelines') is the one that ends last.
+    /// The fullest go first: a rebuild's flushes run two at a time (eight
+    /// background jobs), and the largest one (most often the timelines')
+    /// is the one that ends last. A bulk store flushes them all as one
+    /// atomic job.
     pub fn start_flush(&self) -> Result<(), StoreError> {
         if self.bulk {
             return self.flush_atomically(false);
@@ -1513,18 +1575,29 @@ mod tests {
             store.put_user(&mut b, 3, &mut user);
             store.put_timeline_ops(&mut b, 3, "u", &[TimelineOp::put(&event("a", 1))]);
             store.put_i64(&mut b, CF_SNAP, b"mark", 7);
+            // More identities than are deleted key by key: that column
+            // family is dropped (users and timelines, one key each, are
+            // emptied key by key).
+            for i in 0..DELETE_KEYS_UP_TO + 1 {
+                store.put_i64(&mut b, CF_IDENT, format!("id{i}").as_bytes(), 1);
+            }
             store.write(b).unwrap();
         }
         let mut store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         // `outbox` never held a key and `catalog` only a deleted one: both
-        // are left as they are, and read as empty as the dropped ones.
+        // are left as they are, and read as empty as the emptied ones.
         let mut b = WriteBatch::default();
         store.put_i64(&mut b, CF_CATALOG, b"gone", 1);
         store.write(b).unwrap();
         store.db().delete_cf(store.cf(CF_CATALOG), b"gone").unwrap();
         store
-            .drop_column_families(&[CF_USERS, CF_TIMELINE, CF_OUTBOX, CF_CATALOG])
+            .drop_column_families(&[CF_USERS, CF_TIMELINE, CF_OUTBOX, CF_CATALOG, CF_IDENT])
             .unwrap();
+        let ident = store
+            .db()
+            .iterator_cf(store.cf(CF_IDENT), IteratorMode::Start);
+        assert_eq!(ident.count(), 0);
+        assert_eq!(store.get_i64(CF_IDENT, b"id0").unwrap(), None);
         assert!(store.get_user(3, "u").unwrap().is_none());
         assert_eq!(store.get_i64(CF_SNAP, b"mark").unwrap(), Some(7));
         assert_eq!(store.get_i64(CF_CATALOG, b"gone").unwrap(), None);
@@ -1551,24 +1624,41 @@ mod tests {
     #[test]
     fn a_rebuild_mark_refuses_the_data_dir_until_the_rebuild_ends() {
         let dir = tempfile::tempdir().unwrap();
+        let canonical = std::fs::canonicalize(dir.path()).unwrap();
+        let records = RebuildMark {
+            from_inputs: false,
+            processed: vec![3, 0, 7],
+        };
         {
             let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
             store.refuse_interrupted_rebuild().unwrap();
-            store
-                .begin_rebuild("contextd rebuild --data-dir X")
-                .unwrap();
+            assert_eq!(store.interrupted_rebuild().unwrap(), None);
+            store.begin_rebuild(&records).unwrap();
         }
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
+        assert_eq!(store.interrupted_rebuild().unwrap(), Some(records));
         let err = store.refuse_interrupted_rebuild().unwrap_err().to_string();
         assert!(
             err.contains("interrupted")
-                && err.contains("run `contextd rebuild --data-dir X` again"),
+                && err.contains(&format!(
+                    "run `contextd rebuild --data-dir {}` again",
+                    canonical.display()
+                )),
             "{err}"
         );
+        let inputs = RebuildMark {
+            from_inputs: true,
+            processed: vec![0; 3],
+        };
+        store.begin_rebuild(&inputs).unwrap();
+        assert_eq!(store.interrupted_rebuild().unwrap(), Some(inputs));
+        let err = store.refuse_interrupted_rebuild().unwrap_err().to_string();
+        assert!(err.contains(" --from-inputs` again"), "{err}");
         store.end_rebuild().unwrap();
         drop(store);
         let store = Store::open(dir.path(), &StoreOptions::default()).unwrap();
         store.refuse_interrupted_rebuild().unwrap();
+        assert_eq!(store.interrupted_rebuild().unwrap(), None);
     }
 
     /// A bulk store writes no write-ahead log, and each flush takes every
