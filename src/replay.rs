@@ -159,7 +159,7 @@ pub fn rebuild_embedded(
         let interrupted = store.interrupted_rebuild()?;
         if interrupted.as_ref().is_some_and(|m| m.from_inputs) && !from_inputs {
             return Err(StoreError::Incompatible(
-                "a `contextd rebuild --from-inputs` of this data dir was interrupted, so its records log is only partly re-routed; run that again".into(),
+                "a `contextd rebuild --from-inputs` of this data dir was interrupted, so its records log is only partly re-routed; run it again with --from-inputs".into(),
             )
             .into());
         }

@@ -196,8 +196,8 @@ pub const META_SETTINGS: &[u8] = b"settings";
 pub const META_PARTITIONS: &[u8] = b"partitions";
 /// meta: the mode the data dir was created in (`embedded` or `kafka`).
 pub const META_MODE: &[u8] = b"mode";
-/// meta: set while an embedded rebuild runs (the command to run again,
-/// should it be interrupted); deleted once its state is flushed.
+/// meta: set while an embedded rebuild runs (`RebuildMark`: its kind and
+/// how far the live stage had got); deleted once its state is flushed.
 pub const META_REBUILD: &[u8] = b"rebuild";
 
 /// ident: identifier key `type:value`.
