@@ -578,7 +578,7 @@ fn fails_at_once(args: &[&str]) -> String {
 /// re-routes is refused to a plain rebuild and finishes when run again.
 #[test]
 fn an_interrupted_rebuild_is_refused_until_it_is_run_again() {
-    let (_dir, data, _) = demo_data_dir("60000", "3000");
+    let (dir, data, _) = demo_data_dir("60000", "3000");
     let d = data.to_str().unwrap();
     let canonical = std::fs::canonicalize(&data).unwrap();
     let digest = || {
@@ -612,6 +612,15 @@ fn an_interrupted_rebuild_is_refused_until_it_is_run_again() {
     let addr = format!("127.0.0.1:{}", common::free_port());
     let err = fails_at_once(&["run", "--data-dir", d, "--http-addr", &addr]);
     assert!(err.contains("interrupted"), "{err}");
+    let cp = dir.path().join("cp");
+    let err = fails_at_once(&[
+        "checkpoint",
+        "create",
+        "--data-dir",
+        d,
+        cp.to_str().unwrap(),
+    ]);
+    assert!(err.contains("interrupted") && !cp.exists(), "{err}");
     let (ok, out, err) = run_cli(&["rebuild", "--data-dir", d]);
     assert!(ok, "{out} {err}");
     assert_eq!(digest(), d0);
