@@ -1782,7 +1782,15 @@ fn go_live(
 /// against the snapshots topic. Returns (records replayed, snapshots published).
 pub fn rebuild(c: &Config, progress: &(dyn Fn(u64) + Sync)) -> Result<(u64, usize), PipelineError> {
     let started = Instant::now();
-    let mut store = Store::open(&c.data_dir, &c.store_options())?;
+    // No write-ahead log, every flush atomic across the column families,
+    // as the embedded rebuild (BENCHMARKS.md item 83): an interrupted one
+    // leaves them at one point, which the next start restores from and
+    // settles against `context.snapshots` (so no mark is needed here).
+    let bulk = crate::state::StoreOptions {
+        bulk: true,
+        ..c.store_options()
+    };
+    let mut store = Store::open(&c.data_dir, &bulk)?;
     store.refuse_other(c.partitions, true)?;
     crate::log::kafka::ensure_topics(c)?;
     store.check_partitions(c.partitions)?;
