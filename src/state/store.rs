@@ -136,6 +136,14 @@ fn cf_options(o: &StoreOptions, cache: &Cache, name: &str) -> Options {
     c
 }
 
+/// Options of a write through the write-ahead log, synced (also in a bulk
+/// store, whose `Store::write` skips the log).
+fn synced() -> WriteOptions {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(true);
+    wo
+}
+
 /// A column family with at most this many keys is emptied key by key
 /// (`Store::drop_column_families`).
 const DELETE_KEYS_UP_TO: usize = 4096;
@@ -259,9 +267,7 @@ impl Store {
             }
         }
         if !small.is_empty() {
-            let mut wo = WriteOptions::default();
-            wo.set_sync(true);
-            db.write_opt(small, &wo)?;
+            db.write_opt(small, &synced())?;
         }
         for name in large {
             db.drop_cf(name)?;
@@ -305,9 +311,7 @@ impl Store {
     /// store: for a change that must hold before what follows it outside
     /// the store (`EmbeddedLog::clear_topic` deletes files next).
     pub fn write_durable(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.write_opt(batch, &wo)?;
+        self.db.write_opt(batch, &synced())?;
         Ok(())
     }
 
@@ -409,18 +413,16 @@ impl Store {
         for end in &mark.processed {
             v.extend_from_slice(&end.to_be_bytes());
         }
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.put_cf_opt(self.cf(CF_META), META_REBUILD, v, &wo)?;
+        self.db
+            .put_cf_opt(self.cf(CF_META), META_REBUILD, v, &synced())?;
         Ok(())
     }
 
     /// Clears `begin_rebuild`'s mark: the rebuilt state is complete (and
     /// flushed, see `StoreOptions::bulk`).
     pub fn end_rebuild(&self) -> Result<(), StoreError> {
-        let mut wo = WriteOptions::default();
-        wo.set_sync(true);
-        self.db.delete_cf_opt(self.cf(CF_META), META_REBUILD, &wo)?;
+        self.db
+            .delete_cf_opt(self.cf(CF_META), META_REBUILD, &synced())?;
         Ok(())
     }
 
