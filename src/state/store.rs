@@ -86,8 +86,6 @@ pub struct RebuildMark {
 pub struct Store {
     db: Arc<DB>,
     sync_writes: bool,
-    /// `StoreOptions::bulk`.
-    bulk: bool,
     /// The data dir (the store lives in its `state` folder).
     dir: PathBuf,
     /// What it was opened with (column families created later use them).
@@ -205,7 +203,6 @@ impl Store {
         Ok(Store {
             db: Arc::new(db),
             sync_writes: o.sync_writes,
-            bulk: o.bulk,
             dir: dir.to_path_buf(),
             options: o.clone(),
             cache,
@@ -301,8 +298,8 @@ impl Store {
         // A bulk store's writes are made durable by its flushes (with
         // `sync_writes` the log's segments are still synced before each
         // write, `EmbeddedLog::commit`).
-        wo.set_sync(self.sync_writes && !self.bulk);
-        wo.disable_wal(self.bulk);
+        wo.set_sync(self.sync_writes && !self.options.bulk);
+        wo.disable_wal(self.options.bulk);
         self.db.write_opt(batch, &wo)?;
         Ok(())
     }
@@ -839,7 +836,7 @@ impl Store {
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {
-        if self.bulk {
+        if self.options.bulk {
             return self.flush_atomically(true);
         }
         // Every column family's flush is scheduled first, so they run in
@@ -858,7 +855,7 @@ impl Store {
     /// is the one that ends last. A bulk store flushes them all as one
     /// atomic job.
     pub fn start_flush(&self) -> Result<(), StoreError> {
-        if self.bulk {
+        if self.options.bulk {
             return self.flush_atomically(false);
         }
         let mut start = rocksdb::FlushOptions::default();
