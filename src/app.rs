@@ -168,8 +168,8 @@ pub fn open_embedded_with(
 }
 
 /// The embedded log's options: segment size, and the topic written past
-/// the page cache while the materializing stage is behind
-/// (`storage.snapshot_log_direct_io`: the local snapshots).
+/// the page cache while the materializing stage is behind or commits
+/// 1 MiB or more (`storage.snapshot_log_direct_io`: the local snapshots).
 pub fn log_options(c: &Config) -> LogOptions {
     LogOptions {
         segment_bytes: c.storage.log_segment_mb.max(1) << 20,

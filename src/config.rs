@@ -115,7 +115,8 @@ pub struct StorageConfig {
     /// 0: off, the OS keeps everything cached until it needs the memory.
     pub log_page_cache_mb: u64,
     /// Embedded mode: while the materializing stage is behind (a batch of
-    /// at least `pipeline.batch_records` records), the local
+    /// at least `pipeline.batch_records` records), and for a commit of at
+    /// least 1 MiB of snapshots, the local
     /// `context.snapshots` log is written with direct I/O (`O_DIRECT`),
     /// past the OS page cache: no stage reads it back. Falls back to
     /// buffered writes where the file system refuses.

@@ -1294,6 +1294,65 @@ fn snapshots_written_direct_by_a_stage_behind_are_what_is_served() {
     );
 }
 
+/// A stage that keeps up (batches far under `pipeline.batch_records`)
+/// writes a commit whose snapshots take 1 MiB or more past the page cache,
+/// and a small one through it (BENCHMARKS.md, item 86): the direct commits
+/// are counted for the large burst only, and every snapshot is served.
+/// (The data dir is in the target dir: a tmpfs `/tmp` may refuse direct I/O.)
+#[test]
+fn a_stage_that_keeps_up_writes_only_its_large_commits_direct() {
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let data = dir.path().join("d");
+    let cfg = dir.path().join("contextd.toml");
+    std::fs::write(
+        &cfg,
+        "[pipeline]\nbatch_records = 100000\nlinger_ms = 200\n",
+    )
+    .unwrap();
+    let mut s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
+    s.set_visibility(&all_visible(&[("zendesk", "article_viewed")], &[]));
+    let direct_commits = |s: &Server| -> f64 {
+        let (_, m) = s.get("/metrics");
+        m.as_str()
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("contextd_direct_commits_total "))
+            .map_or(0.0, |v| v.trim().parse().unwrap())
+    };
+    let event = |i: usize, user: &str| {
+        json!({"id": format!("e{i}"), "user_id": user, "type": "article_viewed",
+               "created_at": ts(i as u64), "properties": {"pad": "x".repeat(2000)}})
+        .to_string()
+    };
+    // Small commits: one event at a time, each waited for.
+    for i in 0..3 {
+        post_zendesk_events(&s, &[event(i, "small")]);
+        wait_events(&s, "small", i + 1);
+    }
+    assert_eq!(direct_commits(&s), 0.0, "a small commit was written direct");
+    // A burst of 40 users' full contexts: 40 snapshots of 50 events of
+    // about 2 KB, some 4 MB in a batch or two of 2,000 records.
+    let users = 40;
+    let body: Vec<String> = (0..2000)
+        .map(|i| event(1000 + i, &format!("u{}", i % users)))
+        .collect();
+    post_zendesk_events(&s, &body);
+    s.wait_for(60, "every user's newest event served", |s| {
+        (0..users)
+            .all(|u| {
+                let (_, c) = s.get(&format!("/api/v2/users/u{u}/context"));
+                c["events"][0]["id"] == json!(format!("e{}", 1000 + 2000 - users + u))
+                    && c["events"].as_array().map(Vec::len) == Some(50)
+            })
+            .then_some(())
+    });
+    assert!(
+        direct_commits(&s) > 0.0,
+        "no large commit was written direct"
+    );
+    assert_eq!(s.stop(), Some(0));
+}
+
 /// `snapshot.max_bytes`: a context larger than it leaves out its oldest
 /// events, in either snapshot format (measured in that format), and the
 /// timeline keeps them all.

@@ -194,6 +194,10 @@ impl Stages {
     }
 }
 
+/// A materializing commit whose snapshots and dead letters take at least
+/// this many bytes is written past the page cache (`MaterializerStep::step`).
+pub const DIRECT_COMMIT_BYTES: usize = 1 << 20;
+
 /// The smallest share of a budget a partition with a backlog reads.
 const MIN_READ: usize = 256;
 
@@ -459,10 +463,14 @@ impl MaterializerStep {
             return Ok((0, 0));
         }
         let m = self.mat.process(log.store(), &input)?;
-        // At least `max` records (a thread reads up to twice that): the
-        // stage is behind, and its snapshots go past the page cache
-        // (cheaper for the CPU; waits for the device).
-        let committed = if input.len() >= max {
+        // At least `max` records (a thread reads up to twice that: the
+        // stage is behind), or at least `DIRECT_COMMIT_BYTES` of output (a
+        // steady load whose users' snapshots have grown): the snapshots go
+        // past the page cache, cheaper for the CPU than the kernel's copy
+        // into it; the write waits for the device (about a millisecond a
+        // MiB here). Smaller commits stay cached for consumers that tail.
+        let bytes: usize = m.out.iter().map(|r| r.value.len()).sum();
+        let committed = if input.len() >= max || bytes >= DIRECT_COMMIT_BYTES {
             log.commit_direct(m.batch, &m.out)
         } else {
             log.commit(m.batch, &m.out)
