@@ -1100,14 +1100,7 @@ fn a_burst_for_one_user_is_held_and_published_as_one_snapshot() {
         let (st, c) = context(s);
         (st == 200 && c["version"] == 1).then_some(())
     });
-    let held_total = |s: &Server| -> u64 {
-        let (_, m) = s.get("/metrics");
-        m.as_str()
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("contextd_snapshots_held_total "))
-            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-    };
+    let held_total = |s: &Server| s.metric("contextd_snapshots_held_total") as u64;
     // A burst within the interval: held, and the context stays version 1.
     for n in 2..=4 {
         post(&s, n);
@@ -1260,14 +1253,8 @@ fn snapshots_written_direct_by_a_stage_behind_are_what_is_served() {
             .all(|u| all[&format!("u{u}")].1.first() == Some(&newest(u)))
             .then_some(all)
     });
-    let (_, m) = s.get("/metrics");
-    let direct: f64 = m
-        .as_str()
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("contextd_direct_commits_total "))
-        .map_or(0.0, |v| v.trim().parse().unwrap());
-    assert!(direct > 0.0, "no batch was written direct: {m}");
+    let direct = s.metric("contextd_direct_commits_total");
+    assert!(direct > 0.0, "no batch was written direct");
     s.kill9();
     let mut s = Server::start(&data, &args);
     assert_eq!(served(&s), before, "served the same after a kill -9");
@@ -1311,14 +1298,7 @@ fn a_stage_that_keeps_up_writes_only_its_large_commits_direct() {
     .unwrap();
     let mut s = Server::start(&data, &["--config", cfg.to_str().unwrap()]);
     s.set_visibility(&all_visible(&[("zendesk", "article_viewed")], &[]));
-    let direct_commits = |s: &Server| -> f64 {
-        let (_, m) = s.get("/metrics");
-        m.as_str()
-            .unwrap()
-            .lines()
-            .find_map(|l| l.strip_prefix("contextd_direct_commits_total "))
-            .map_or(0.0, |v| v.trim().parse().unwrap())
-    };
+    let direct_commits = |s: &Server| s.metric("contextd_direct_commits_total");
     let event = |i: usize, user: &str| {
         json!({"id": format!("e{i}"), "user_id": user, "type": "article_viewed",
                "created_at": ts(i as u64), "properties": {"pad": "x".repeat(2000)}})
